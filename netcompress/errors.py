@@ -1,0 +1,9 @@
+"""The one error type that scripts turn into a one-line message."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, file, model_def, data).
+
+    Scripts catch it at the top, print ``error: <message>`` on one line to
+    stderr and exit with status 2, without a traceback.
+    """
