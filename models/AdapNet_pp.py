@@ -1,0 +1,160 @@
+"""AdapNet++ graph builder (SPEC §2), driven by ``models.architecture``.
+
+Configs name it ``model: AdapNet_pp`` (module and class of the same name).
+"""
+
+from collections import namedtuple
+
+import tensorflow as tf
+
+from models import layers
+from models.architecture import IMAGE, OUTER_SCOPE, UNITS, adapnet_pp, resolve_widths
+from models.model_def import check_masks, residual_width, validate_model_def
+
+tf1 = tf.compat.v1
+
+IMAGE_POOLING = "conv57"
+AUX_LOSS_WEIGHTS = {"conv911": 0.6, "conv912": 0.5}
+WEIGHT_DECAY = 5e-4
+
+Outputs = namedtuple("Outputs", "logits probabilities aux_logits pre_norm")
+Outputs.__doc__ = """logits/probabilities at input resolution; aux_logits: head
+scope -> logits resized to the input (empty without aux); pre_norm: conv
+scope -> the conv's output before batch norm (what ranking differentiates)."""
+
+
+class AdapNet_pp:
+    def __init__(self, model_def, num_classes, masks=None):
+        """``masks``: {unit name: (kept indices, residual width)} as from
+        ``load_masks``, or None."""
+        validate_model_def(model_def)
+        self.model_def = model_def
+        self.num_classes = num_classes
+        self.architecture = adapnet_pp()
+        self.widths = resolve_widths(model_def, num_classes, self.architecture)
+        self.kept_channels = check_masks(model_def, masks or {})
+
+    # ---- graph -------------------------------------------------------------
+    def build(self, images, training=False, aux=False):
+        """Build under scope resnet_v2_50 on float BGR ``images`` [N,H,W,3]."""
+        height, width = images.shape[1], images.shape[2]
+        if height is None or width is None or height % 16 or width % 16:
+            raise ValueError(f"input height and width must be known multiples of 16, "
+                             f"got {height}x{width}")
+        tensors, pre_norm = {}, {}
+        with tf1.variable_scope(OUTER_SCOPE):
+            with tf1.variable_scope("conv0"):
+                tensors[IMAGE] = layers.batch_norm(images, training)
+            self._apply(self.architecture.conv("conv1"), tensors, pre_norm, training)
+            tensors["conv1"] = tf.nn.max_pool2d(tensors["conv1"], 3, 2, "SAME")
+            self._residual_units(tensors, pre_norm, training)
+            for conv in self.architecture.convs:
+                if conv.scope == "conv1" or conv.scope.startswith("block"):
+                    continue
+                if conv.aux and not aux:
+                    continue
+                if conv.scope == IMAGE_POOLING:
+                    self._image_pooling(conv, tensors, pre_norm, training)
+                else:
+                    self._apply(conv, tensors, pre_norm, training)
+        size = [height, width]
+        aux_logits = {name: layers.resize_bilinear(tensors[name], size)
+                      for name in AUX_LOSS_WEIGHTS if aux}
+        logits = tensors["conv5"]
+        return Outputs(logits, tf.nn.softmax(logits), aux_logits, pre_norm)
+
+    def _residual_units(self, tensors, pre_norm, training):
+        architecture = self.architecture
+        residual_sum, previous = None, None
+        for unit in UNITS:
+            unit_input = architecture.conv(f"{unit.scope}/conv1").inputs[0]
+            if previous is not None:
+                tensors[unit_input] = self._pre_activation(residual_sum, previous, training)
+            self._apply(architecture.conv(f"{unit.scope}/conv1"), tensors, pre_norm, training)
+            self._apply(architecture.conv(f"{unit.scope}/conv2"), tensors, pre_norm, training)
+            branch = self._apply(architecture.conv(f"{unit.scope}/conv3"), tensors,
+                                 pre_norm, training)
+            if training and unit.dropout_keep < 1.0:
+                branch = tf1.nn.dropout(branch, rate=1.0 - unit.dropout_keep)
+            if unit.name in self.kept_channels:
+                branch = layers.scatter_channels(branch, self.kept_channels[unit.name],
+                                                 residual_width(self.model_def, unit))
+            if unit.shortcut == "none":
+                residual_sum = branch + residual_sum
+            else:
+                shortcut = architecture.conv(f"{unit.scope}/shortcut")
+                residual_sum = branch + self._apply(shortcut, tensors, pre_norm, training,
+                                                    store=False)
+            previous = unit
+        tensors[previous.residual_group] = self._pre_activation(residual_sum, previous,
+                                                                training)
+
+    @staticmethod
+    def _pre_activation(residual_sum, unit, training):
+        # The next unit's (or the block's) BN + ReLU lives in this unit's conv3 scope.
+        with tf1.variable_scope(f"{unit.scope}/conv3"):
+            return tf.nn.relu(layers.batch_norm(residual_sum, training))
+
+    def _image_pooling(self, conv, tensors, pre_norm, training):
+        features = tensors[conv.inputs[0]]
+        pooled = {conv.inputs[0]: tf.reduce_mean(features, axis=[1, 2], keepdims=True)}
+        y = self._apply(conv, pooled, pre_norm, training, store=False)
+        tensors[conv.scope] = layers.resize_bilinear(y, tf.shape(features)[1:3])
+
+    def _inputs(self, conv, tensors):
+        if len(conv.inputs) > 1 and tuple(conv.inputs) in tensors:
+            return tensors[tuple(conv.inputs)]  # the whole output of a split conv
+        parts = [tensors[name] for name in conv.inputs]
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=3)
+
+    def _apply(self, conv, tensors, pre_norm, training, store=True):
+        x = self._inputs(conv, tensors)
+        widths = [self.widths[name] for name in conv.outputs]
+        in_channels = sum(self.widths[name] for name in conv.inputs)
+        out_channels = sum(widths)
+        k = conv.kernel
+        with tf1.variable_scope(conv.scope):
+            if conv.transposed:
+                kernel = layers.weight_variable([k, k, out_channels, in_channels])
+                z = layers.conv2d_transpose(x, kernel, conv.stride)
+            else:
+                kernel = layers.weight_variable([k, k, in_channels, out_channels])
+                if len(widths) == 1:
+                    z = layers.conv2d(x, kernel, conv.stride, conv.rates[0])
+                else:  # split conv: one variable, parts with their own rates
+                    z = tf.concat([layers.conv2d(x, part, conv.stride, rate)
+                                   for part, rate in zip(tf.split(kernel, widths, axis=3),
+                                                         conv.rates)], axis=3)
+            pre_norm[conv.scope] = z
+            y = layers.batch_norm(z, training) if conv.norm else z
+            if conv.relu:
+                y = tf.nn.relu(y)
+        if store:
+            if len(conv.outputs) == 1:
+                tensors[conv.outputs[0]] = y
+            else:
+                tensors[tuple(conv.outputs)] = y
+        return y
+
+    # ---- loss --------------------------------------------------------------
+    def per_example_loss(self, outputs, labels):
+        """Weighted pixel-wise cross-entropy (void weight 0), averaged over each
+        image's pixels; main + 0.6 aux(conv911) + 0.5 aux(conv912) when the
+        aux heads were built. Shape [N]."""
+        not_void = 1.0 - labels[..., 0]
+
+        def cross_entropy(logits):
+            per_pixel = -tf.reduce_sum(labels * tf.nn.log_softmax(logits), axis=-1)
+            return tf.reduce_mean(per_pixel * not_void, axis=[1, 2])
+
+        loss = cross_entropy(outputs.logits)
+        for name, weight in AUX_LOSS_WEIGHTS.items():
+            if name in outputs.aux_logits:
+                loss += weight * cross_entropy(outputs.aux_logits[name])
+        return loss
+
+    @staticmethod
+    def weight_decay():
+        """L2 decay on every trainable variable (weights, gammas, betas)."""
+        variables = tf1.trainable_variables(OUTER_SCOPE)
+        return WEIGHT_DECAY * tf.add_n([tf.nn.l2_loss(v) for v in variables])
