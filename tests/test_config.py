@@ -1,0 +1,334 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from netcompress.cli import parse_script_args
+from netcompress.config import apply_gpu_id, checkpoint_exists, load_config
+from netcompress.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TRAIN_TEXT = """\
+gpu_id: 0
+model: AdapNet_pp.AdapNet_pp
+num_classes: 12
+intialize: init/resnet_v2_50.ckpt
+checkpoint: runs/demo/model.ckpt
+train_data: data/train.tfrecords
+batch_size: 8
+skip_step: 10
+height: 384
+width: 768
+max_iteration: 150000
+learning_rate: 1e-4
+save_step: 500
+power: 1
+mask: None
+model_def: models/default.json
+"""
+
+EVALUATE_TEXT = """\
+gpu_id: '1'
+model: AdapNet_pp
+num_classes: 12
+checkpoint: runs/demo
+test_data: data/test.tfrecords
+batch_size: 1
+skip_step: 20
+height: 384
+width: 768
+mask: masks/mask.npy
+model_def: models/default.json
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working directory holding every file the configs point to
+    (relative paths in configs resolve against the current directory)."""
+    for name in ("data/train.tfrecords", "data/test.tfrecords",
+                 "models/default.json", "masks/mask.npy",
+                 "init/resnet_v2_50.ckpt.index", "runs/demo/checkpoint"):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_config(directory, text, name="test.config"):
+    path = directory / name
+    path.write_text(text)
+    return str(path)
+
+
+def train_config(workdir, replace=None, drop=(), add=""):
+    lines = []
+    for line in TRAIN_TEXT.splitlines():
+        key = line.split(":", 1)[0]
+        if key in drop:
+            continue
+        if replace and key in replace:
+            line = "%s: %s" % (key, replace[key])
+        lines.append(line)
+    return write_config(workdir, "\n".join(lines) + "\n" + add)
+
+
+def test_train_config_loads_with_normalised_types(workdir):
+    config = load_config(train_config(workdir), "train")
+    assert config == {
+        "gpu_id": "0",
+        "model": "AdapNet_pp.AdapNet_pp",
+        "num_classes": 12,
+        "initialize": "init/resnet_v2_50.ckpt",
+        "checkpoint": "runs/demo/model.ckpt",  # output: need not exist
+        "train_data": "data/train.tfrecords",
+        "batch_size": 8,
+        "skip_step": 10,
+        "height": 384,
+        "width": 768,
+        "max_iteration": 150000,
+        "learning_rate": 1e-4,  # YAML reads `1e-4` as a string
+        "save_step": 500,
+        "power": 1.0,
+        "mask": None,
+        "model_def": "models/default.json",
+    }
+    assert isinstance(config["power"], float)
+    assert isinstance(config["learning_rate"], float)
+
+
+def test_initialize_alias_and_empty_initialize(workdir):
+    path = train_config(workdir, drop=("intialize",),
+                        add="initialize: init/resnet_v2_50.ckpt\n")
+    assert load_config(path, "train")["initialize"] == "init/resnet_v2_50.ckpt"
+    path = train_config(workdir, replace={"intialize": "None"})
+    config = load_config(path, "train")
+    assert config["initialize"] is None and "intialize" not in config
+
+
+def test_both_initialize_spellings_is_an_error(workdir):
+    path = train_config(workdir, add="initialize: init/resnet_v2_50.ckpt\n")
+    with pytest.raises(UserError, match="'intialize' and 'initialize'"):
+        load_config(path, "train")
+
+
+@pytest.mark.parametrize("written", ["None", "none", "null", "~", "''", ""])
+def test_mask_none_spellings_mean_no_mask(workdir, written):
+    path = train_config(workdir, replace={"mask": written})
+    assert load_config(path, "train")["mask"] is None
+
+
+def test_optional_keys_default_when_left_out(workdir):
+    path = train_config(workdir, drop=("gpu_id", "mask", "intialize"))
+    config = load_config(path, "train")
+    assert (config["gpu_id"], config["mask"], config["initialize"]) == ("", None, None)
+
+
+def test_evaluate_config_checkpoint_directory_and_mask(workdir):
+    config = load_config(write_config(workdir, EVALUATE_TEXT), "evaluate")
+    assert config["gpu_id"] == "1"
+    assert config["checkpoint"] == "runs/demo"
+    assert config["mask"] == "masks/mask.npy"
+    assert set(config) == {"gpu_id", "model", "num_classes", "checkpoint",
+                           "test_data", "batch_size", "skip_step", "height",
+                           "width", "mask", "model_def"}
+
+
+def test_oracle_rank_needs_rank_save(workdir):
+    path = write_config(workdir, EVALUATE_TEXT)
+    with pytest.raises(UserError, match="missing required key 'rank_save'"):
+        load_config(path, "oracle_rank")
+    path = write_config(workdir, EVALUATE_TEXT + "rank_save: out/rank.npz\n")
+    assert load_config(path, "oracle_rank")["rank_save"] == "out/rank.npz"
+
+
+def test_unknown_key_names_key_value_and_suggestion(workdir):
+    path = train_config(workdir, add="batchsize: 4\n")
+    with pytest.raises(UserError) as info:
+        load_config(path, "train")
+    message = str(info.value)
+    assert "'batchsize'" in message and "4" in message
+    assert "did you mean 'batch_size'?" in message
+
+
+def test_rank_save_is_unknown_in_evaluate_config(workdir):
+    path = write_config(workdir, EVALUATE_TEXT + "rank_save: r.npz\n")
+    with pytest.raises(UserError, match="unknown key 'rank_save'"):
+        load_config(path, "evaluate")
+
+
+def test_missing_key(workdir):
+    with pytest.raises(UserError, match="missing required key 'train_data'"):
+        load_config(train_config(workdir, drop=("train_data",)), "train")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("batch_size", "eight"),
+    ("batch_size", "0"),
+    ("batch_size", "2.5"),
+    ("num_classes", "1"),
+    ("num_classes", "true"),
+    ("learning_rate", "fast"),
+    ("learning_rate", "-0.1"),
+    ("power", "[1, 2]"),
+    ("gpu_id", "0.5"),
+    ("model", "3"),
+])
+def test_wrong_type_names_key_and_value(workdir, key, value):
+    with pytest.raises(UserError) as info:
+        load_config(train_config(workdir, replace={key: value}), "train")
+    message = str(info.value)
+    assert "'%s'" % key in message
+    assert value.strip("[]").split(",")[0] in message
+    assert "\n" not in message
+
+
+def test_height_not_multiple_of_16(workdir):
+    with pytest.raises(UserError, match=r"'height' must be a multiple of 16, got 380"):
+        load_config(train_config(workdir, replace={"height": "380"}), "train")
+
+
+def test_missing_data_file(workdir):
+    path = train_config(workdir, replace={"train_data": "data/nope.tfrecords"})
+    with pytest.raises(UserError, match=r"'train_data' file 'data/nope.tfrecords' does not exist"):
+        load_config(path, "train")
+
+
+def test_missing_mask_model_def_and_checkpoints(workdir):
+    with pytest.raises(UserError, match="'mask'.*'m.npy'"):
+        load_config(train_config(workdir, replace={"mask": "m.npy"}), "train")
+    with pytest.raises(UserError, match="'model_def'.*'x.json'"):
+        load_config(train_config(workdir, replace={"model_def": "x.json"}), "train")
+    with pytest.raises(UserError, match="'initialize'.*'init/other.ckpt'"):
+        load_config(train_config(workdir, replace={"intialize": "init/other.ckpt"}), "train")
+    text = EVALUATE_TEXT.replace("checkpoint: runs/demo", "checkpoint: runs/demo/model.ckpt")
+    with pytest.raises(UserError, match="'checkpoint'.*'runs/demo/model.ckpt'"):
+        load_config(write_config(workdir, text), "evaluate")
+
+
+def test_checkpoint_exists(workdir):
+    assert checkpoint_exists("init/resnet_v2_50.ckpt")
+    assert checkpoint_exists("runs/demo")
+    assert not checkpoint_exists("init")  # directory without a checkpoint file
+    assert not checkpoint_exists("init/resnet_v2_50")
+    assert not checkpoint_exists("")
+
+
+def test_missing_or_malformed_config_file(workdir):
+    with pytest.raises(UserError, match="not found"):
+        load_config("nowhere.config", "train")
+    with pytest.raises(UserError, match="must be `key: value` lines"):
+        load_config(write_config(workdir, "- a\n- b\n"), "train")
+    with pytest.raises(UserError, match="empty"):
+        load_config(write_config(workdir, ""), "train")
+    with pytest.raises(UserError, match=r"not a valid .* at line \d"):
+        load_config(write_config(workdir, "a: 1\nb: [1\nc: 2\n"), "train")
+
+
+def test_overrides_apply_before_validation(workdir):
+    path = train_config(workdir, replace={"height": "380"})
+    config = load_config(path, "train",
+                         overrides=["height=400", "max_iteration=10", "mask=None",
+                                    "learning_rate=0.5", "height=416"])
+    assert config["height"] == 416
+    assert config["max_iteration"] == 10
+    assert config["learning_rate"] == 0.5
+    with pytest.raises(UserError, match="override.*unknown key 'max_iter'.*'max_iteration'"):
+        load_config(path, "train", overrides=["max_iter=10", "height=400"])
+    with pytest.raises(UserError, match="key=value"):
+        load_config(path, "train", overrides=["height"])
+
+
+def test_script_optional_keys(workdir):
+    path = train_config(workdir, add="flip: false\n")
+    assert load_config(path, "train", optional={"flip": True})["flip"] is False
+    without_flip = write_config(workdir, TRAIN_TEXT, name="plain.config")
+    assert load_config(without_flip, "train", optional={"flip": True})["flip"] is True
+    with pytest.raises(UserError, match="unknown key 'flip'"):
+        load_config(path, "train")
+    with pytest.raises(UserError, match="'flip'.*'yes please'"):
+        load_config(path, "train", overrides=["flip=yes please"], optional={"flip": True})
+
+
+def test_parse_script_args_both_override_forms(workdir):
+    path = train_config(workdir)
+    config_path, overrides, args = parse_script_args(
+        ["-c", path, "--set", "batch_size=4", "--max_iteration", "10",
+         "--learning-rate", "0.01", "--mask", "masks/mask.npy"],
+        "train", "train")
+    assert config_path == path
+    assert overrides == ["batch_size=4", "max_iteration=10",
+                         "learning_rate=0.01", "mask=masks/mask.npy"]
+    config = load_config(config_path, "train", overrides)
+    assert (config["batch_size"], config["max_iteration"]) == (4, 10)
+    assert config["learning_rate"] == 0.01
+    assert config["mask"] == "masks/mask.npy"
+    assert args.config == path
+
+
+def test_parse_script_args_later_override_wins_and_extra_flags(workdir):
+    def add_arguments(parser):
+        parser.add_argument("--dry-run", action="store_true")
+
+    config_path, overrides, args = parse_script_args(
+        ["--config", "x.config", "--batch_size", "2", "--set", "batch_size=3",
+         "--dry-run"], "evaluate", "evaluate", add_arguments=add_arguments)
+    assert config_path == "x.config"
+    assert overrides == ["batch_size=2", "batch_size=3"]
+    assert args.dry_run is True
+
+
+def test_parse_script_args_rejects_keys_of_other_kinds_and_missing_config(capsys):
+    with pytest.raises(SystemExit):
+        parse_script_args(["-c", "x", "--max_iteration", "3"], "eval", "evaluate")
+    with pytest.raises(SystemExit):
+        parse_script_args(["--batch_size", "3"], "eval", "evaluate")
+
+
+def test_apply_gpu_id(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    apply_gpu_id("")
+    apply_gpu_id(None)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    apply_gpu_id("0,1")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def run_script(tmp_path, body):
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""\
+        from netcompress.cli import run_main
+        from netcompress.errors import UserError
+
+        def main():
+        %s
+
+        run_main(main)
+        """) % textwrap.indent(textwrap.dedent(body), "    "))
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    return subprocess.run([sys.executable, str(script)], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def test_run_main_user_error_is_one_line_exit_2(tmp_path):
+    result = run_script(tmp_path, "raise UserError(\"'height' must be a multiple of 16, got 380\")\n")
+    assert result.returncode == 2
+    assert result.stderr == "error: 'height' must be a multiple of 16, got 380\n"
+    assert result.stdout == ""
+
+
+def test_run_main_keyboard_interrupt_exit_130(tmp_path):
+    result = run_script(tmp_path, "raise KeyboardInterrupt\n")
+    assert result.returncode == 130
+    assert len(result.stderr.splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_run_main_success_and_bug_pass_through(tmp_path):
+    assert run_script(tmp_path, "print('ok')\n").returncode == 0
+    result = run_script(tmp_path, "raise RuntimeError('bug')\n")
+    assert result.returncode == 1 and "Traceback" in result.stderr
