@@ -1,0 +1,122 @@
+"""The rank file written by get_oracle_rank.py and read by prun_model.py.
+
+An ``.npz`` (loads with allow_pickle=False) holding, for every prunable layer
+(in the architecture's order):
+
+- ``taylor/<layer>``:    sum over examples n of |t_n(k)|   (float64 [channels])
+- ``reference/<layer>``: sum over examples n of  t_n(k)    (signed, float64)
+
+with t_n(k) = spatial mean of z * dC/dz for channel k of example n (SPEC §4),
+plus ``layers`` (names), ``count`` (examples summed) and metadata strings.
+Sums, not means, so shard files add up exactly; scores divide by ``count``.
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from netcompress.errors import UserError
+from netcompress.files import replace_atomically
+
+CRITERIA = ("taylor", "reference")
+FORMAT_VERSION = 1
+METADATA_KEYS = ("model_def_json", "model_def_sha256", "masks_json", "checkpoint", "data",
+                 "shard")
+
+
+def model_def_digest(model_def):
+    return hashlib.sha256(json.dumps(model_def, sort_keys=True).encode()).hexdigest()
+
+
+class RankSums:
+    """Accumulated per-layer sums for both criteria, and the example count."""
+
+    def __init__(self, layers, widths):
+        self.layers = list(layers)
+        self.sums = {c: {name: np.zeros(widths[name], np.float64) for name in self.layers}
+                     for c in CRITERIA}
+        self.count = 0
+        self.metadata = {key: "" for key in METADATA_KEYS}
+
+    def add(self, criterion, layer, values):
+        self.sums[criterion][layer] += values
+
+    def scores(self, criterion):
+        """Per-layer criterion values: taylor = mean |t_n|; reference = the
+        original's signed sum, negatives clamped to zero."""
+        if criterion not in CRITERIA:
+            raise UserError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
+        if criterion == "taylor":
+            return {name: s / max(self.count, 1) for name, s in self.sums["taylor"].items()}
+        return {name: np.maximum(s, 0.0) for name, s in self.sums["reference"].items()}
+
+    def save(self, path):
+        arrays = {"layers": np.array(self.layers), "count": np.int64(self.count),
+                  "format_version": np.int64(FORMAT_VERSION)}
+        for criterion in CRITERIA:
+            for name in self.layers:
+                arrays[f"{criterion}/{name}"] = self.sums[criterion][name]
+        for key, value in self.metadata.items():
+            arrays[f"meta/{key}"] = np.array(str(value))
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        replace_atomically(path, write)
+
+    @classmethod
+    def load(cls, path):
+        if not os.path.isfile(path):
+            raise UserError(f"rank file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                layers = [str(x) for x in data["layers"]]
+                sums = cls(layers, {n: data[f"taylor/{n}"].shape[0] for n in layers})
+                for criterion in CRITERIA:
+                    for name in layers:
+                        sums.sums[criterion][name] = data[f"{criterion}/{name}"].astype(np.float64)
+                sums.count = int(data["count"])
+                for key in METADATA_KEYS:
+                    sums.metadata[key] = str(data[f"meta/{key}"])
+        except (KeyError, ValueError, OSError) as exc:
+            raise UserError(f"{path} is not a rank file: {exc}") from None
+        return sums
+
+    def check_model(self, widths, prunable_layers, source):
+        """The rank file covers exactly these layers with these channel counts."""
+        if self.layers != list(prunable_layers):
+            missing = [n for n in prunable_layers if n not in self.layers]
+            extra = [n for n in self.layers if n not in prunable_layers]
+            detail = (f"missing layer {missing[0]}" if missing else
+                      f"unknown layer {extra[0]}" if extra else "layers in another order")
+            raise UserError(f"rank file {source} does not match the model: {detail}")
+        for name in self.layers:
+            if self.sums["taylor"][name].shape[0] != widths[name]:
+                raise UserError(f"rank file {source} does not match the model: {name} has "
+                                f"{self.sums['taylor'][name].shape[0]} channels in the rank "
+                                f"file but {widths[name]} in the model_def")
+
+
+def merge(paths):
+    """Sum shard rank files of the same model into one RankSums."""
+    if not paths:
+        raise UserError("merge needs at least one rank file")
+    merged = RankSums.load(paths[0])
+    for path in paths[1:]:
+        part = RankSums.load(path)
+        if part.layers != merged.layers or any(
+                part.sums["taylor"][n].shape != merged.sums["taylor"][n].shape
+                for n in merged.layers):
+            raise UserError(f"rank file {path} is for another model than {paths[0]}")
+        if part.metadata["model_def_sha256"] != merged.metadata["model_def_sha256"]:
+            raise UserError(f"rank file {path} was computed for another model_def than "
+                            f"{paths[0]}")
+        for criterion in CRITERIA:
+            for name in merged.layers:
+                merged.sums[criterion][name] += part.sums[criterion][name]
+        merged.count += part.count
+    merged.metadata["shard"] = "merged: " + " + ".join(
+        os.path.basename(p) for p in paths)
+    return merged

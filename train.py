@@ -1,0 +1,24 @@
+"""Train AdapNet++: python train.py -c config/train.config [--KEY VALUE ...]"""
+
+import sys
+
+from netcompress.cli import parse_script_args, run_main
+from netcompress.config import apply_gpu_id, load_config
+from netcompress.runtime import graph_mode, quiet_tensorflow
+
+
+def main(argv=None):
+    config_path, overrides, _ = parse_script_args(
+        argv, "Train AdapNet++ from a config; --KEY VALUE or --set KEY=VALUE overrides "
+        "any config key.", "train", optional={"flip": True})
+    config = load_config(config_path, "train", overrides, optional={"flip": True})
+    apply_gpu_id(config["gpu_id"])
+    quiet_tensorflow()
+    graph_mode()
+    from netcompress.training import train
+
+    train(config)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
