@@ -124,11 +124,13 @@ def write_checkpoint(values, path):
     directory's 'checkpoint' state file), through a temporary prefix."""
     graph = tf.Graph()
     with graph.as_default():
-        variables = {name: tf1.Variable(np.asarray(value), name=name, trainable=False)
-                     for name, value in values.items()}
+        # Graph names are generic: checkpoint keys may hold ':0', op names may not.
+        variables = {name: tf1.Variable(tf.zeros(np.shape(value), np.asarray(value).dtype),
+                                        name=f"v{i}", trainable=False)
+                     for i, (name, value) in enumerate(values.items())}
         saver = tf1.train.Saver(variables, write_version=tf1.train.SaverDef.V2)
         with tf1.Session(graph=graph) as session:
-            session.run(tf1.global_variables_initializer())
+            assign_values(session, {variables[n]: v for n, v in values.items()})
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, exist_ok=True)
             tmp_prefix = os.path.join(directory, f".tmp{os.getpid()}-{os.path.basename(path)}")

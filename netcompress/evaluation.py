@@ -59,12 +59,12 @@ def evaluate(config, log=print, class_names=None, progress=True):
                    dynamic_ncols=True)
         batches = iterate_batches(session, [inference.label_ids, inference.predictions],
                                   data_path)
-        for batch, (labels, predictions) in enumerate(batches, start=1):
-            matrix.update(labels, predictions)
-            bar.update(labels.shape[0])
-            if batch % config["skip_step"] == 0:
-                bar.set_postfix(mIoU=f"{100 * np.nan_to_num(matrix.mean_iou()):.2f}")
-        bar.close()
+        with bar:  # closed (newline written) before any error message
+            for batch, (labels, predictions) in enumerate(batches, start=1):
+                matrix.update(labels, predictions)
+                bar.update(labels.shape[0])
+                if batch % config["skip_step"] == 0:
+                    bar.set_postfix(mIoU=f"{100 * np.nan_to_num(matrix.mean_iou()):.2f}")
     log(f"checkpoint: {config['checkpoint']}")
     log(matrix.report(class_names))
     return matrix

@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   train -> evaluate -> rank -> prune -> retrain -> evaluate on synthetic data
+#   make test   the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DATA := data/demo
+# A GPU machine gets the CUDA build of TensorFlow; everything else the CPU one.
+REQUIREMENTS := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo requirements-gpu.txt || echo requirements.txt)
+
+.PHONY: setup data demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-gpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r $(REQUIREMENTS)
+	touch $@
+
+data: setup $(DEMO_DATA)/train.tfrecords
+
+$(DEMO_DATA)/train.tfrecords:
+	$(PY) -m dataset.synthetic --out $(DEMO_DATA)
+
+demo: data
+	bash demo.sh $(PY)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/train_throughput.py --model_def models/small.json
+
+clean:
+	rm -rf runs data

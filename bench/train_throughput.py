@@ -1,0 +1,81 @@
+"""Images/s for a training step (Adam) and for inference of a model_def.
+
+    python bench/train_throughput.py --model_def models/default.json \
+        --height 384 --width 768 --batch 2 --steps 10
+
+Random inputs, so only the network is timed. Prints; asserts nothing.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from netcompress.runtime import graph_mode, quiet_tensorflow  # noqa: E402
+
+
+def time_runs(session, fetches, feed, steps, warmup=2):
+    for _ in range(warmup):
+        session.run(fetches, feed)
+    start = time.perf_counter()
+    for _ in range(steps):
+        session.run(fetches, feed)
+    return (time.perf_counter() - start) / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_def", default="models/small.json")
+    parser.add_argument("--mask", default=None)
+    parser.add_argument("--num_classes", type=int, default=12)
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    quiet_tensorflow()
+    graph_mode()
+    import numpy as np
+    import tensorflow as tf
+
+    from models.AdapNet_pp import AdapNet_pp
+    from models.model_def import load_masks, load_model_def, parameter_count
+
+    tf1 = tf.compat.v1
+    model_def = load_model_def(args.model_def)
+    masks = load_masks(args.mask)
+    rng = np.random.default_rng(0)
+    shape = [args.batch, args.height, args.width]
+    images = rng.uniform(0, 255, shape + [3]).astype(np.float32)
+    labels = np.eye(args.num_classes, dtype=np.float32)[
+        rng.integers(0, args.num_classes, shape)]
+    results = {}
+    for mode in ("train", "inference"):
+        graph = tf.Graph()
+        with graph.as_default():
+            x = tf1.placeholder(tf.float32, shape + [3])
+            y = tf1.placeholder(tf.float32, shape + [args.num_classes])
+            model = AdapNet_pp(model_def, args.num_classes, masks)
+            training = mode == "train"
+            outputs = model.build(x, training=training, aux=training)
+            if training:
+                loss = tf.reduce_mean(model.per_example_loss(outputs, y)) + model.weight_decay()
+                with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
+                    fetch = tf1.train.AdamOptimizer(1e-4).minimize(loss)
+            else:
+                fetch = outputs.probabilities
+            with tf1.Session() as session:
+                session.run(tf1.global_variables_initializer())
+                results[mode] = time_runs(session, fetch, {x: images, y: labels}, args.steps)
+    params = parameter_count(model_def, args.num_classes)
+    print(f"model_def {args.model_def}: {params / 1e6:.2f} M parameters, input "
+          f"{args.height}x{args.width}, batch {args.batch}")
+    for mode, seconds in results.items():
+        print(f"{mode:>9}: {args.batch / seconds:8.2f} images/s ({1000 * seconds:.1f} ms/batch)")
+    print(f"inference/train speed ratio: {results['train'] / results['inference']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Shared test helpers: tiny model_defs, random weights, graph runs."""
+
+import copy
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from models.model_def import load_model_def
+
+tf1 = tf.compat.v1
+tf1.disable_eager_execution()
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_model_def():
+    return load_model_def(os.path.join(REPO, "models", "default.json"))
+
+
+def scaled_model_def(divisor):
+    """default.json with every width divided by ``divisor`` (at least 2)."""
+    model_def = copy.deepcopy(default_model_def())
+
+    def scale(value):
+        return max(2, value // divisor)
+    for key, value in model_def["params"].items():
+        model_def["params"][key] = [scale(v) for v in value] if isinstance(value, list) \
+            else scale(value)
+    for key, (a, b) in model_def["split"].items():
+        model_def["split"][key] = [scale(a), scale(b)]
+        model_def["params"][key][1] = scale(a) + scale(b)
+    return model_def
+
+
+def write_json(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return str(path)
+
+
+def randomise_variables(session, variables, seed=0):
+    """Non-trivial values everywhere (BN statistics and betas included)."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    for variable in variables:
+        shape = variable.shape.as_list()
+        name = variable.name
+        if name.endswith("moving_variance:0"):
+            value = rng.uniform(0.5, 2.0, shape)
+        elif name.endswith("gamma:0"):
+            value = rng.uniform(0.5, 1.5, shape)
+        elif name.endswith(("beta:0", "moving_mean:0")):
+            value = rng.normal(0.0, 0.3, shape)
+        else:
+            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+            value = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+        values[variable] = value.astype(np.float32)
+    from netcompress.checkpoints import assign_values
+    assign_values(session, values)
+    return {v.name[:-2]: val for v, val in values.items()}

@@ -1,0 +1,139 @@
+"""train.py / evaluate.py: learning, resume, NaN guard, one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import REPO, scaled_model_def, write_json
+from dataset import synthetic
+from dataset.records import encode_example, record_writer
+from netcompress.config import load_config
+from netcompress.errors import UserError
+from netcompress.evaluation import evaluate
+from netcompress.training import train
+
+
+def write_config(path, **values):
+    with open(path, "w") as f:
+        for key, value in values.items():
+            f.write(f"{key}: {'None' if value is None else value}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    files = synthetic.generate(str(root / "data"), num_train=400, num_test=48, seed=3)
+    base = dict(gpu_id="''", model="AdapNet_pp", num_classes=synthetic.NUM_CLASSES,
+                batch_size=8, skip_step=10, height=64, width=128, mask=None,
+                model_def=os.path.join(REPO, "models", "small.json"))
+    train_config = write_config(
+        root / "train.config", intialize=None, checkpoint=root / "run" / "model.ckpt",
+        train_data=files["train"], max_iteration=600, learning_rate=0.005, save_step=600,
+        power=0.9, **base)
+    test_config = write_config(root / "test.config", checkpoint=root / "run",
+                               test_data=files["test"], **base)
+    return root, files, train_config, test_config
+
+
+def chance_mean_iou(label_pixels):
+    """Expected mIoU of uniformly random predictions over classes 0..C-1,
+    given the pixel count of each true class (void row ignored)."""
+    counts = np.asarray(label_pixels[1:], np.float64)
+    total, num_classes = counts.sum(), len(label_pixels)
+    true_positive = counts / num_classes
+    predicted = total / num_classes
+    return float(np.mean(true_positive / (counts + predicted - true_positive)))
+
+
+def test_small_model_learns_the_synthetic_shapes(demo):
+    _, _, train_config, test_config = demo
+    result = train(load_config(train_config, "train"), progress=False, seed=0)
+    data_losses = np.array(result["data_losses"])
+    first, last = data_losses[:20].mean(), data_losses[-20:].mean()
+    print(f"data loss {first:.3f} -> {last:.3f}")
+    assert last < 0.6 * first
+    matrix = evaluate(load_config(test_config, "evaluate"), progress=False)
+    chance = chance_mean_iou(matrix.matrix.sum(axis=1))
+    print(f"mIoU {100 * matrix.mean_iou():.2f}, chance {100 * chance:.2f}")
+    assert matrix.mean_iou() > 3 * chance
+    assert matrix.num_images == 48
+
+
+def test_resume_continues_from_saved_step(demo, tmp_path):
+    _, files, train_config, _ = demo
+    overrides = [f"checkpoint={tmp_path}/model.ckpt", "max_iteration=4", "save_step=2"]
+    first = train(load_config(train_config, "train", overrides), progress=False)
+    assert first["step"] == 4 and len(first["losses"]) == 4
+    assert os.path.exists(f"{tmp_path}/model.ckpt-2.index")
+    messages = []
+    second = train(load_config(train_config, "train", overrides[:1] + ["max_iteration=7",
+                                                                       "save_step=100"]),
+                   log=messages.append, progress=False)
+    assert any("resuming from" in m and "model.ckpt-4" in m and "step 4" in m
+               for m in messages)
+    assert second["step"] == 7 and len(second["losses"]) == 3
+    assert second["checkpoint"].endswith("model.ckpt-7")
+
+
+def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(demo, tmp_path):
+    _, _, train_config, _ = demo
+    prefix = f"checkpoint={tmp_path}/model.ckpt"
+    train(load_config(train_config, "train", [prefix, "max_iteration=2", "save_step=2"]),
+          progress=False)
+    # An absurd learning rate overflows the weights within a few steps.
+    config = load_config(train_config, "train", [prefix, "max_iteration=40",
+                                                 "save_step=1", "learning_rate=1e30"])
+    with pytest.raises(UserError, match=r"loss is (nan|inf) at step \d+: training stopped; "
+                                        r"last good checkpoint: .*model.ckpt-\d+"):
+        train(config, progress=False)
+    state = open(f"{tmp_path}/checkpoint").read()
+    step = int(state.split("model.ckpt-")[1].split('"')[0])
+    import tensorflow as tf
+    reader = tf.compat.v1.train.NewCheckpointReader(f"{tmp_path}/model.ckpt-{step}")
+    weights = reader.get_tensor("resnet_v2_50/conv1/weights")
+    assert np.isfinite(weights).all()
+
+
+def run_script(script, *args):
+    process = subprocess.run([sys.executable, os.path.join(REPO, script), *args],
+                             capture_output=True, text=True, cwd=REPO, timeout=300)
+    errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+    return process.returncode, errors, process.stderr
+
+
+def test_scripts_report_bad_config_in_one_line(demo, tmp_path):
+    _, _, train_config, test_config = demo
+    code, errors, stderr = run_script("train.py", "-c", train_config, "--set", "batchsize=4")
+    assert code == 2 and len(errors) == 1, stderr
+    assert "batchsize" in errors[0] and "batch_size" in errors[0]
+    assert "Traceback" not in stderr
+    code, errors, stderr = run_script("evaluate.py", "-c", test_config, "--height", "40")
+    assert code == 2 and len(errors) == 1 and "height" in errors[0], stderr
+
+
+def test_evaluate_rejects_mismatched_model_def(demo, tmp_path):
+    root, _, train_config, test_config = demo
+    train(load_config(train_config, "train", [f"checkpoint={tmp_path}/model.ckpt",
+                                              "max_iteration=1", "save_step=1"]),
+          progress=False)
+    other = write_json(tmp_path / "other.json", scaled_model_def(16))
+    code, errors, stderr = run_script("evaluate.py", "-c", test_config, "--checkpoint",
+                                      str(tmp_path), "--model_def", other)
+    assert code == 2 and len(errors) == 1, stderr
+    assert "does not match" in errors[0] and "in the checkpoint but" in errors[0]
+
+
+def test_bad_label_in_records_is_a_one_line_error(demo, tmp_path):
+    _, _, _, test_config = demo
+    record = str(tmp_path / "bad.tfrecords")
+    label = np.ones((64, 128), np.uint8)
+    label[5, 5] = 9
+    with record_writer(record) as writer:
+        writer.write(encode_example(np.zeros((64, 128, 3), np.uint8), label))
+    code, errors, stderr = run_script("evaluate.py", "-c", test_config, "--test_data", record)
+    assert code == 2 and len(errors) == 1, stderr
+    assert "label id 9 >= num_classes (6)" in errors[0] and record in errors[0]
