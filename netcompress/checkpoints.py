@@ -79,14 +79,17 @@ def check_matches(path, variables, model_name="model_def", optional_scopes=()):
 
 
 def assign_values(session, values_by_variable):
-    """Load numpy values into variables in one session run."""
+    """Load numpy values into variables in one session run.
+
+    Through each variable's own initializer, fed the value (what
+    ``Variable.load`` does): no new ops, so it works on a finalized graph
+    (the training graph is finalized before ``intialize`` restores into it)."""
     if not values_by_variable:
         return
-    placeholders, ops, feed = [], [], {}
+    ops, feed = [], {}
     for variable, value in values_by_variable.items():
-        placeholder = tf1.placeholder(variable.dtype.base_dtype, variable.shape)
-        ops.append(variable.assign(placeholder))
-        feed[placeholder] = value
+        ops.append(variable.initializer)
+        feed[variable.initializer.inputs[1]] = value
     session.run(ops, feed)
 
 

@@ -1,0 +1,73 @@
+"""Taylor oracle ranks of every prunable channel (SPEC §4).
+
+    python get_oracle_rank.py -c config/oracle_rank.config [--KEY VALUE ...] [--shard I/N]
+    python get_oracle_rank.py --merge OUT.npz SHARD.npz [SHARD.npz ...]
+
+With --shard I/N only every N-th record from the I-th is ranked and the result
+goes to rank_save with '.shardIofN' before the extension; --merge sums shard
+files into one rank file.
+"""
+
+import argparse
+import sys
+
+from netcompress.cli import parse_script_args, run_main
+from netcompress.config import apply_gpu_id, load_config
+from netcompress.runtime import graph_mode, quiet_tensorflow
+
+DESCRIPTION = ("Compute the Taylor oracle rank of every prunable channel over test_data "
+               "(one pass) and save it to rank_save; --KEY VALUE or --set KEY=VALUE "
+               "overrides any config key. To merge shard files: "
+               "get_oracle_rank.py --merge OUT.npz SHARD.npz [SHARD.npz ...]")
+
+
+def add_shard_argument(parser):
+    parser.add_argument("--shard", metavar="I/N",
+                        help="rank only shard I of N (every N-th record from the I-th); "
+                             "writes rank_save with .shardIofN before the extension")
+
+
+def merge_main(argv):
+    parser = argparse.ArgumentParser(
+        prog="get_oracle_rank.py",
+        description="Sum shard rank files of one model into one rank file.")
+    parser.add_argument("--merge", nargs="+", required=True, metavar=("OUT", "SHARD"),
+                        help="the output rank file, then the shard rank files")
+    args = parser.parse_args(argv)
+    if len(args.merge) < 2:
+        parser.error("--merge needs the output file and at least one shard file")
+    output, shards = args.merge[0], args.merge[1:]
+    quiet_tensorflow()
+    from netcompress.ranking import merge_shards, summary_table
+
+    merged = merge_shards(shards)
+    merged.save(output)
+    for line in summary_table(merged):
+        print(line)
+    print(f"saved {output} ({merged.count} examples from {len(shards)} shard file(s))")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--merge" in argv:
+        return merge_main(argv)
+    config_path, overrides, args = parse_script_args(argv, DESCRIPTION, "oracle_rank",
+                                                     add_arguments=add_shard_argument)
+    config = load_config(config_path, "oracle_rank", overrides)
+    apply_gpu_id(config["gpu_id"])
+    quiet_tensorflow()
+    graph_mode()
+    from netcompress.ranking import parse_shard, rank, shard_output_path, summary_table
+
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    sums = rank(config, shard)
+    output = shard_output_path(config["rank_save"], shard)
+    sums.save(output)
+    for line in summary_table(sums):
+        print(line)
+    print(f"checkpoint: {sums.metadata['checkpoint']}")
+    print(f"saved {output} ({sums.count} examples, shard {sums.metadata['shard']})")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

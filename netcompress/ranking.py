@@ -1,0 +1,272 @@
+"""Taylor oracle ranking (get_oracle_rank.py, SPEC §4).
+
+For every prunable layer (a prunable group of ``models.architecture``: a conv's
+output, or one half of a split conv) and output channel k, with z the conv's
+output before batch norm:
+
+    t_n(k) = (1/M) * sum over the M = H x W positions of z * dC/dz   (example n)
+
+One session run per batch computes, in the graph, t for every example and
+layer and reduces it over the batch to two small vectors per layer,
+sum_n |t_n| (the ``taylor`` criterion) and sum_n t_n (``reference``, the
+original code's signed sum); only those are fetched and accumulated in
+float64 on the host (``RankSums``).
+
+C is the *sum* over the batch of the per-example losses (each the pixel mean
+of the weighted cross-entropy, aux heads included) with batch norm in
+inference mode, so examples do not interact: dC/dz restricted to example n is
+that example's own gradient, and the scores do not depend on the batch size or
+on how the data are split into batches or shards. (The original code
+differentiated the batch-mean loss: its values are ours divided by the batch
+size, which per-layer normalisation cancels.)
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from dataset.records import count_records
+from models.architecture import adapnet_pp, output_offset
+from models.model_def import load_masks
+from netcompress import checkpoints, rankfile
+from netcompress.errors import UserError
+from netcompress.evaluation import InferenceGraph, iterate_batches
+from netcompress.rankfile import CRITERIA, RankSums
+
+tf1 = tf.compat.v1
+
+ALL_RECORDS = "all"  # the ``shard`` metadata of an unsharded pass
+
+
+def rank_layers(architecture=None):
+    """Prunable layer names in declaration order: the rank file's keys."""
+    architecture = architecture or adapnet_pp()
+    return [group.name for group in architecture.prunable_groups()]
+
+
+def ranked_convs(architecture=None):
+    """Convs writing at least one prunable layer, in declaration order."""
+    architecture = architecture or adapnet_pp()
+    prunable = set(rank_layers(architecture))
+    return [conv for conv in architecture.convs if prunable.intersection(conv.outputs)]
+
+
+def per_example_taylor(loss, pre_norm, convs):
+    """{conv scope: t [N, C_out]}, the per-example spatial mean of z * dC/dz
+    for every conv in ``convs``, from one ``tf.gradients`` call."""
+    z_tensors = [pre_norm[conv.scope] for conv in convs]
+    gradients = tf.gradients(loss, z_tensors)
+    t_by_conv = {}
+    for conv, z, gradient in zip(convs, z_tensors, gradients):
+        if gradient is None:
+            raise ValueError(f"the loss does not depend on {conv.scope} "
+                             f"(were the aux heads built?)")
+        t_by_conv[conv.scope] = tf.reduce_mean(z * gradient, axis=[1, 2])
+    return t_by_conv
+
+
+class BatchTaylorSums:
+    """Graph tensors giving one batch's per-layer sums, packed for one fetch.
+
+    ``fetches`` evaluates to (packed [2, total channels] float32, batch size):
+    row 0 holds sum_n |t_n|, row 1 sum_n t_n, layers concatenated in
+    ``layers`` order; ``accumulate`` unpacks a fetched value into RankSums.
+    """
+
+    def __init__(self, model, outputs, labels):
+        architecture = model.architecture
+        self.layers = rank_layers(architecture)
+        self.widths = {name: model.widths[name] for name in self.layers}
+        # Per-example losses summed: see the module docstring.
+        loss = tf.reduce_sum(model.per_example_loss(outputs, labels))
+        t_by_conv = per_example_taylor(loss, outputs.pre_norm, ranked_convs(architecture))
+        abs_sums, signed_sums = [], []
+        for conv_scope, t in t_by_conv.items():
+            abs_sums.append(tf.reduce_sum(tf.abs(t), axis=0))
+            signed_sums.append(tf.reduce_sum(t, axis=0))
+        # Layers are sliced out of each conv's [A | B] output on the host
+        # (offsets below), so a split conv is one reduction, not two.
+        self._conv_order = list(t_by_conv)
+        self._conv_widths = [int(t.shape[1]) for t in t_by_conv.values()]
+        self.packed = tf.stack([tf.concat(abs_sums, 0), tf.concat(signed_sums, 0)])
+        self.batch_size = tf.shape(labels)[0]
+        self._slices = self._layer_slices(architecture, model.widths)
+
+    def _layer_slices(self, architecture, widths):
+        conv_start = dict(zip(self._conv_order,
+                              np.concatenate([[0], np.cumsum(self._conv_widths)[:-1]])))
+        slices = {}
+        for name in self.layers:
+            conv = architecture.producer_of(name)
+            start = int(conv_start[conv.scope]) + output_offset(conv, name, widths)
+            slices[name] = slice(start, start + widths[name])
+        return slices
+
+    @property
+    def fetches(self):
+        return (self.packed, self.batch_size)
+
+    def unpack(self, packed):
+        """{criterion: {layer: float64 [channels]}} from a fetched packed value."""
+        packed = np.asarray(packed, np.float64)
+        return {criterion: {name: packed[row, self._slices[name]] for name in self.layers}
+                for row, criterion in enumerate(CRITERIA)}
+
+    def accumulate(self, sums, fetched):
+        packed, batch_size = fetched
+        for criterion, by_layer in self.unpack(packed).items():
+            for name, values in by_layer.items():
+                sums.add(criterion, name, values)
+        sums.count += int(batch_size)
+
+
+# ---- sharding ----------------------------------------------------------------
+
+def parse_shard(text):
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not found:
+        raise UserError(f"--shard must be I/N (e.g. 0/4), got {text!r}")
+    index, count = int(found.group(1)), int(found.group(2))
+    if count < 1:
+        raise UserError(f"--shard {text}: the shard count must be at least 1")
+    if index >= count:
+        raise UserError(f"--shard {text}: the index must be in 0..{count - 1}")
+    return index, count
+
+
+def shard_label(shard):
+    return ALL_RECORDS if shard is None else f"{shard[0]}/{shard[1]}"
+
+
+def shard_output_path(rank_save, shard):
+    """rank_save for a whole pass; 'runs/rank.npz' -> 'runs/rank.shard0of2.npz'
+    for shard (0, 2), so that shards never overwrite each other."""
+    if shard is None:
+        return rank_save
+    stem, extension = os.path.splitext(rank_save)
+    return f"{stem}.shard{shard[0]}of{shard[1]}{extension or '.npz'}"
+
+
+def records_in_shard(total, shard):
+    """Examples that eval_dataset's shard (index, count) keeps out of ``total``."""
+    if shard is None:
+        return total
+    index, count = shard
+    return len(range(index, total, count))
+
+
+# ---- the ranking pass ------------------------------------------------------------
+
+def masks_description(mask_path):
+    """The mask file as JSON: {unit: {"width": w, "kept": [indices]}}."""
+    masks = load_masks(mask_path)
+    return json.dumps({unit: {"width": int(width), "kept": [int(i) for i in kept]}
+                       for unit, (kept, width) in sorted(masks.items())})
+
+
+def rank_metadata(config, shard, model_def):
+    return {
+        "model_def_json": json.dumps(model_def),
+        "model_def_sha256": rankfile.model_def_digest(model_def),
+        "masks_json": masks_description(config.get("mask")),
+        "checkpoint": checkpoints.resolve_checkpoint(config["checkpoint"]),
+        "data": config["test_data"],
+        "shard": shard_label(shard),
+    }
+
+
+def rank(config, shard=None, progress=True):
+    """One pass over ``config['test_data']`` (or one shard (index, count) of
+    it) with the checkpoint restored; returns the filled RankSums."""
+    data_path = config["test_data"]
+    total = records_in_shard(count_records(data_path), shard)
+    if total == 0:
+        raise UserError(f"shard {shard_label(shard)} of {data_path} holds no examples")
+    inference = InferenceGraph(config, data_path, aux=True, shard=shard)
+    with inference.graph.as_default():
+        batch_sums = BatchTaylorSums(inference.model, inference.outputs, inference.labels)
+    sums = RankSums(batch_sums.layers, batch_sums.widths)
+    with tf1.Session(graph=inference.graph) as session:
+        inference.restore(session, config["checkpoint"], config["model_def"])
+        bar = tqdm(total=total, desc="rank", unit="img", disable=not progress,
+                   dynamic_ncols=True)
+        for fetched in iterate_batches(session, batch_sums.fetches, data_path):
+            batch_sums.accumulate(sums, fetched)
+            bar.update(int(fetched[1]))
+        bar.close()
+    for name in sums.layers:
+        if not np.isfinite(sums.sums["taylor"][name]).all():
+            raise UserError(f"the Taylor values of {name} are not finite: the loss of "
+                            f"checkpoint {config['checkpoint']} on {data_path} overflows")
+    sums.metadata.update(rank_metadata(config, shard, inference.model.model_def))
+    return sums
+
+
+# ---- merging shard files -------------------------------------------------------
+
+def merge_shards(paths, log=print):
+    """Sum shard rank files of one model, checkpoint and data set.
+
+    The same shard twice, or shards of different splits, would count examples
+    twice: refused. Missing shards only warn (a partial merge is still a
+    valid, smaller sample)."""
+    if not paths:
+        raise UserError("merging needs at least one shard rank file")
+    parts = [(path, RankSums.load(path)) for path in paths]
+    first_path, first = parts[0]
+    for key in ("checkpoint", "data"):
+        for path, part in parts[1:]:
+            if part.metadata[key] != first.metadata[key]:
+                raise UserError(f"rank file {path} was computed with {key} "
+                                f"{part.metadata[key]!r}, {first_path} with "
+                                f"{first.metadata[key]!r}")
+    seen, split = {}, []
+    for path, part in parts:
+        label = part.metadata["shard"]
+        if label in seen:
+            raise UserError(f"rank files {seen[label]} and {path} are the same shard "
+                            f"{label}: merging them would count its examples twice")
+        if "/" not in label or label.startswith("merged"):
+            raise UserError(f"rank file {path} is not a shard file (shard {label!r}); "
+                            f"only the files of one --shard I/N split can be merged")
+        seen[label] = path
+        split.append(parse_shard(label))
+    counts = {count for _, count in split}
+    if len(counts) > 1:
+        raise UserError(f"shards of different splits ({', '.join(seen)}) overlap")
+    count = counts.pop()
+    missing = sorted(set(range(count)) - {index for index, _ in split})
+    if missing:
+        log(f"warning: shard(s) {', '.join(f'{i}/{count}' for i in missing)} not given; "
+            f"the merged ranks cover only part of the data")
+    return rankfile.merge(list(paths))
+
+
+# ---- report ----------------------------------------------------------------------
+
+def summary_table(sums, criterion="taylor"):
+    """Lines of a per-layer table: channels, and min / median / max of the
+    score divided by the layer's maximum (what the pruner thresholds by
+    default), plus the raw layer maximum to compare layers."""
+    scores = sums.scores(criterion)
+    name_width = max(len(name) for name in sums.layers)
+    lines = [f"{'layer':<{name_width}}  channels     min  median     max  layer max "
+             f"({criterion}, / layer max)"]
+    for name in sums.layers:
+        score = scores[name]
+        top = float(score.max()) if score.size else 0.0
+        if top > 0:
+            normalised = score / top
+            stats = (f"{normalised.min():7.4f} {np.median(normalised):7.4f} "
+                     f"{normalised.max():7.4f}")
+        else:
+            stats = f"{'-':>7} {'-':>7} {'-':>7}"
+        lines.append(f"{name:<{name_width}}  {score.size:8d} {stats}  {top:9.3e}")
+    lines.append(f"{len(sums.layers)} layers, {sum(s.size for s in scores.values())} "
+                 f"channels, {sums.count} examples")
+    return lines
