@@ -43,8 +43,10 @@ def checkpoint_shapes(path):
 
 
 def model_variables(graph=None):
+    """The network's variables (optimizer slots excluded)."""
     graph = graph or tf1.get_default_graph()
-    return graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES, OUTER_SCOPE + "/")
+    return [v for v in graph.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES, OUTER_SCOPE + "/")
+            if not _is_optimizer_slot(checkpoint_key(v.name))]
 
 
 def _is_optimizer_slot(name):

@@ -137,3 +137,25 @@ def test_bad_label_in_records_is_a_one_line_error(demo, tmp_path):
     code, errors, stderr = run_script("evaluate.py", "-c", test_config, "--test_data", record)
     assert code == 2 and len(errors) == 1, stderr
     assert "label id 9 >= num_classes (6)" in errors[0] and record in errors[0]
+
+
+def test_initialize_restores_matching_variables_by_name(demo, tmp_path):
+    _, _, train_config, _ = demo
+    source = train(load_config(train_config, "train", [f"checkpoint={tmp_path}/a/model.ckpt",
+                                                       "max_iteration=1", "save_step=1"]),
+                   progress=False)
+    messages = []
+    # Another class count: the class-count layers cannot be restored.
+    train(load_config(train_config, "train", [f"checkpoint={tmp_path}/b/model.ckpt",
+                                              "max_iteration=1", "save_step=1",
+                                              f"intialize={source['checkpoint']}",
+                                              "num_classes=7"]),
+          log=messages.append, progress=False)
+    import tensorflow as tf
+    reader = tf.compat.v1.train.NewCheckpointReader
+    total = len([n for n in reader(f"{tmp_path}/b/model.ckpt-1").get_variable_to_shape_map()
+                 if n.startswith("resnet_v2_50/") and "Adam" not in n])
+    # conv78, conv5, conv911, conv912: weights + 4 BN vectors each.
+    assert f"initialised {total - 20} of {total} variables" in " ".join(messages)
+    assert any("resnet_v2_50/conv5/weights (shape [8, 8, 6, 6] in checkpoint" in m
+               for m in messages)
