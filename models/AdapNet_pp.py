@@ -17,10 +17,12 @@ IMAGE_POOLING = "conv57"
 AUX_LOSS_WEIGHTS = {"conv911": 0.6, "conv912": 0.5}
 WEIGHT_DECAY = 5e-4
 
-Outputs = namedtuple("Outputs", "logits probabilities aux_logits pre_norm")
+Outputs = namedtuple("Outputs", "logits probabilities aux_logits pre_norm pre_norm_kept")
 Outputs.__doc__ = """logits/probabilities at input resolution; aux_logits: head
 scope -> logits resized to the input (empty without aux); pre_norm: conv
-scope -> the conv's output before batch norm (what ranking differentiates)."""
+scope -> the conv's output before batch norm (what ranking differentiates);
+pre_norm_kept: for a masked conv3, whose pre_norm is already scattered to
+the residual width, scope -> the positions of its own channels in it."""
 
 
 class AdapNet_pp:
@@ -61,7 +63,9 @@ class AdapNet_pp:
         aux_logits = {name: layers.resize_bilinear(tensors[name], size)
                       for name in AUX_LOSS_WEIGHTS if aux}
         logits = tensors["conv5"]
-        return Outputs(logits, tf.nn.softmax(logits), aux_logits, pre_norm)
+        pre_norm_kept = {f"{unit.scope}/conv3": self.kept_channels[unit.name]
+                         for unit in UNITS if unit.name in self.kept_channels}
+        return Outputs(logits, tf.nn.softmax(logits), aux_logits, pre_norm, pre_norm_kept)
 
     def _residual_units(self, tensors, pre_norm, training):
         architecture = self.architecture
@@ -72,13 +76,13 @@ class AdapNet_pp:
                 tensors[unit_input] = self._pre_activation(residual_sum, previous, training)
             self._apply(architecture.conv(f"{unit.scope}/conv1"), tensors, pre_norm, training)
             self._apply(architecture.conv(f"{unit.scope}/conv2"), tensors, pre_norm, training)
+            scatter = None
+            if unit.name in self.kept_channels:
+                scatter = (self.kept_channels[unit.name], residual_width(self.model_def, unit))
             branch = self._apply(architecture.conv(f"{unit.scope}/conv3"), tensors,
-                                 pre_norm, training)
+                                 pre_norm, training, scatter=scatter)
             if training and unit.dropout_keep < 1.0:
                 branch = tf1.nn.dropout(branch, rate=1.0 - unit.dropout_keep)
-            if unit.name in self.kept_channels:
-                branch = layers.scatter_channels(branch, self.kept_channels[unit.name],
-                                                 residual_width(self.model_def, unit))
             if unit.shortcut == "none":
                 residual_sum = branch + residual_sum
             else:
@@ -107,7 +111,9 @@ class AdapNet_pp:
         parts = [tensors[name] for name in conv.inputs]
         return parts[0] if len(parts) == 1 else tf.concat(parts, axis=3)
 
-    def _apply(self, conv, tensors, pre_norm, training, store=True):
+    def _apply(self, conv, tensors, pre_norm, training, store=True, scatter=None):
+        """``scatter``: (kept, width) for a masked residual conv3, whose output
+        goes to positions ``kept`` of ``width`` channels (zeros elsewhere)."""
         x = self._inputs(conv, tensors)
         widths = [self.widths[name] for name in conv.outputs]
         in_channels = sum(self.widths[name] for name in conv.inputs)
@@ -119,6 +125,8 @@ class AdapNet_pp:
                 z = layers.conv2d_transpose(x, kernel, conv.stride)
             else:
                 kernel = layers.weight_variable([k, k, in_channels, out_channels])
+                if scatter is not None:
+                    kernel = layers.scatter_output_channels(kernel, *scatter)
                 if len(widths) == 1:
                     z = layers.conv2d(x, kernel, conv.stride, conv.rates[0])
                 else:  # split conv: one variable, parts with their own rates

@@ -60,11 +60,13 @@ def resize_bilinear(x, size):
     return tf1.image.resize_bilinear(x, size, align_corners=False, half_pixel_centers=False)
 
 
-def scatter_channels(x, kept, width):
-    """Place ``x``'s channels at positions ``kept`` of a ``width``-channel
-    tensor, zeros elsewhere: one gather from ``x`` padded with a zero channel."""
+def scatter_output_channels(kernel, kept, width):
+    """Widen a [k, k, in, len(kept)] kernel to ``width`` output channels, its
+    columns at positions ``kept`` and zeros elsewhere. A conv with the widened
+    kernel equals the narrow conv scattered into ``width`` channels; widening
+    the small kernel costs far less than scattering the activation."""
     source = [len(kept)] * width
     for position, channel in enumerate(kept):
         source[int(channel)] = position
-    padded = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, 1]])
+    padded = tf.pad(kernel, [[0, 0], [0, 0], [0, 0], [0, 1]])
     return tf.gather(padded, source, axis=3)

@@ -55,9 +55,12 @@ def ranked_convs(architecture=None):
     return [conv for conv in architecture.convs if prunable.intersection(conv.outputs)]
 
 
-def per_example_taylor(loss, pre_norm, convs):
+def per_example_taylor(loss, pre_norm, convs, pre_norm_kept=None):
     """{conv scope: t [N, C_out]}, the per-example spatial mean of z * dC/dz
-    for every conv in ``convs``, from one ``tf.gradients`` call."""
+    for every conv in ``convs``, from one ``tf.gradients`` call.
+    ``pre_norm_kept``: scope -> the conv's own channels within a pre_norm
+    tensor that the builder already scattered to a wider (masked) width."""
+    pre_norm_kept = pre_norm_kept or {}
     z_tensors = [pre_norm[conv.scope] for conv in convs]
     gradients = tf.gradients(loss, z_tensors)
     t_by_conv = {}
@@ -65,7 +68,10 @@ def per_example_taylor(loss, pre_norm, convs):
         if gradient is None:
             raise ValueError(f"the loss does not depend on {conv.scope} "
                              f"(were the aux heads built?)")
-        t_by_conv[conv.scope] = tf.reduce_mean(z * gradient, axis=[1, 2])
+        t = tf.reduce_mean(z * gradient, axis=[1, 2])
+        if conv.scope in pre_norm_kept:
+            t = tf.gather(t, pre_norm_kept[conv.scope], axis=1)
+        t_by_conv[conv.scope] = t
     return t_by_conv
 
 
@@ -83,7 +89,8 @@ class BatchTaylorSums:
         self.widths = {name: model.widths[name] for name in self.layers}
         # Per-example losses summed: see the module docstring.
         loss = tf.reduce_sum(model.per_example_loss(outputs, labels))
-        t_by_conv = per_example_taylor(loss, outputs.pre_norm, ranked_convs(architecture))
+        t_by_conv = per_example_taylor(loss, outputs.pre_norm, ranked_convs(architecture),
+                                       outputs.pre_norm_kept)
         abs_sums, signed_sums = [], []
         for conv_scope, t in t_by_conv.items():
             abs_sums.append(tf.reduce_sum(tf.abs(t), axis=0))
