@@ -1,0 +1,608 @@
+"""Pruning: selection, the plan, removal == try_zeros, files, masks, errors.
+
+One random-weight tiny model (widths /16 of the default, 32x64 inputs) is
+written once; each exactness case prunes several layers of it at once
+(remove_channels), zeros them (zero_channels) and compares the two networks'
+softmax and aux outputs on one fixed batch. Batch-norm betas and moving
+statistics are random and non-trivial (each case checks that zeroing the
+producers' kernels alone would *not* be equivalent); the moving statistics
+sit near the batch's own so that activations stay well scaled.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models.AdapNet_pp import AdapNet_pp
+from models.architecture import adapnet_pp, resolve_widths
+from models.model_def import load_masks, load_model_def, parameter_count, save_masks, \
+    save_model_def
+from netcompress import pruning
+from netcompress.checkpoints import check_matches, checkpoint_key, model_variables, \
+    read_checkpoint, write_checkpoint
+from netcompress.errors import UserError
+from netcompress.flops import conv_costs, inference_macs, spatial_sizes
+from netcompress.rankfile import RankSums
+
+tf1 = tf.compat.v1
+tf1.disable_eager_execution()
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 4
+HEIGHT, WIDTH = 32, 64
+TOLERANCE = 1e-5
+AUX_HEADS = ("conv911", "conv912")
+ARCHITECTURE = adapnet_pp()
+SESSION_CONFIG = tf1.ConfigProto()
+# Graph rewriting costs more than these tiny graphs ever run.
+SESSION_CONFIG.graph_options.rewrite_options.disable_meta_optimizer = True
+LAYERS = [g.name for g in ARCHITECTURE.prunable_groups()]
+
+
+def tiny_model_def():
+    with open(os.path.join(REPO_ROOT, "models", "default.json")) as f:
+        full = json.load(f)
+
+    def divide(value):
+        return [max(1, v // 16) for v in value] if isinstance(value, list) else value // 16
+    return {section: {key: divide(value) for key, value in entries.items()}
+            for section, entries in full.items()}
+
+
+def random_values(variables, rng):
+    """Checkpoint values with He-scaled kernels and non-trivial batch norms."""
+    values = {}
+    for variable in variables:
+        name = checkpoint_key(variable.name)
+        shape = variable.shape.as_list()
+        leaf = name.rsplit("/", 1)[-1]
+        if leaf == "weights":
+            values[name] = rng.normal(0.0, np.sqrt(2.0 / np.prod(shape[:3])), shape)
+        elif leaf == "gamma":
+            values[name] = rng.uniform(0.5, 1.5, shape)
+        elif leaf == "moving_variance":
+            values[name] = rng.uniform(0.5, 1.5, shape)
+        else:  # beta, moving_mean
+            values[name] = rng.uniform(-0.5, 0.5, shape)
+        values[name] = values[name].astype(np.float32)
+    return values
+
+
+def _variable_behind(tensor):
+    """The variable a (read of a) variable tensor comes from."""
+    op = tensor.op
+    while op.type not in ("VarHandleOp", "VariableV2"):
+        op = op.inputs[0].op
+    return op.name
+
+
+class BatchNormCalibrator:
+    """Sets moving statistics near the batch statistics of a fixed batch
+    (randomly off by a fraction of a standard deviation). Random statistics
+    alone let activations grow ~1e3-fold over the depth; the softmax would
+    saturate and float rounding of huge logits would decide the comparisons."""
+
+    def __init__(self, model_def, images):
+        self.graph = tf.Graph()
+        # Training mode gives every batch norm its batch statistics; without the
+        # dropout of block4/unit_3, which inference does not apply.
+        with self.graph.as_default(), \
+                mock.patch.object(tf1.nn, "dropout", lambda x, rate: x):
+            AdapNet_pp(model_def, NUM_CLASSES).build(tf.constant(images), training=True,
+                                                     aux=True)
+            norms = [op for op in self.graph.get_operations()
+                     if op.type.startswith("FusedBatchNorm")]
+            self.scopes = [_variable_behind(op.inputs[1]).rsplit("/", 1)[0] for op in norms]
+            self.statistics = [(op.outputs[1], op.outputs[2]) for op in norms]
+            self.variables = model_variables(self.graph)
+            self.feeds = [tf1.placeholder(v.dtype.base_dtype, v.shape) for v in self.variables]
+            self.load = tf.group(*[v.assign(p) for v, p in zip(self.variables, self.feeds)])
+        self.graph.finalize()
+        self.session = tf1.Session(graph=self.graph, config=SESSION_CONFIG)
+
+    def __call__(self, values, seed):
+        rng = np.random.default_rng(seed)
+        self.session.run(self.load, {p: values[checkpoint_key(v.name)]
+                                     for v, p in zip(self.variables, self.feeds)})
+        calibrated = dict(values)
+        for scope, (mean, variance) in zip(self.scopes, self.session.run(self.statistics)):
+            std = np.sqrt(variance + 1e-5)
+            calibrated[f"{scope}/moving_mean"] = (
+                mean + rng.uniform(-0.1, 0.1, mean.shape) * std).astype(np.float32)
+            # A floor: a channel nearly constant over the batch (image pooling
+            # sees 2 values) would otherwise amplify float rounding ~1e3-fold.
+            variance = np.maximum(variance, mean ** 2 + 1.0)
+            calibrated[f"{scope}/moving_variance"] = (
+                variance * rng.uniform(0.8, 1.2, variance.shape)).astype(np.float32)
+        return calibrated
+
+
+class Network:
+    """An inference graph (aux heads built) into which checkpoint values load."""
+
+    def __init__(self, model_def, masks):
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            model = AdapNet_pp(model_def, NUM_CLASSES, masks)
+            self.images = tf1.placeholder(tf.float32, [2, HEIGHT, WIDTH, 3])
+            outputs = model.build(self.images, training=False, aux=True)
+            self.fetches = {"softmax": outputs.probabilities}
+            for name in AUX_HEADS:
+                self.fetches[name] = outputs.aux_logits[name]
+                self.fetches[name + "/softmax"] = tf.nn.softmax(outputs.aux_logits[name])
+            self.variables = model_variables(self.graph)
+            self.feeds = [tf1.placeholder(v.dtype.base_dtype, v.shape) for v in self.variables]
+            self.load = tf.group(*[v.assign(p) for v, p in zip(self.variables, self.feeds)])
+        self.graph.finalize()
+        self.session = tf1.Session(graph=self.graph, config=SESSION_CONFIG)
+
+    def run(self, values, images):
+        self.session.run(self.load, {p: values[checkpoint_key(v.name)]
+                                     for v, p in zip(self.variables, self.feeds)})
+        return self.session.run(self.fetches, {self.images: images})
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """The tiny model on disk (checkpoint, model_def), its values, a batch and
+    its built network (reused by every zeroed run)."""
+    directory = tmp_path_factory.mktemp("source")
+    model_def = tiny_model_def()
+    network = Network(model_def, {})
+    rng = np.random.default_rng(7)
+    images = rng.uniform(0.0, 255.0, [2, HEIGHT, WIDTH, 3]).astype(np.float32)
+    calibrate = BatchNormCalibrator(model_def, images)
+    values = calibrate(random_values(network.variables, rng), seed=1)
+    checkpoint = str(directory / "train" / "model.ckpt")
+    write_checkpoint(values, checkpoint)
+    model_def_path = str(directory / "tiny.json")
+    save_model_def(model_def, model_def_path)
+    yield dict(directory=directory, model_def=model_def, values=values, images=images,
+               network=network, calibrate=calibrate, checkpoint=checkpoint,
+               model_def_path=model_def_path)
+    network.session.close()
+    calibrate.session.close()
+
+
+def removal_scores(model_def, layers, fraction=0.5, seed=0):
+    """Normalised scores removing a scattered ``fraction`` of each layer's
+    channels at threshold 0.1 (never all: max-normalised scores keep one at 1)."""
+    rng = np.random.default_rng(seed)
+    widths = resolve_widths(model_def, NUM_CLASSES)
+    scores = {}
+    for layer in LAYERS:
+        values = rng.uniform(0.2, 1.0, widths[layer])
+        values /= values.max()
+        if layer in layers:
+            count = min(max(1, int(round(fraction * widths[layer]))), widths[layer] - 1)
+            values[rng.choice(widths[layer], count, replace=False)] = 0.05
+        scores[layer] = pruning.normalise(values, "max")
+    return scores
+
+
+def assert_same_outputs(first, second):
+    assert first.keys() == second.keys()
+    for name in first:
+        difference = np.max(np.abs(first[name] - second[name]))
+        if name in AUX_HEADS:  # logits: tolerance relative to their scale
+            scale = max(1.0, float(np.max(np.abs(first[name]))))
+            assert difference <= TOLERANCE * scale, (name, difference, scale)
+        else:
+            assert difference <= TOLERANCE, (name, difference)
+
+
+def check_removal_equals_zeroing(source, layers, threshold=0.1):
+    """Prune ``layers`` of the source model by removal and by zeroing; the two
+    networks must give the same outputs, different from the unpruned one."""
+    model_def, network, images = source["model_def"], source["network"], source["images"]
+    scores = removal_scores(model_def, layers)
+    plan = pruning.plan_pruning(model_def, {}, NUM_CLASSES, scores, layers, threshold)
+    assert plan.pruned_layers, "the case must remove something"
+    # Statistics of the network as pruned keep the outputs well scaled; the
+    # zeroed slices stay zero, so both appliers start from the same values.
+    values = source["calibrate"](pruning.zero_channels(plan, source["values"]), seed=2)
+    zeroed_values = pruning.zero_channels(plan, values)
+    assert all(np.array_equal(zeroed_values[n], values[n]) for n in values)
+    pruned_network = Network(plan.model_def_after, plan.masks_after)
+    try:
+        pruned = pruned_network.run(pruning.remove_channels(plan, values), images)
+    finally:
+        pruned_network.session.close()
+    zeroed = network.run(zeroed_values, images)
+    assert_same_outputs(pruned, zeroed)
+    assert pruned["softmax"].max(axis=-1).mean() < 0.99, "saturated softmax: tests little"
+    original = network.run(source["values"], images)
+    assert np.max(np.abs(original["softmax"] - pruned["softmax"])) > 1e-3, \
+        "pruning changed nothing: the case tests nothing"
+    if any(s.role == "output" for s in plan.slices):
+        # Zeroing the producers' kernels instead of the consumers' inputs leaves
+        # the batch norms' constants in: not removal, and these weights show it.
+        naive = {name: np.array(value) for name, value in values.items()}
+        for piece in plan.slices:
+            index = [slice(None)] * naive[piece.variable].ndim
+            index[piece.axis] = list(piece.indices)
+            index = tuple(index)
+            if piece.role == "input" and piece.variable in source["values"]:
+                naive[piece.variable][index] = source["values"][piece.variable][index]
+            elif piece.role == "output" and piece.variable.endswith("/weights"):
+                naive[piece.variable][index] = 0.0
+        naive_outputs = network.run(naive, images)
+        assert np.max(np.abs(naive_outputs["softmax"] - pruned["softmax"])) > 1e-3
+    return plan
+
+
+# Each case prunes several kinds of layer at once (one graph build per case).
+EXACTNESS_CASES = {
+    "backbone": [
+        "conv1",
+        # a unit's conv1 and conv2; block1/unit_1's shortcut reads its conv1
+        "block1/unit_1/bottleneck_v1/conv1", "block1/unit_1/bottleneck_v1/conv2",
+        "block2/unit_1/bottleneck_v1/conv2", "block3/unit_2/bottleneck_v1/conv1",
+        # both halves of split conv2s (block4: both atrous)
+        "block2/unit_4/bottleneck_v1/conv2/A", "block2/unit_4/bottleneck_v1/conv2/B",
+        "block3/unit_5/bottleneck_v1/conv2/A", "block3/unit_5/bottleneck_v1/conv2/B",
+        "block4/unit_1/bottleneck_v1/conv2/A", "block4/unit_1/bottleneck_v1/conv2/B",
+        # conv3 of a shortcut unit and of an identity unit (masks)
+        "block2/unit_1/bottleneck_v1/conv3", "block3/unit_2/bottleneck_v1/conv3"],
+    "easpp": [
+        "conv256", "conv71", "conv81", "conv91",  # conv10's concat offsets
+        "conv7", "conv248", "conv249",  # atrous
+        "conv10"],  # feeds a transposed conv; its own input slices change too
+    "decoder": [
+        "conv41", "conv16",  # transposed; feed a concat and an aux head
+        "conv89", "conv96", "conv88", "conv95"],
+}
+
+
+@pytest.mark.parametrize("layers", EXACTNESS_CASES.values(), ids=EXACTNESS_CASES.keys())
+def test_removal_equals_try_zeros(source, layers):
+    check_removal_equals_zeroing(source, layers)
+
+
+def test_every_layer_down_to_one_channel(source):
+    plan = check_removal_equals_zeroing(source, LAYERS, threshold=2.0)
+    assert all(len(cut.kept) == 1 for cut in plan.layers)
+    assert plan.model_def_after["params"]["1"] == 1
+    assert plan.model_def_after["split"]["8"] == [1, 1]
+    assert plan.model_def_after["params"]["8"][1] == 2
+
+
+def test_threshold_zero_removes_nothing(source):
+    scores = removal_scores(source["model_def"], LAYERS)
+    plan = pruning.plan_pruning(source["model_def"], {}, NUM_CLASSES, scores, LAYERS, 0.0)
+    assert not plan.pruned_layers and not plan.slices
+    assert plan.model_def_after == source["model_def"] and plan.masks_after == {}
+    values = pruning.remove_channels(plan, source["values"])
+    assert all(np.array_equal(values[n], source["values"][n]) for n in source["values"])
+    first = source["network"].run(source["values"], source["images"])
+    second = source["network"].run(values, source["images"])
+    assert all(np.array_equal(first[name], second[name]) for name in first)
+
+
+def test_plan_slices_follow_the_declaration(source):
+    """Offsets and axes by hand for the tricky consumers."""
+    model_def = source["model_def"]
+    scores = removal_scores(model_def, [])
+    scores["conv81"] = pruning.normalise(np.r_[0.0, 1.0, 0.0, np.ones(13)], "max")
+    scores["conv41"] = pruning.normalise(np.r_[1.0, 0.0, np.ones(14)], "max")
+    plan = pruning.plan_pruning(model_def, {}, NUM_CLASSES, scores, ["conv81", "conv41"], 0.1)
+    cuts = {(s.variable.split("/", 1)[1], s.axis): s.indices for s in plan.slices}
+    # conv10 reads [conv256 16 | conv71 16 | conv81 16 | conv91 16 | conv57 256].
+    assert cuts[("conv10/weights", 2)] == (32, 34)
+    assert cuts[("conv81/weights", 3)] == (0, 2)
+    assert cuts[("conv81/BatchNorm/moving_mean", 0)] == (0, 2)
+    # Transposed kernels are [k, k, out, in]; conv89 reads [conv41 | conv174].
+    assert cuts[("conv41/weights", 2)] == (1,)
+    assert cuts[("conv89/weights", 2)] == (1,)
+    assert cuts[("conv912/weights", 2)] == (1,)
+    assert plan.model_def_after["params"]["26"] == 14
+    assert plan.model_def_after["params"]["32"] == 15
+    wrong = dict(source["values"])
+    wrong["resnet_v2_50/conv10/weights"] = np.zeros([1, 1, 8, 16], np.float32)
+    with pytest.raises(UserError, match=r"conv10/weights is \[1, 1, 8, 16\], the model_def "
+                                        r"gives 320 channels on axis 2"):
+        pruning.remove_channels(plan, wrong)
+
+
+def test_pruned_files_restore_exactly(source, tmp_path):
+    """prune() on files: the graph of the new model_def + mask restores the
+    new checkpoint with no missing or unexpected variable; sources untouched."""
+    layers = ["conv1", "block1/unit_3/bottleneck_v1/conv3", "conv16"]
+    before = hash_files(source["directory"])
+    settings = None
+    for stage, layer in enumerate(layers):  # one layer per stage, as recommended
+        directory = tmp_path / f"stage{stage}"
+        model_def = load_model_def(settings.new_model_def) if settings else source["model_def"]
+        rank_path = write_rank_file(directory / "rank.npz", model_def, [layer])
+        if settings is None:
+            settings = make_settings(source, directory, rank_path, phase="all",
+                                     all_convs=False, conv_name=layer)
+        else:
+            settings = next_stage(settings, directory, source, rank_path)
+            settings.conv_name = layer
+        pruning.prune(settings, log=quiet, verify=False)
+    assert hash_files(source["directory"]) == before
+    model_def = load_model_def(settings.new_model_def)
+    masks = load_masks(settings.mask_save)
+    assert list(masks) == ["block1/unit_3"]
+    graph = tf.Graph()
+    with graph.as_default():
+        AdapNet_pp(model_def, NUM_CLASSES, masks).build(
+            tf1.placeholder(tf.float32, [1, HEIGHT, WIDTH, 3]), aux=True)
+        check_matches(settings.new_checkpoint_save, model_variables(graph))
+    assert not any("Adam" in name for name in read_checkpoint(settings.new_checkpoint_save))
+
+
+def test_checkpoint_of_another_model_is_refused(source):
+    model_def = json.loads(json.dumps(source["model_def"]))
+    model_def["params"]["33"] = 8
+    with pytest.raises(UserError, match=r"conv89/weights is \[3, 3, 40, 16\] in the "
+                                        r"checkpoint but \[3, 3, 40, 8\] in the model"):
+        pruning.verify_checkpoint(source["checkpoint"], model_def, {}, NUM_CLASSES, HEIGHT,
+                                  WIDTH, "model_def x")
+
+
+def test_second_pruning_composes_masks(source, tmp_path):
+    """Stage 1 masks block2/unit_1 and block1/unit_2; stage 2 prunes
+    block2/unit_1 again: its mask composes, block1/unit_2's is carried."""
+    unit1, unit2 = "block2/unit_1/bottleneck_v1/conv3", "block1/unit_2/bottleneck_v1/conv3"
+    first_removed = {unit1: [1, 5, 7], unit2: [0, 15]}
+    rank_path = write_rank_file(tmp_path / "rank1.npz", source["model_def"], [],
+                                removed=first_removed)
+    settings = make_settings(source, tmp_path / "stage1", rank_path, phase="all",
+                             all_convs=True)
+    pruning.prune(settings, log=quiet, verify=False)
+    masks = load_masks(settings.mask_save)
+    kept_first = [c for c in range(32) if c not in (1, 5, 7)]
+    assert masks["block2/unit_1"][0].tolist() == kept_first
+    assert masks["block1/unit_2"][0].tolist() == list(range(1, 15))
+
+    stage1 = settings
+    model_def = load_model_def(stage1.new_model_def)
+    rank_path = write_rank_file(tmp_path / "rank2.npz", model_def, [],
+                                removed={unit1: [0, 3]})
+    settings = next_stage(stage1, tmp_path / "stage2", source, rank_path)
+    settings.phase, settings.all_convs = "block2/unit_1", False
+    settings.conv_name = "conv3"
+    pruning.prune(settings, log=quiet, verify=False)
+    masks = load_masks(settings.mask_save)
+    # Local channel 0 of stage 1 is residual channel 0, local 3 is residual 4.
+    assert masks["block2/unit_1"][0].tolist() == [c for c in range(32)
+                                                  if c not in (0, 1, 4, 5, 7)]
+    assert masks["block1/unit_2"][0].tolist() == list(range(1, 15))
+    assert load_model_def(settings.new_model_def)["params"]["5"][2] == 27
+
+    # The composed model computes what stage 1 with those channels zeroed computes.
+    stage1_values = read_checkpoint(stage1.new_checkpoint_save)
+    stage1_network = Network(model_def, load_masks(stage1.mask_save))
+    stage2_network = Network(load_model_def(settings.new_model_def),
+                             load_masks(settings.mask_save))
+    try:
+        zeroed_settings = next_stage(stage1, tmp_path / "zeros", source, rank_path)
+        zeroed_settings.phase, zeroed_settings.conv_name = "block2/unit_1", "conv3"
+        zeroed_settings.all_convs, zeroed_settings.try_zeros = False, True
+        pruning.prune(zeroed_settings, log=quiet, verify=False)
+        zeroed = stage1_network.run(read_checkpoint(zeroed_settings.new_checkpoint_save),
+                                    source["images"])
+        pruned = stage2_network.run(read_checkpoint(settings.new_checkpoint_save),
+                                    source["images"])
+        assert_same_outputs(pruned, zeroed)
+        unpruned = stage1_network.run(stage1_values, source["images"])
+        assert np.max(np.abs(unpruned["softmax"] - pruned["softmax"])) > 1e-5
+    finally:
+        stage1_network.session.close()
+        stage2_network.session.close()
+
+
+def test_try_zeros_writes_only_a_checkpoint(source, tmp_path):
+    rank_path = write_rank_file(tmp_path / "rank.npz", source["model_def"], ["conv96"])
+    settings = make_settings(source, tmp_path, rank_path, phase="decoder_conv1",
+                             all_convs=False, conv_name="conv2", try_zeros=True)
+    result = pruning.prune(settings, log=quiet, verify=False)
+    assert result.written == [settings.new_checkpoint_save]
+    assert not os.path.exists(settings.new_model_def)
+    assert not os.path.exists(settings.mask_save)
+    values = read_checkpoint(settings.new_checkpoint_save)
+    assert all(values[n].shape == source["values"][n].shape for n in source["values"])
+
+
+# ---- selection, scores, settings --------------------------------------------
+
+def test_select_layers():
+    assert pruning.select_layers("all", all_convs=True) == LAYERS
+    assert len(LAYERS) == 77
+    assert pruning.select_layers("conv1", "conv1") == ["conv1"]
+    assert pruning.select_layers("block3", "conv2/A") == [
+        f"block3/unit_{u}/bottleneck_v1/conv2/A" for u in (3, 4, 5, 6)]
+    assert pruning.select_layers("block2/unit_4", "conv2") == [
+        "block2/unit_4/bottleneck_v1/conv2/A", "block2/unit_4/bottleneck_v1/conv2/B"]
+    assert pruning.select_layers("decoder_conv1", "conv2") == ["conv96"]
+    assert pruning.select_layers("decoder_conv2", "conv88") == ["conv88"]
+    assert pruning.select_layers("upsample2", all_convs=True) == ["conv16"]
+    assert len(pruning.select_layers("easpp", all_convs=True)) == 14
+    assert pruning.select_layers("all", "conv247") == ["conv247"]
+    with pytest.raises(UserError,
+                       match=r"conv_name 'conv12' .*valid: conv256, conv70, conv7, conv247"):
+        pruning.select_layers("easpp", "conv12")
+    with pytest.raises(UserError, match=r"unknown phase 'block5'.*easpp"):
+        pruning.select_layers("block5", "conv1")
+
+
+def test_normalise_and_channels_to_keep():
+    assert np.allclose(pruning.normalise([1.0, -2.0, 4.0], "max"), [0.25, 0.0, 1.0])
+    assert np.allclose(pruning.normalise([3.0, 4.0], "l2"), [0.6, 0.8])
+    assert pruning.normalise([0.0, 0.0], "max") is None
+    scores = np.array([0.5, 0.05, 1.0, 0.01, 0.3, 0.02, 0.9, 0.2, 0.15, 0.04])
+    assert pruning.channels_to_keep(scores, 0.1).tolist() == [0, 2, 4, 6, 7, 8]
+    assert pruning.channels_to_keep(scores, 5.0).tolist() == [2]
+    assert pruning.channels_to_keep(scores, 5.0, min_channels=3).tolist() == [0, 2, 6]
+    assert pruning.channels_to_keep(scores, 0.1, round_to=4).tolist() == \
+        [0, 1, 2, 4, 6, 7, 8, 9]
+    assert pruning.channels_to_keep(scores, 0.0).tolist() == list(range(10))
+
+
+def test_settings_from_the_command_line():
+    header = dict(decide_threshold=False, phase="all", all_convs=True, conv_name=None,
+                  save_nvidia_name="r.npz", threshold=0.2, checkpoint_name="c",
+                  gpu_id="", try_zeros=False, new_checkpoint_save="n", mask_load=None,
+                  mask_save="m.npy", Num_classes=6, height=64, width=128,
+                  model_def="a.json", new_model_def="b.json", criterion="taylor",
+                  normalisation="max", min_channels=1, round_to=1, histogram_save=None)
+    settings = pruning.settings_from_header(header, [
+        "--threshold", "0.3", "--phase", "block1", "--all_convs", "false",
+        "--conv_name", "conv2", "--mask_load", "None", "--gpu_id", "1", "--round_to", "8"])
+    assert (settings.threshold, settings.phase, settings.all_convs) == (0.3, "block1", False)
+    assert (settings.conv_name, settings.mask_load, settings.gpu_id) == ("conv2", None, "1")
+    assert settings.round_to == 8 and settings.criterion == "taylor"
+    with pytest.raises(UserError, match="try_zeros must be true or false"):
+        pruning.settings_from_header(header, ["--try_zeros", "maybe"])
+    with pytest.raises(UserError, match="height must be a multiple of 16"):
+        pruning.settings_from_header(header, ["--height", "40"])
+    with pytest.raises(UserError, match="unrecognized arguments: --treshold"):
+        pruning.settings_from_header(header, ["--treshold", "0.3"])
+
+
+def test_flops_and_parameters(source):
+    model_def = source["model_def"]
+    costs = conv_costs(model_def, NUM_CLASSES, HEIGHT, WIDTH)
+    widths = resolve_widths(model_def, NUM_CLASSES)
+    residual_norms = 4 * sum(widths[f"{u.block}/residual"] for u in ARCHITECTURE.units)
+    assert sum(c.params for c in costs.values()) + 12 + residual_norms == \
+        parameter_count(model_def, NUM_CLASSES)
+    assert costs["conv1"].macs == 7 * 7 * 3 * 4 * 16 * 32
+    assert costs["conv5"].macs == 8 * 8 * NUM_CLASSES * NUM_CLASSES * 8 * 16
+    assert costs["conv57"].macs == 128 * 256
+    sizes = spatial_sizes(HEIGHT, WIDTH)
+    assert sizes["block1/unit_1/bottleneck_v1/conv1"][:2] == (8, 16)  # after the pool
+    assert sizes["conv10"][2:] == (2, 4) and sizes["conv88"][2:] == (8, 16)
+    assert inference_macs(model_def, NUM_CLASSES, HEIGHT, WIDTH) == sum(
+        costs[c.scope].macs for c in ARCHITECTURE.convs if c.scope not in AUX_HEADS)
+
+
+def test_decide_threshold_summary(source, tmp_path):
+    rank_path = write_rank_file(tmp_path / "rank.npz", source["model_def"], ["conv7"])
+    settings = make_settings(source, tmp_path, rank_path, phase="easpp", all_convs=False,
+                             conv_name="conv7", decide_threshold=True,
+                             histogram_save=str(tmp_path / "histogram.png"))
+    result = pruning.prune(settings, log=quiet, verify=False)
+    assert "conv7" in result.report and "all selected" in result.report
+    with open(settings.histogram_save, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not os.path.exists(settings.new_checkpoint_save + ".index")
+
+
+# ---- the script: one-line errors ---------------------------------------------
+
+def run_script(*arguments):
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "prun_model.py"),
+                           *map(str, arguments)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def script_arguments(settings):
+    arguments = []
+    for name, value in vars(settings).items():
+        text = "None" if value is None else str(value).lower() if isinstance(value, bool) \
+            else str(value)
+        arguments += [f"--{name}", text]
+    return arguments
+
+
+def assert_one_line_error(result, pattern):
+    """Exit 2 and one `error:` line, last, with no traceback (TensorFlow's own
+    start-up lines may come before it once it has been imported)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert sum(line.startswith("error") for line in lines) == 1, result.stderr
+    assert pattern in lines[-1], lines[-1]
+
+
+def test_script_errors(source, tmp_path):
+    rank_path = write_rank_file(tmp_path / "rank.npz", source["model_def"], ["conv1"])
+    settings = make_settings(source, tmp_path, rank_path, phase="easpp", all_convs=False,
+                             conv_name="conv1")
+    before = hash_files(source["directory"])
+    assert_one_line_error(run_script(*script_arguments(settings)),
+                          "conv_name 'conv1' is not a prunable layer of phase 'easpp'; "
+                          "valid: conv256, conv70")
+
+    small_rank = write_rank_file(tmp_path / "small.npz",
+                                 load_model_def(os.path.join(REPO_ROOT, "models/small.json")),
+                                 ["conv1"])
+    settings.phase, settings.conv_name, settings.save_nvidia_name = "conv1", "conv1", small_rank
+    assert_one_line_error(run_script(*script_arguments(settings)),
+                          "does not match the model: conv1 has 8 channels in the rank file "
+                          "but 4 in the model_def")
+
+    settings.save_nvidia_name = rank_path
+    settings.new_checkpoint_save = source["checkpoint"]
+    assert_one_line_error(run_script(*script_arguments(settings)),
+                          "is the source checkpoint")
+    assert hash_files(source["directory"]) == before
+
+
+# ---- helpers ------------------------------------------------------------------
+
+def quiet(*_):
+    pass
+
+
+def write_rank_file(path, model_def, layers, removed=None):
+    """A rank file whose taylor scores remove half of each of ``layers`` at
+    threshold 0.1, or exactly the channels in ``removed`` ({layer: indices})."""
+    widths = resolve_widths(model_def, NUM_CLASSES)
+    ranks = RankSums(LAYERS, widths)
+    ranks.count = 1
+    scores = removal_scores(model_def, layers)
+    for layer in LAYERS:
+        values = np.asarray(scores[layer], np.float64)
+        if removed and layer in removed:
+            values = np.ones(widths[layer])
+            values[removed[layer]] = 0.01
+        ranks.add("taylor", layer, values)
+        ranks.add("reference", layer, values)
+    ranks.save(str(path))
+    return str(path)
+
+
+def make_settings(source, directory, rank_path, **overrides):
+    directory = str(directory)
+    values = dict(decide_threshold=False, phase="all", all_convs=True, conv_name=None,
+                  save_nvidia_name=rank_path, threshold=0.1,
+                  checkpoint_name=source["checkpoint"], gpu_id="", try_zeros=False,
+                  new_checkpoint_save=os.path.join(directory, "pruned", "model.ckpt"),
+                  mask_load=None, mask_save=os.path.join(directory, "mask.npy"),
+                  Num_classes=NUM_CLASSES, height=HEIGHT, width=WIDTH,
+                  model_def=source["model_def_path"],
+                  new_model_def=os.path.join(directory, "model_def.json"))
+    values.update(overrides)
+    return pruning.PruneSettings(**values)
+
+
+def next_stage(settings, directory, source, rank_path):
+    """Settings pruning the output of ``settings`` again, into ``directory``."""
+    following = make_settings(source, directory, rank_path, phase=settings.phase,
+                              all_convs=settings.all_convs, conv_name=settings.conv_name)
+    following.checkpoint_name = settings.new_checkpoint_save
+    following.model_def = settings.new_model_def
+    following.mask_load = settings.mask_save if os.path.exists(settings.mask_save) else None
+    return following
+
+
+def hash_files(directory):
+    digests = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                digests[path] = hashlib.sha256(f.read()).hexdigest()
+    return digests
