@@ -43,7 +43,7 @@ def iterate_batches(session, fetches, data_path):
             yield session.run(fetches)
         except tf.errors.OutOfRangeError:
             return
-        except tf.errors.InvalidArgumentError as exc:
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
             raise data_error_from(exc, data_path) from None
 
 

@@ -104,7 +104,7 @@ def train(config, log=print, seed=None, progress=True):
                     _, loss, data_loss, learning_rate, summary = session.run(
                         [graph.train_op, graph.loss, graph.data_loss, graph.learning_rate,
                          graph.summaries])
-                except tf.errors.InvalidArgumentError as exc:
+                except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
                     raise data_error_from(exc, config["train_data"]) from None
                 if not math.isfinite(loss):
                     last = tf1.train.latest_checkpoint(directory)

@@ -39,6 +39,16 @@ def demo(tmp_path_factory):
     return root, files, train_config, test_config
 
 
+@pytest.fixture(scope="module")
+def quick_checkpoint(demo):
+    """A 1-step checkpoint, for tests that only need one to exist."""
+    root, _, train_config, _ = demo
+    result = train(load_config(train_config, "train", [f"checkpoint={root}/quick/model.ckpt",
+                                                       "max_iteration=1", "save_step=1"]),
+                   progress=False)
+    return result["checkpoint"]
+
+
 def chance_mean_iou(label_pixels):
     """Expected mIoU of uniformly random predictions over classes 0..C-1,
     given the pixel count of each true class (void row ignored)."""
@@ -115,26 +125,24 @@ def test_scripts_report_bad_config_in_one_line(demo, tmp_path):
     assert code == 2 and len(errors) == 1 and "height" in errors[0], stderr
 
 
-def test_evaluate_rejects_mismatched_model_def(demo, tmp_path):
-    root, _, train_config, test_config = demo
-    train(load_config(train_config, "train", [f"checkpoint={tmp_path}/model.ckpt",
-                                              "max_iteration=1", "save_step=1"]),
-          progress=False)
+def test_evaluate_rejects_mismatched_model_def(demo, quick_checkpoint, tmp_path):
+    _, _, _, test_config = demo
     other = write_json(tmp_path / "other.json", scaled_model_def(16))
     code, errors, stderr = run_script("evaluate.py", "-c", test_config, "--checkpoint",
-                                      str(tmp_path), "--model_def", other)
+                                      quick_checkpoint, "--model_def", other)
     assert code == 2 and len(errors) == 1, stderr
     assert "does not match" in errors[0] and "in the checkpoint but" in errors[0]
 
 
-def test_bad_label_in_records_is_a_one_line_error(demo, tmp_path):
+def test_bad_label_in_records_is_a_one_line_error(demo, quick_checkpoint, tmp_path):
     _, _, _, test_config = demo
     record = str(tmp_path / "bad.tfrecords")
     label = np.ones((64, 128), np.uint8)
     label[5, 5] = 9
     with record_writer(record) as writer:
         writer.write(encode_example(np.zeros((64, 128, 3), np.uint8), label))
-    code, errors, stderr = run_script("evaluate.py", "-c", test_config, "--test_data", record)
+    code, errors, stderr = run_script("evaluate.py", "-c", test_config, "--test_data", record,
+                                      "--checkpoint", quick_checkpoint)
     assert code == 2 and len(errors) == 1, stderr
     assert "label id 9 >= num_classes (6)" in errors[0] and record in errors[0]
 
@@ -159,3 +167,14 @@ def test_initialize_restores_matching_variables_by_name(demo, tmp_path):
     assert f"initialised {total - 20} of {total} variables" in " ".join(messages)
     assert any("resnet_v2_50/conv5/weights (shape [8, 8, 6, 6] in checkpoint" in m
                for m in messages)
+
+
+def test_truncated_record_file_is_a_one_line_error(demo, quick_checkpoint, tmp_path):
+    _, files, _, test_config = demo
+    record = str(tmp_path / "truncated.tfrecords")
+    with open(files["test"], "rb") as source, open(record, "wb") as target:
+        target.write(source.read()[:50000])  # cut inside the third example
+    code, errors, stderr = run_script("evaluate.py", "-c", test_config, "--test_data", record,
+                                      "--checkpoint", quick_checkpoint)
+    assert code == 2 and len(errors) == 1, stderr
+    assert record in errors[0] and "Traceback" not in stderr
