@@ -37,7 +37,7 @@ def merge_main(argv):
     if len(args.merge) < 2:
         parser.error("--merge needs the output file and at least one shard file")
     output, shards = args.merge[0], args.merge[1:]
-    quiet_tensorflow()
+    graph_mode()
     from netcompress.ranking import merge_shards, summary_table
 
     merged = merge_shards(shards)

@@ -61,7 +61,7 @@ import sys
 
 from netcompress.cli import run_main
 from netcompress.config import apply_gpu_id
-from netcompress.runtime import graph_mode, quiet_tensorflow
+from netcompress.runtime import graph_mode
 
 decide_threshold = False
 phase = 'all'
@@ -97,13 +97,12 @@ HEADER = dict(
 
 
 def main(argv=None):
+    graph_mode()  # imports TensorFlow quietly; devices are chosen later, at first use
     from netcompress.pruning import execute, prepare, settings_from_header
 
     settings = settings_from_header(HEADER, sys.argv[1:] if argv is None else argv)
-    job = prepare(settings)  # every check that needs no TensorFlow, first
+    job = prepare(settings)  # every check that needs no session, first
     apply_gpu_id(settings.gpu_id)
-    quiet_tensorflow()
-    graph_mode()
     execute(job)
 
 
