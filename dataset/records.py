@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from netcompress.errors import UserError
+from netcompress.files import remove_quietly, replace_atomically
 
 IMAGE_KEY = "modality1"
 LABEL_KEY = "label"
@@ -239,32 +240,25 @@ def record_writer(path):
         yield writer
     except BaseException:
         writer.close()
-        _remove_quietly(temp_path)
+        remove_quietly(temp_path)
         raise
     try:
         writer.close()
         os.replace(temp_path, path)
     except (OSError, tf.errors.OpError) as exc:
-        _remove_quietly(temp_path)
+        remove_quietly(temp_path)
         reason = getattr(exc, "strerror", None) or _first_line(str(exc))
         raise UserError(f"cannot write record file {path}: {reason}") from None
 
 
-def _remove_quietly(path):
-    with contextlib.suppress(OSError):
-        os.remove(path)
-
-
 def save_npy_atomic(path, array):
-    """np.save to '<path>.tmp' then rename; loadable with allow_pickle=False."""
+    """np.save through a temporary file; loadable with allow_pickle=False."""
     _make_parent_dir(path)
-    temp_path = path + ".tmp"
-    try:
-        with open(temp_path, "wb") as handle:
+
+    def write(tmp):
+        with open(tmp, "wb") as handle:
             np.save(handle, np.asarray(array), allow_pickle=False)
-        os.replace(temp_path, path)
-    except BaseException as exc:
-        _remove_quietly(temp_path)
-        if isinstance(exc, OSError):
-            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
+    try:
+        replace_atomically(path, write)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None

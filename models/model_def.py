@@ -79,8 +79,12 @@ def residual_width(model_def, unit):
 
 def save_model_def(model_def, path):
     validate_model_def(model_def, source=path)
-    text = json.dumps(model_def, indent=1, sort_keys=False) + "\n"
-    replace_atomically(path, lambda tmp: open(tmp, "w").write(text))
+    text = json.dumps(model_def, indent=1) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    replace_atomically(path, write)
 
 
 # ---- masks ---------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Writing outputs without ever leaving a half-written or damaged file."""
 
+import contextlib
 import os
-import shutil
 
 
 def replace_atomically(path, write):
@@ -16,12 +16,9 @@ def replace_atomically(path, write):
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove_quietly(tmp)
 
 
 def remove_quietly(path):
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
+    with contextlib.suppress(OSError):
         os.remove(path)
