@@ -40,6 +40,19 @@ def write_json(path, data):
     return str(path)
 
 
+def write_config(path, values):
+    """A `key: value` config file: None as the original's `None`, text (and
+    paths) JSON-quoted, which YAML reads back unchanged."""
+    def show(value):
+        if value is None:
+            return "None"
+        return json.dumps(value if isinstance(value, (bool, int, float)) else str(value))
+    with open(path, "w") as f:
+        for key, value in values.items():
+            f.write(f"{key}: {show(value)}\n")
+    return str(path)
+
+
 def randomise_variables(session, variables, seed=0):
     """Non-trivial values everywhere (BN statistics and betas included)."""
     rng = np.random.default_rng(seed)

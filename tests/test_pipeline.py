@@ -4,7 +4,7 @@ retrain (from the pruned checkpoint) -> evaluate -> rank -> prune again."""
 import numpy as np
 import pytest
 
-from helpers import scaled_model_def, write_json
+from helpers import scaled_model_def, write_config, write_json
 from dataset import synthetic
 from models.architecture import UNITS
 from models.model_def import load_masks, load_model_def, parameter_count
@@ -17,13 +17,6 @@ from netcompress.training import train
 HEIGHT, WIDTH = 32, 64
 
 
-def write_config(path, values):
-    with open(path, "w") as f:
-        for key, value in values.items():
-            f.write(f"{key}: {'None' if value is None else value}\n")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
@@ -33,7 +26,7 @@ def workspace(tmp_path_factory):
 
 
 def stage_configs(root, files, stage, model_def, mask, initialize):
-    common = dict(gpu_id="''", model="AdapNet_pp", num_classes=synthetic.NUM_CLASSES,
+    common = dict(gpu_id="", model="AdapNet_pp", num_classes=synthetic.NUM_CLASSES,
                   batch_size=4, skip_step=5, height=HEIGHT, width=WIDTH, mask=mask,
                   model_def=model_def)
     run = root / f"stage{stage}"

@@ -22,8 +22,7 @@ import tensorflow as tf
 
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, resolve_widths
-from models.model_def import load_masks, load_model_def, parameter_count, save_masks, \
-    save_model_def
+from models.model_def import load_masks, load_model_def, parameter_count, save_model_def
 from netcompress import pruning
 from netcompress.checkpoints import check_matches, checkpoint_key, model_variables, \
     read_checkpoint, write_checkpoint

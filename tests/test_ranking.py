@@ -16,6 +16,7 @@ from scipy.stats import spearmanr
 from tensorflow.core.protobuf import rewriter_config_pb2
 
 import get_oracle_rank
+from helpers import write_config
 from dataset import records, synthetic
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, output_offset, resolve_widths
@@ -58,13 +59,6 @@ def rank_config(checkpoint, data, model_def, mask=None, batch_size=4, rank_save=
             "checkpoint": checkpoint, "test_data": data, "batch_size": batch_size,
             "skip_step": 1, "height": HEIGHT, "width": WIDTH, "mask": mask,
             "model_def": model_def, "rank_save": rank_save}
-
-
-def write_config(path, config):
-    with open(path, "w") as f:
-        for key, value in config.items():
-            f.write(f"{key}: {json.dumps(value) if value is not None else 'None'}\n")
-    return str(path)
 
 
 def one_hot(labels):

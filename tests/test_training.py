@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO, scaled_model_def, write_json
+from helpers import REPO, scaled_model_def, write_config, write_json
 from dataset import synthetic
 from dataset.records import encode_example, record_writer
 from netcompress.config import load_config
@@ -16,26 +16,19 @@ from netcompress.evaluation import evaluate
 from netcompress.training import train
 
 
-def write_config(path, **values):
-    with open(path, "w") as f:
-        for key, value in values.items():
-            f.write(f"{key}: {'None' if value is None else value}\n")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     files = synthetic.generate(str(root / "data"), num_train=400, num_test=48, seed=3)
-    base = dict(gpu_id="''", model="AdapNet_pp", num_classes=synthetic.NUM_CLASSES,
+    base = dict(gpu_id="", model="AdapNet_pp", num_classes=synthetic.NUM_CLASSES,
                 batch_size=8, skip_step=10, height=64, width=128, mask=None,
                 model_def=os.path.join(REPO, "models", "small.json"))
-    train_config = write_config(
-        root / "train.config", intialize=None, checkpoint=root / "run" / "model.ckpt",
+    train_config = write_config(root / "train.config", dict(
+        base, intialize=None, checkpoint=root / "run" / "model.ckpt",
         train_data=files["train"], max_iteration=600, learning_rate=0.005, save_step=600,
-        power=0.9, **base)
-    test_config = write_config(root / "test.config", checkpoint=root / "run",
-                               test_data=files["test"], **base)
+        power=0.9))
+    test_config = write_config(root / "test.config", dict(
+        base, checkpoint=root / "run", test_data=files["test"]))
     return root, files, train_config, test_config
 
 
