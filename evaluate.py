@@ -4,7 +4,7 @@ import sys
 
 from netcompress.cli import parse_script_args, run_main
 from netcompress.config import apply_gpu_id, load_config
-from netcompress.runtime import graph_mode, quiet_tensorflow
+from netcompress.runtime import graph_mode
 
 
 def main(argv=None):
@@ -13,7 +13,6 @@ def main(argv=None):
         "overrides any config key.", "evaluate")
     config = load_config(config_path, "evaluate", overrides)
     apply_gpu_id(config["gpu_id"])
-    quiet_tensorflow()
     graph_mode()
     from netcompress.evaluation import evaluate
 

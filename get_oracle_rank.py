@@ -13,7 +13,7 @@ import sys
 
 from netcompress.cli import parse_script_args, run_main
 from netcompress.config import apply_gpu_id, load_config
-from netcompress.runtime import graph_mode, quiet_tensorflow
+from netcompress.runtime import graph_mode
 
 DESCRIPTION = ("Compute the Taylor oracle rank of every prunable channel over test_data "
                "(one pass) and save it to rank_save; --KEY VALUE or --set KEY=VALUE "
@@ -55,7 +55,6 @@ def main(argv=None):
                                                      add_arguments=add_shard_argument)
     config = load_config(config_path, "oracle_rank", overrides)
     apply_gpu_id(config["gpu_id"])
-    quiet_tensorflow()
     graph_mode()
     from netcompress.ranking import parse_shard, rank, shard_output_path, summary_table
 

@@ -4,7 +4,7 @@ import sys
 
 from netcompress.cli import parse_script_args, run_main
 from netcompress.config import apply_gpu_id, load_config
-from netcompress.runtime import graph_mode, quiet_tensorflow
+from netcompress.runtime import graph_mode
 
 
 def main(argv=None):
@@ -13,7 +13,6 @@ def main(argv=None):
         "any config key.", "train", optional={"flip": True})
     config = load_config(config_path, "train", overrides, optional={"flip": True})
     apply_gpu_id(config["gpu_id"])
-    quiet_tensorflow()
     graph_mode()
     from netcompress.training import train
 

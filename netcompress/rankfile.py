@@ -99,24 +99,28 @@ class RankSums:
                                 f"file but {widths[name]} in the model_def")
 
 
-def merge(paths):
-    """Sum shard rank files of the same model into one RankSums."""
-    if not paths:
+def merge(parts):
+    """Sum loaded shard rank files of the same model into one RankSums.
+
+    ``parts``: (path, RankSums) pairs; the paths name the files in errors.
+    """
+    if not parts:
         raise UserError("merge needs at least one rank file")
-    merged = RankSums.load(paths[0])
-    for path in paths[1:]:
-        part = RankSums.load(path)
+    first_path, first = parts[0]
+    merged = RankSums(first.layers, {n: first.sums["taylor"][n].shape[0] for n in first.layers})
+    merged.metadata = dict(first.metadata)
+    for path, part in parts:
         if part.layers != merged.layers or any(
                 part.sums["taylor"][n].shape != merged.sums["taylor"][n].shape
                 for n in merged.layers):
-            raise UserError(f"rank file {path} is for another model than {paths[0]}")
+            raise UserError(f"rank file {path} is for another model than {first_path}")
         if part.metadata["model_def_sha256"] != merged.metadata["model_def_sha256"]:
             raise UserError(f"rank file {path} was computed for another model_def than "
-                            f"{paths[0]}")
+                            f"{first_path}")
         for criterion in CRITERIA:
             for name in merged.layers:
                 merged.sums[criterion][name] += part.sums[criterion][name]
         merged.count += part.count
     merged.metadata["shard"] = "merged: " + " + ".join(
-        os.path.basename(p) for p in paths)
+        os.path.basename(path) for path, _ in parts)
     return merged

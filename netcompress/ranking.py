@@ -251,7 +251,7 @@ def merge_shards(paths, log=print):
     if missing:
         log(f"warning: shard(s) {', '.join(f'{i}/{count}' for i in missing)} not given; "
             f"the merged ranks cover only part of the data")
-    return rankfile.merge(list(paths))
+    return rankfile.merge(parts)
 
 
 # ---- report ----------------------------------------------------------------------
