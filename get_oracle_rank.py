@@ -1,4 +1,4 @@
-"""Taylor oracle ranks of every prunable channel (SPEC §4).
+"""Taylor oracle ranks of every prunable channel (docs/ranking.md).
 
     python get_oracle_rank.py -c config/oracle_rank.config [--KEY VALUE ...] [--shard I/N]
     python get_oracle_rank.py --merge OUT.npz SHARD.npz [SHARD.npz ...]

@@ -52,7 +52,7 @@ class Conv:
 
 @dataclass(frozen=True)
 class Unit:
-    """A residual bottleneck unit (SPEC §2)."""
+    """A residual bottleneck unit (docs/network.md)."""
 
     block: str
     index: int
@@ -180,7 +180,7 @@ def _unit_declarations(unit, unit_input):
 
 @lru_cache(maxsize=1)
 def adapnet_pp():
-    """The AdapNet++ declaration (SPEC §2)."""
+    """The AdapNet++ declaration (docs/network.md)."""
     groups = [Group(IMAGE, ("const", 3), False),
               Group("conv1", ("params", "1"), True, "conv1")]
     convs = [Conv("conv1", (IMAGE,), ("conv1",), 7, 2, section="conv1")]

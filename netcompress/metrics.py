@@ -1,5 +1,5 @@
 """Segmentation metric: mean IoU over classes 1..N-1 from a confusion matrix
-accumulated over a whole data set (SPEC section 7).
+accumulated over a whole data set (docs/metric.md).
 
 Class 0 is void: pixels labelled 0 are ignored entirely (whatever was
 predicted there). A prediction of 0 on a non-void pixel is a miss of the true

@@ -1,4 +1,4 @@
-"""Filter pruning of AdapNet++ from Taylor-oracle ranks (SPEC §5).
+"""Filter pruning of AdapNet++ from Taylor-oracle ranks (README.md, "Pruning").
 
 The pieces, in the order prun_model.py uses them:
 

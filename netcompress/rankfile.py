@@ -6,7 +6,7 @@ An ``.npz`` (loads with allow_pickle=False) holding, for every prunable layer
 - ``taylor/<layer>``:    sum over examples n of |t_n(k)|   (float64 [channels])
 - ``reference/<layer>``: sum over examples n of  t_n(k)    (signed, float64)
 
-with t_n(k) = spatial mean of z * dC/dz for channel k of example n (SPEC §4),
+with t_n(k) = spatial mean of z * dC/dz for channel k of example n (docs/ranking.md),
 plus ``layers`` (names), ``count`` (examples summed) and metadata strings.
 Sums, not means, so shard files add up exactly; scores divide by ``count``.
 """

@@ -1,4 +1,4 @@
-"""Taylor oracle ranking (get_oracle_rank.py, SPEC §4).
+"""Taylor oracle ranking (get_oracle_rank.py, docs/ranking.md).
 
 For every prunable layer (a prunable group of ``models.architecture``: a conv's
 output, or one half of a split conv) and output channel k, with z the conv's
