@@ -25,6 +25,19 @@ def time_runs(session, fetches, feed, steps, warmup=2):
     return (time.perf_counter() - start) / steps
 
 
+def step_fetch(model, images, labels, mode):
+    """What one session run fetches for a ``mode`` ('train': an Adam step
+    with aux losses and weight decay; 'inference': the probabilities)."""
+    import tensorflow as tf
+    tf1 = tf.compat.v1
+    if mode != "train":
+        return model.build(images, training=False, aux=False).probabilities
+    outputs = model.build(images, training=True, aux=True)
+    loss = tf.reduce_mean(model.per_example_loss(outputs, labels)) + model.weight_decay()
+    with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
+        return tf1.train.AdamOptimizer(1e-4).minimize(loss)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_def", default="models/small.json")
@@ -58,14 +71,7 @@ def main():
             x = tf1.placeholder(tf.float32, shape + [3])
             y = tf1.placeholder(tf.float32, shape + [args.num_classes])
             model = AdapNet_pp(model_def, args.num_classes, masks)
-            training = mode == "train"
-            outputs = model.build(x, training=training, aux=training)
-            if training:
-                loss = tf.reduce_mean(model.per_example_loss(outputs, y)) + model.weight_decay()
-                with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
-                    fetch = tf1.train.AdamOptimizer(1e-4).minimize(loss)
-            else:
-                fetch = outputs.probabilities
+            fetch = step_fetch(model, x, y, mode)
             with tf1.Session() as session:
                 session.run(tf1.global_variables_initializer())
                 results[mode] = time_runs(session, fetch, {x: images, y: labels}, args.steps)

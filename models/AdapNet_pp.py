@@ -1,4 +1,4 @@
-"""AdapNet++ graph builder (SPEC §2), driven by ``models.architecture``.
+"""AdapNet++ graph builder (docs/network.md), driven by ``models.architecture``.
 
 Configs name it ``model: AdapNet_pp`` (module and class of the same name).
 """
@@ -7,7 +7,7 @@ from collections import namedtuple
 
 import tensorflow as tf
 
-from models import layers
+from models import atrous, layers
 from models.architecture import IMAGE, OUTER_SCOPE, UNITS, adapnet_pp, resolve_widths
 from models.model_def import check_masks, residual_width, validate_model_def
 
@@ -26,10 +26,12 @@ the residual width, scope -> the positions of its own channels in it."""
 
 
 class AdapNet_pp:
-    def __init__(self, model_def, num_classes, masks=None):
+    def __init__(self, model_def, num_classes, masks=None, atrous_path=atrous.AUTO):
         """``masks``: {unit name: (kept indices, residual width)} as from
-        ``load_masks``, or None."""
+        ``load_masks``, or None. ``atrous_path``: how dilated convs are
+        computed (``models.atrous``; same variables and outputs either way)."""
         validate_model_def(model_def)
+        self.atrous_path = atrous_path
         self.model_def = model_def
         self.num_classes = num_classes
         self.architecture = adapnet_pp()
@@ -43,6 +45,7 @@ class AdapNet_pp:
         if height is None or width is None or height % 16 or width % 16:
             raise ValueError(f"input height and width must be known multiples of 16, "
                              f"got {height}x{width}")
+        self._path = atrous.resolve_path(self.atrous_path)
         tensors, pre_norm = {}, {}
         with tf1.variable_scope(OUTER_SCOPE):
             with tf1.variable_scope("conv0"):
@@ -127,10 +130,10 @@ class AdapNet_pp:
                 kernel = layers.weight_variable([k, k, in_channels, out_channels])
                 if scatter is not None:
                     kernel = layers.scatter_output_channels(kernel, *scatter)
-                if len(widths) == 1:
-                    z = layers.conv2d(x, kernel, conv.stride, conv.rates[0])
+                if len(set(conv.rates)) == 1:  # a split conv of one rate is one conv
+                    z = atrous.conv2d(x, kernel, conv.stride, conv.rates[0], self._path)
                 else:  # split conv: one variable, parts with their own rates
-                    z = tf.concat([layers.conv2d(x, part, conv.stride, rate)
+                    z = tf.concat([atrous.conv2d(x, part, conv.stride, rate, self._path)
                                    for part, rate in zip(tf.split(kernel, widths, axis=3),
                                                          conv.rates)], axis=3)
             pre_norm[conv.scope] = z

@@ -37,11 +37,6 @@ def batch_norm(x, training):
     return y
 
 
-def conv2d(x, kernel, stride=1, rate=1):
-    return tf.nn.conv2d(x, kernel, strides=[1, stride, stride, 1], padding="SAME",
-                        dilations=[1, rate, rate, 1])
-
-
 def conv2d_transpose(x, kernel, stride):
     """``kernel`` is [k, k, out, in] (the TF transposed-conv layout)."""
     shape = tf.shape(x)

@@ -10,8 +10,9 @@ Relative paths in a config are left relative: they are resolved against the
 current working directory of the process, as the original scripts did (not
 against the directory of the config file). ``~`` is expanded.
 
-Defaults: ``gpu_id`` ('' = all devices / CPU), ``mask`` (None) and, for
-training, ``initialize`` (None = train from scratch) may be left out. Every
+Defaults: ``gpu_id`` ('' = all devices / CPU), ``mask`` (None),
+``atrous_path`` (auto) and, for training, ``initialize`` (None = train from
+scratch) may be left out. Every
 other key of a kind is required.
 """
 
@@ -25,11 +26,11 @@ from netcompress.errors import UserError
 TRAIN_KEYS = (
     "gpu_id", "model", "num_classes", "intialize", "checkpoint", "train_data",
     "batch_size", "skip_step", "height", "width", "max_iteration",
-    "learning_rate", "save_step", "power", "mask", "model_def",
+    "learning_rate", "save_step", "power", "mask", "model_def", "atrous_path",
 )
 EVALUATE_KEYS = (
     "gpu_id", "model", "num_classes", "checkpoint", "test_data", "batch_size",
-    "skip_step", "height", "width", "mask", "model_def",
+    "skip_step", "height", "width", "mask", "model_def", "atrous_path",
 )
 ORACLE_RANK_KEYS = EVALUATE_KEYS + ("rank_save",)
 
@@ -48,7 +49,11 @@ KEY_ALIASES = {
     "oracle_rank": {},
 }
 
-OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None}
+OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_path": "auto"}
+
+# How dilated convs are computed (models/atrous.py; docs/atrous.md). The same
+# names as models.atrous, repeated here because configs load before TensorFlow.
+ATROUS_PATHS = ("auto", "native", "space_to_batch")
 
 POSITIVE_INT_KEYS = ("batch_size", "skip_step", "height", "width",
                      "max_iteration", "save_step")
@@ -230,6 +235,11 @@ def _check_value(key, value, source):
             value = value.strip()
             return "" if value.lower() in NONE_STRINGS else value
         fail("a GPU id such as 0 or '0,1' (empty for all/CPU)")
+
+    if key == "atrous_path":
+        if value not in ATROUS_PATHS:
+            fail("one of " + ", ".join(ATROUS_PATHS))
+        return value
 
     if key == "num_classes":
         if not _is_int(value) or value < 2:

@@ -25,6 +25,7 @@ def model_from_config(config):
     model_def = load_model_def(config["model_def"])
     masks = load_masks(config.get("mask"))
     try:
-        return model_class(config["model"])(model_def, config["num_classes"], masks)
+        return model_class(config["model"])(model_def, config["num_classes"], masks,
+                                            atrous_path=config.get("atrous_path", "auto"))
     except UserError as exc:
         raise UserError(f"{config['model_def']} / mask {config.get('mask')}: {exc}") from None

@@ -96,6 +96,7 @@ def test_train_config_loads_with_normalised_types(workdir):
         "power": 1.0,
         "mask": None,
         "model_def": "models/default.json",
+        "atrous_path": "auto",
     }
     assert isinstance(config["power"], float)
     assert isinstance(config["learning_rate"], float)
@@ -135,7 +136,7 @@ def test_evaluate_config_checkpoint_directory_and_mask(workdir):
     assert config["mask"] == "masks/mask.npy"
     assert set(config) == {"gpu_id", "model", "num_classes", "checkpoint",
                            "test_data", "batch_size", "skip_step", "height",
-                           "width", "mask", "model_def"}
+                           "width", "mask", "model_def", "atrous_path"}
 
 
 def test_oracle_rank_needs_rank_save(workdir):
@@ -332,3 +333,18 @@ def test_run_main_success_and_bug_pass_through(tmp_path):
     assert run_script(tmp_path, "print('ok')\n").returncode == 0
     result = run_script(tmp_path, "raise RuntimeError('bug')\n")
     assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_atrous_path_key(workdir):
+    path = write_config(workdir, EVALUATE_TEXT)
+    assert load_config(path, "evaluate", ["atrous_path=space_to_batch"])["atrous_path"] \
+        == "space_to_batch"
+    with pytest.raises(UserError, match=r"'atrous_path' must be one of auto, native, "
+                                        r"space_to_batch, got 'fast'"):
+        load_config(path, "evaluate", ["atrous_path=fast"])
+
+
+def test_config_atrous_names_are_the_builders():
+    from models import atrous
+    from netcompress.config import ATROUS_PATHS
+    assert ATROUS_PATHS == (atrous.AUTO,) + atrous.PATHS

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import default_model_def, randomise_variables, scaled_model_def
+from helpers import (FLOAT32_PASS_TOLERANCE, default_model_def, randomise_variables,
+                     scaled_model_def)
+from models import atrous
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp
 from models.model_def import (check_masks, load_masks, parameter_count, save_masks,
@@ -103,18 +105,41 @@ def test_output_shapes_and_aux_heads(default_graph):
     assert not [n for n in shapes if "conv911" in n or "conv912" in n]
 
 
-def test_atrous_rates_in_graph(default_graph):
-    graph, _, _ = default_graph
+def conv_rates(graph):
+    """Conv scope -> the rate of each Conv2D in it: its dilation, or the
+    block size of the SpaceToBatchND feeding it."""
+    from tensorflow.python.framework import tensor_util
     rates = {}
     for op in graph.get_operations():
-        if op.type == "Conv2D":
-            rates.setdefault(op.name.rsplit("/", 1)[0], []).append(
-                op.get_attr("dilations")[1])
+        if op.type != "Conv2D":
+            continue
+        source = op.inputs[0].op
+        if source.type == "SpaceToBatchND":
+            block = tensor_util.MakeNdarray(source.inputs[1].op.get_attr("value"))
+            assert op.get_attr("dilations") == [1, 1, 1, 1] and block[0] == block[1]
+            rate = int(block[0])
+        else:
+            rate = op.get_attr("dilations")[1]
+        rates.setdefault(op.name.split("/SpaceToBatchND")[0].rsplit("/", 1)[0], []).append(rate)
+    return {scope: sorted(values) for scope, values in rates.items()}
+
+
+@pytest.mark.parametrize("path", atrous.PATHS)
+def test_atrous_rates_in_graph(path):
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, [None, 64, 64, 3])
+        AdapNet_pp(default_model_def(), 12, atrous_path=path).build(images, False, True)
+    rates = conv_rates(graph)
     assert rates[P + "block2/unit_4/bottleneck_v1/conv2"] == [1, 2]
     assert rates[P + "block3/unit_3/bottleneck_v1/conv2"] == [1, 2]
-    assert rates[P + "block4/unit_1/bottleneck_v1/conv2"] == [2, 2]
+    # Both halves atrous at rate 2: one conv for the whole kernel.
+    assert rates[P + "block4/unit_1/bottleneck_v1/conv2"] == [2]
     assert rates[P + "conv7"] == [3] and rates[P + "conv248"] == [6]
     assert rates[P + "conv249"] == [12] and rates[P + "conv256"] == [1]
+    space_to_batch = [op for op in graph.get_operations() if op.type == "SpaceToBatchND"]
+    # 8 split convs with an atrous half + 6 eASPP atrous convs.
+    assert len(space_to_batch) == (14 if path == atrous.SPACE_TO_BATCH else 0)
 
 
 def test_architecture_declaration_consumers():
@@ -215,9 +240,13 @@ def test_masked_network_equals_full_network_with_zero_columns():
         narrowed[name] = values[name][..., indices]
     (want, want_aux), _ = run(full, None, zeroed)
     (got, got_aux), _ = run(narrow, masks, narrowed)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    # The same sums in another float32 order (helpers.FLOAT32_PASS_TOLERANCE):
+    # probabilities are in [0, 1], logits compared relative to their scale.
+    np.testing.assert_allclose(got, want, atol=FLOAT32_PASS_TOLERANCE)
     for head in want_aux:
-        np.testing.assert_allclose(got_aux[head], want_aux[head], atol=1e-4)
+        scale = max(1.0, np.abs(want_aux[head]).max())
+        np.testing.assert_allclose(got_aux[head], want_aux[head],
+                                   atol=FLOAT32_PASS_TOLERANCE * scale)
     assert np.abs(want - run(full, None, values)[0][0]).max() > 1e-3  # the zeros matter
 
 
