@@ -197,6 +197,12 @@ def _first_line(text):
     return text.strip().splitlines()[0] if text.strip() else "unknown error"
 
 
+def first_message_line(exc):
+    """A TF error's first meaningful line, without context or traceback."""
+    message = getattr(exc, "message", None) or str(exc)
+    return _TF_CONTEXT_PREFIX.sub("", _first_line(message))
+
+
 def data_error_from(exc, path):
     """One-line UserError for a TF error raised while reading records at path.
 
@@ -205,10 +211,7 @@ def data_error_from(exc, path):
     """
     message = getattr(exc, "message", None) or str(exc)
     found = _ASSERT_MESSAGE.search(message)
-    if found:
-        reason = found.group(1)
-    else:
-        reason = _TF_CONTEXT_PREFIX.sub("", _first_line(message))
+    reason = found.group(1) if found else first_message_line(exc)
     if isinstance(exc, tf.errors.DataLossError):
         reason = f"corrupt or truncated record file ({reason})"
     return UserError(f"bad data in {path}: {reason}")

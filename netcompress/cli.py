@@ -73,14 +73,15 @@ def parse_script_args(argv, description, kind, add_arguments=None, optional=None
 
 def run_main(main_fn):
     """Run main_fn() and return its result; report a UserError as
-    `error: <message>` on one line (exit 2) and Ctrl-C as exit 130, both
+    `error: <message>` on one line (exit 2, or the error's ``exit_status``:
+    1 for a failed TensorFlow op) and Ctrl-C as exit 130, both
     without a traceback. Other exceptions propagate: they are bugs."""
     try:
         return main_fn()
     except UserError as exc:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print("error: %s" % (message or type(exc).__name__), file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT)
+        sys.exit(getattr(exc, "exit_status", USER_ERROR_EXIT))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(INTERRUPT_EXIT)

@@ -5,9 +5,9 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from dataset.pipeline import eval_dataset
-from dataset.records import count_records, data_error_from
+from dataset.records import count_records
 from models.architecture import adapnet_pp
-from netcompress import checkpoints
+from netcompress import checkpoints, op_errors
 from netcompress.metrics import ConfusionMatrix
 from netcompress.models import model_from_config
 
@@ -40,11 +40,11 @@ def iterate_batches(session, fetches, data_path):
     """Run ``fetches`` until the single-pass dataset is exhausted."""
     while True:
         try:
-            yield session.run(fetches)
+            with op_errors.reported(data_path, session.graph):
+                batch = session.run(fetches)
         except tf.errors.OutOfRangeError:
             return
-        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-            raise data_error_from(exc, data_path) from None
+        yield batch
 
 
 def evaluate(config, log=print, class_names=None, progress=True):

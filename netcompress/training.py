@@ -8,8 +8,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from dataset.pipeline import train_dataset
-from dataset.records import data_error_from
-from netcompress import checkpoints
+from netcompress import checkpoints, op_errors
 from netcompress.errors import UserError
 from netcompress.models import model_from_config
 
@@ -100,12 +99,10 @@ def train(config, log=print, seed=None, progress=True):
                    disable=not progress, dynamic_ncols=True)
         try:
             while step < max_iteration:
-                try:
+                with op_errors.reported(config["train_data"], graph.graph):
                     _, loss, data_loss, learning_rate, summary = session.run(
                         [graph.train_op, graph.loss, graph.data_loss, graph.learning_rate,
                          graph.summaries])
-                except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-                    raise data_error_from(exc, config["train_data"]) from None
                 if not math.isfinite(loss):
                     last = tf1.train.latest_checkpoint(directory)
                     raise UserError(f"loss is {loss} at step {step + 1}: training stopped; last "

@@ -101,9 +101,10 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(demo, tmp_path):
     assert np.isfinite(weights).all()
 
 
-def run_script(script, *args):
+def run_script(script, *args, env=None):
     process = subprocess.run([sys.executable, os.path.join(REPO, script), *args],
-                             capture_output=True, text=True, cwd=REPO, timeout=300)
+                             capture_output=True, text=True, cwd=REPO, timeout=300,
+                             env=None if env is None else dict(os.environ, **env))
     errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
     return process.returncode, errors, process.stderr
 
@@ -171,3 +172,22 @@ def test_truncated_record_file_is_a_one_line_error(demo, quick_checkpoint, tmp_p
                                       "--checkpoint", quick_checkpoint)
     assert code == 2 and len(errors) == 1, stderr
     assert record in errors[0] and "Traceback" not in stderr
+
+
+def test_failed_op_is_reported_as_the_op_not_as_bad_data(demo, tmp_path):
+    """The issue's AMD failure, forced on any machine: native dilated convs
+    with oneDNN off have no gradient kernel on the CPU (GPUs hidden)."""
+    _, _, train_config, _ = demo
+    code, errors, stderr = run_script(
+        "train.py", "-c", train_config, "--atrous_path", "native", "--gpu_id", "-1",
+        "--checkpoint", str(tmp_path / "native" / "model.ckpt"), "--max_iteration", "1",
+        env={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    assert code == 1 and len(errors) == 1, stderr
+    assert "Traceback" not in stderr and "bad data" not in errors[0]
+    assert "Conv2DBackprop" in errors[0] and "dilation rates larger than 1" in errors[0]
+    # The default path trains in the same setting.
+    code, errors, stderr = run_script(
+        "train.py", "-c", train_config, "--gpu_id", "-1", "--max_iteration", "1",
+        "--checkpoint", str(tmp_path / "auto" / "model.ckpt"),
+        env={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    assert code == 0 and not errors, stderr
