@@ -273,7 +273,8 @@ def test_convert_png_round_trip_bgr_palette_ids_and_mean(tmp_path):
     assert mean.dtype == np.float32 and mean.shape == (HEIGHT, WIDTH, 3)
     expected_mean = (rgb_images[0][:, :, ::-1].astype(np.float64)
                      + rgb_images[1][:, :, ::-1]) / 2
-    np.testing.assert_allclose(mean, expected_mean, atol=1e-4)
+    # Stored as float32: values <= 255 round by at most 255 * 2**-24 = 1.5e-5.
+    np.testing.assert_allclose(mean, expected_mean, rtol=0, atol=255 * 2.0 ** -24)
     assert sorted(os.listdir(tmp_path / "out")) == ["train.tfrecords"]
 
 

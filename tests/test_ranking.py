@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 from tensorflow.core.protobuf import rewriter_config_pb2
 
 import get_oracle_rank
-from helpers import write_config
+from helpers import FLOAT32_PASS_TOLERANCE, write_config
 from dataset import records, synthetic
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, output_offset, resolve_widths
@@ -228,9 +228,10 @@ def test_rank_pass_equals_numpy_reference(full_pass, tiny, examples):
             expected = reference[conv.scope][part]
             got = full_pass.sums[criterion][name]
             assert got.shape == expected.shape
+            # Relative to the layer's scale (helpers.FLOAT32_PASS_TOLERANCE).
             error = np.abs(got - expected).max() / np.abs(expected).max()
             worst = max(worst, error)
-            assert error <= 1e-5, (name, criterion, error)
+            assert error <= FLOAT32_PASS_TOLERANCE, (name, criterion, error)
     print(f"largest relative error vs the float64 reference: {worst:.2e}")
     taylor = full_pass.scores("taylor")["conv41"]
     np.testing.assert_allclose(taylor, full_pass.sums["taylor"]["conv41"] / NUM_RECORDS)
@@ -258,13 +259,17 @@ def test_shards_merged_equal_a_single_pass(full_pass, trained, data, tiny_def, w
     merged = RankSums.load(merged_path)
     assert merged.count == full_pass.count == NUM_RECORDS
     assert merged.layers == full_pass.layers
-    for name in merged.layers:
-        np.testing.assert_allclose(merged.sums["taylor"][name],
-                                   full_pass.sums["taylor"][name], rtol=1e-6)
-        # Signed sums can cancel: tolerance relative to the layer's scale.
-        signed = full_pass.sums["reference"][name]
-        np.testing.assert_allclose(merged.sums["reference"][name], signed, rtol=1e-6,
-                                   atol=1e-6 * np.abs(signed).max())
+    # Shards batch the examples differently, so each t_n comes from float32
+    # passes in another summation order: equal to FLOAT32_PASS_TOLERANCE of
+    # the layer's scale (helpers), not elementwise (a near-zero t_n is a
+    # near-cancelling sum). A lost or doubled example would move a layer's
+    # sums by about 1/NUM_RECORDS of its scale, 1000 times more.
+    for criterion in ("taylor", "reference"):
+        for name in merged.layers:
+            expected = full_pass.sums[criterion][name]
+            np.testing.assert_allclose(
+                merged.sums[criterion][name], expected, rtol=0,
+                atol=FLOAT32_PASS_TOLERANCE * np.abs(expected).max(), err_msg=name)
     for key in ("model_def_sha256", "checkpoint", "data", "masks_json"):
         assert merged.metadata[key] == full_pass.metadata[key]
 
