@@ -217,7 +217,8 @@ def build_arg_parser():
 
 def main(argv=None):
     args = build_arg_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from netcompress.runtime import import_tensorflow_quietly
+    import_tensorflow_quietly()
     try:
         resize = parse_size(args.resize) if args.resize is not None else None
         count = convert(args.file, args.record, mean_path=args.mean,

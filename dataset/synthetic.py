@@ -190,7 +190,8 @@ def main(argv=None):
                         help="image width (AdapNet++ needs a multiple of 16)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from netcompress.runtime import import_tensorflow_quietly
+    import_tensorflow_quietly()
     try:
         paths = generate(args.out, args.num_train, args.num_test, args.height,
                          args.width, args.seed)

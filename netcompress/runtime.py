@@ -28,8 +28,15 @@ def _import_tensorflow_silently():
     return tensorflow
 
 
-def graph_mode():
+def import_tensorflow_quietly():
+    """Import TensorFlow with none of its start-up or deprecation lines:
+    every script's entry calls this (or graph_mode) before anything imports
+    TensorFlow. Returns the module."""
     quiet_tensorflow()
     tf = _import_tensorflow_silently()
     tf.get_logger().setLevel("ERROR")
-    tf.compat.v1.disable_eager_execution()
+    return tf
+
+
+def graph_mode():
+    import_tensorflow_quietly().compat.v1.disable_eager_execution()

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import FLOAT32_PASS_TOLERANCE
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, resolve_widths
 from models.model_def import load_masks, load_model_def, parameter_count, save_model_def
@@ -36,7 +37,11 @@ tf1.disable_eager_execution()
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 4
 HEIGHT, WIDTH = 32, 64
-TOLERANCE = 1e-5
+# Removed and zeroed channels give the same sums in another float32 order
+# (adding an exact zero is exact; a narrower conv blocks differently): see
+# helpers.FLOAT32_PASS_TOLERANCE. Softmax outputs are in [0, 1]; logits are
+# compared relative to their scale. Pruning itself moves them by > 1e-3.
+TOLERANCE = FLOAT32_PASS_TOLERANCE
 AUX_HEADS = ("conv911", "conv912")
 ARCHITECTURE = adapnet_pp()
 SESSION_CONFIG = tf1.ConfigProto()
@@ -394,7 +399,7 @@ def test_second_pruning_composes_masks(source, tmp_path):
                                     source["images"])
         assert_same_outputs(pruned, zeroed)
         unpruned = stage1_network.run(stage1_values, source["images"])
-        assert np.max(np.abs(unpruned["softmax"] - pruned["softmax"])) > 1e-5
+        assert np.max(np.abs(unpruned["softmax"] - pruned["softmax"])) > 10 * TOLERANCE
     finally:
         stage1_network.session.close()
         stage2_network.session.close()
@@ -515,14 +520,12 @@ def script_arguments(settings):
 
 
 def assert_one_line_error(result, pattern):
-    """Exit 2 and one `error:` line, last, with no traceback (TensorFlow's own
-    start-up lines may come before it once it has been imported)."""
+    """Exit 2 and nothing on stderr but one `error:` line (TensorFlow's
+    start-up lines are silenced too)."""
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    assert sum(line.startswith("error") for line in lines) == 1, result.stderr
-    assert pattern in lines[-1], lines[-1]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert pattern in lines[0], lines[0]
 
 
 def test_script_errors(source, tmp_path):
