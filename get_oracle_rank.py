@@ -9,11 +9,18 @@ files into one rank file.
 """
 
 import argparse
+import os
+import re
 import sys
 
 from netcompress.cli import parse_script_args, run_main
 from netcompress.config import apply_gpu_id, load_config
+from netcompress.errors import UserError
+from netcompress.outputs import check_outputs, input_checkpoint_files
 from netcompress.runtime import graph_mode
+from netcompress.sharding import parse_shard, shard_output_path
+
+SHARD_NAME = re.compile(r"\.shard\d+of\d+(\.|$)")
 
 DESCRIPTION = ("Compute the Taylor oracle rank of every prunable channel over test_data "
                "(one pass) and save it to rank_save; --KEY VALUE or --set KEY=VALUE "
@@ -37,6 +44,10 @@ def merge_main(argv):
     if len(args.merge) < 2:
         parser.error("--merge needs the output file and at least one shard file")
     output, shards = args.merge[0], args.merge[1:]
+    if SHARD_NAME.search(os.path.basename(output)):
+        raise UserError(f"--merge {output}: the output comes first, and this looks like a "
+                        f"shard file; give OUT.npz, then the shards")
+    check_outputs({"--merge OUT": [output]}, {"shard": shards})
     graph_mode()
     from netcompress.ranking import merge_shards, summary_table
 
@@ -54,13 +65,16 @@ def main(argv=None):
     config_path, overrides, args = parse_script_args(argv, DESCRIPTION, "oracle_rank",
                                                      add_arguments=add_shard_argument)
     config = load_config(config_path, "oracle_rank", overrides)
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    output = shard_output_path(config["rank_save"], shard)
+    inputs = {key: [config[key]] for key in ("test_data", "model_def", "mask") if config[key]}
+    inputs["checkpoint"] = input_checkpoint_files(config["checkpoint"])
+    check_outputs({"rank_save": [output]}, inputs)  # before the ranking pass, not after
     apply_gpu_id(config["gpu_id"])
     graph_mode()
-    from netcompress.ranking import parse_shard, rank, shard_output_path, summary_table
+    from netcompress.ranking import rank, summary_table
 
-    shard = parse_shard(args.shard) if args.shard is not None else None
     sums = rank(config, shard)
-    output = shard_output_path(config["rank_save"], shard)
     sums.save(output)
     for line in summary_table(sums):
         print(line)

@@ -17,13 +17,13 @@ of the weighted cross-entropy, aux heads included) with batch norm in
 inference mode, so examples do not interact: dC/dz restricted to example n is
 that example's own gradient, and the scores do not depend on the batch size or
 on how the data are split into batches or shards. (The original code
-differentiated the batch-mean loss: its values are ours divided by the batch
-size, which per-layer normalisation cancels.)
+differentiated the batch-mean loss and averaged z * dC/dz over the batch too:
+a batch of N added sum_n t_n / N^2, a short last batch of N' added
+sum_n t_n / N'^2, so its sums are ours / N^2 only when all batches have size
+N; per-layer normalisation cancels that factor, not the short batch's weight.)
 """
 
 import json
-import os
-import re
 
 import numpy as np
 import tensorflow as tf
@@ -36,11 +36,9 @@ from netcompress import checkpoints, rankfile
 from netcompress.errors import UserError
 from netcompress.evaluation import InferenceGraph, iterate_batches
 from netcompress.rankfile import CRITERIA, RankSums
+from netcompress.sharding import parse_shard, records_in_shard, shard_label
 
 tf1 = tf.compat.v1
-
-ALL_RECORDS = "all"  # the ``shard`` metadata of an unsharded pass
-
 
 def rank_layers(architecture=None):
     """Prunable layer names in declaration order: the rank file's keys."""
@@ -129,42 +127,6 @@ class BatchTaylorSums:
             for name, values in by_layer.items():
                 sums.add(criterion, name, values)
         sums.count += int(batch_size)
-
-
-# ---- sharding ----------------------------------------------------------------
-
-def parse_shard(text):
-    """'I/N' -> (I, N) with 0 <= I < N."""
-    found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not found:
-        raise UserError(f"--shard must be I/N (e.g. 0/4), got {text!r}")
-    index, count = int(found.group(1)), int(found.group(2))
-    if count < 1:
-        raise UserError(f"--shard {text}: the shard count must be at least 1")
-    if index >= count:
-        raise UserError(f"--shard {text}: the index must be in 0..{count - 1}")
-    return index, count
-
-
-def shard_label(shard):
-    return ALL_RECORDS if shard is None else f"{shard[0]}/{shard[1]}"
-
-
-def shard_output_path(rank_save, shard):
-    """rank_save for a whole pass; 'runs/rank.npz' -> 'runs/rank.shard0of2.npz'
-    for shard (0, 2), so that shards never overwrite each other."""
-    if shard is None:
-        return rank_save
-    stem, extension = os.path.splitext(rank_save)
-    return f"{stem}.shard{shard[0]}of{shard[1]}{extension or '.npz'}"
-
-
-def records_in_shard(total, shard):
-    """Examples that eval_dataset's shard (index, count) keeps out of ``total``."""
-    if shard is None:
-        return total
-    index, count = shard
-    return len(range(index, total, count))
 
 
 # ---- the ranking pass ------------------------------------------------------------

@@ -4,6 +4,7 @@ Runs a tiny AdapNet++ (default.json widths / 16) on 32x64 synthetic images,
 so the whole module needs about a minute of CPU on two cores.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -24,8 +25,8 @@ from models.model_def import load_masks, load_model_def, save_masks, save_model_
 from netcompress import checkpoints
 from netcompress.errors import UserError
 from netcompress.rankfile import RankSums
-from netcompress.ranking import (parse_shard, rank, rank_layers,
-                                 records_in_shard, shard_output_path, summary_table)
+from netcompress.ranking import rank, rank_layers, summary_table
+from netcompress.sharding import parse_shard, records_in_shard, shard_output_path
 from netcompress.runtime import graph_mode
 
 graph_mode()
@@ -279,6 +280,32 @@ def test_shards_merged_equal_a_single_pass(full_pass, trained, data, tiny_def, w
     full_pass.save(whole_path)
     with pytest.raises(UserError, match="not a shard file"):
         get_oracle_rank.main(["--merge", merged_path, shard_paths[0], whole_path])
+
+
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_rank_outputs_never_replace_inputs(trained, data, tiny_def, workspace, full_pass):
+    """Checked before the ranking pass: a rank_save over the records, and a
+    merge whose OUT was forgotten (the first shard would be overwritten)."""
+    config_path = write_config(workspace / "clash.config",
+                               rank_config(trained, data, tiny_def, rank_save=data))
+    before = file_digest(data)
+    with pytest.raises(UserError, match=r"rank_save .* would replace the input test_data"):
+        get_oracle_rank.main(["-c", config_path])
+    assert file_digest(data) == before
+    shards = [str(workspace / f"forgot.shard{index}of2.npz") for index in range(2)]
+    for path in shards:
+        full_pass.save(path)
+    digests = [file_digest(path) for path in shards]
+    with pytest.raises(UserError, match=r"the output comes first, and this looks like a "
+                                        r"shard file"):
+        get_oracle_rank.main(["--merge", *shards])
+    with pytest.raises(UserError, match=r"--merge OUT .* would replace the input shard"):
+        get_oracle_rank.main(["--merge", str(workspace / "m.npz"), str(workspace / "m.npz")])
+    assert [file_digest(path) for path in shards] == digests
 
 
 def test_shard_helpers():
