@@ -27,10 +27,15 @@ conv_name            the layer within the phase when all_convs is false:
                      (rate 12); conv10 (final 1x1).
                      decoder_conv1/2: conv1 or conv2 (or conv89/conv96,
                      conv88/conv95). Any phase: a full layer name, e.g.
-                     block2/unit_4/bottleneck_v1/conv2/A.
+                     block2/unit_4/bottleneck_v1/conv2/A. In phase all a
+                     full name means that layer only (conv1 is the stem conv)
+                     and a short name of several convs (conv2, conv3) is
+                     refused. The selected layers are printed first.
 save_nvidia_name     the rank file written by get_oracle_rank.py (rank_save).
 threshold            channels whose normalised score is below it are removed;
-                     a layer always keeps at least one channel.
+                     a layer always keeps at least one channel. A finite
+                     number >= 0; above 1 (normalised scores are at most 1)
+                     every layer keeps only min_channels, with a warning.
 checkpoint_name      the checkpoint to prune (a prefix, or a directory: its
                      newest checkpoint). Never modified.
 gpu_id               GPU to use ('' = all / CPU only).
@@ -39,7 +44,10 @@ try_zeros            true: instead of removing channels, write a checkpoint of
                      (exactly what removal gives); evaluate it with the current
                      model_def and mask to try a threshold.
 new_checkpoint_save  where the new checkpoint goes (a prefix, in another
-                     directory than checkpoint_name).
+                     directory than checkpoint_name). No output may replace
+                     an input or another output (docs/outputs.md); the
+                     checkpoint, model_def and mask are moved into place
+                     together, once all are written.
 mask_load            the current mask file (None if the model has none).
 mask_save            where the new mask file goes (written when the pruned model
                      has residual masks; it carries every loaded mask forward).

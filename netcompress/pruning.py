@@ -19,6 +19,7 @@ The pieces, in the order prun_model.py uses them:
 """
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from models.architecture import OUTER_SCOPE, UNITS, adapnet_pp, input_offsets, \
     output_offset, resolve_widths
 from models.model_def import check_masks, load_masks, load_model_def, residual_width, \
     save_masks, save_model_def, validate_model_def
+from netcompress import outputs
 from netcompress.errors import UserError
 from netcompress.flops import conv_costs, inference_macs, total_parameters
 from netcompress.rankfile import CRITERIA, RankSums
@@ -63,9 +65,9 @@ def _phase_groups(phase, architecture):
                     f"block4/unit_3) or {ALL_PHASE}")
 
 
-def _short_names(group, phase):
+def _short_names(group, phase, architecture):
     """Names a ``conv_name`` may use for ``group`` within ``phase``."""
-    names = {group.name}
+    names = {group.name, architecture.producer_of(group.name).scope}
     if "/bottleneck_v1/" in group.name:
         relative = group.name.split("/bottleneck_v1/", 1)[1]  # conv1, conv2/A, ...
         names.add(relative)
@@ -85,16 +87,29 @@ def select_layers(phase, conv_name=None, all_convs=False, architecture=None):
         return [g.name for g in groups]
     valid = []
     for group in groups:
-        for name in sorted(_short_names(group, phase), key=lambda n: (n.count("/"), n)):
+        names = _short_names(group, phase, architecture)
+        for name in sorted(names, key=lambda n: (n.count("/"), n)):
             if name not in valid:
                 valid.append(name)
     if conv_name is None:
         raise UserError(f"phase {phase!r}: set conv_name (one of {', '.join(valid)}) or "
                         f"all_convs true")
-    chosen = [g.name for g in groups if conv_name in _short_names(g, phase)]
+    chosen = [g.name for g in groups if conv_name in _short_names(g, phase, architecture)]
     if not chosen:
         raise UserError(f"conv_name {conv_name!r} is not a prunable layer of phase "
                         f"{phase!r}; valid: {', '.join(valid)} (or all_convs true)")
+    if phase != ALL_PHASE:
+        return chosen
+    # In phase all a full name means that layer only (conv1: the stem conv,
+    # not every unit's conv1); a short name naming several convs is refused.
+    exact = [name for name in chosen
+             if conv_name in (name, architecture.producer_of(name).scope)]
+    if exact:
+        return exact
+    if len({architecture.producer_of(name).scope for name in chosen}) > 1:
+        raise UserError(f"conv_name {conv_name!r} is ambiguous in phase all: it names "
+                        f"{len(chosen)} layers ({', '.join(chosen[:3])}, ...); give a full "
+                        f"layer name, or a block or unit as phase")
     return chosen
 
 
@@ -451,44 +466,44 @@ class PruneResult:
     written: list = field(default_factory=list)
 
 
-def _same_path(a, b):
-    return a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
-
-
 def _checkpoint_directory(path):
-    return os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+    return os.path.realpath(path if os.path.isdir(path) else os.path.dirname(path) or ".")
 
 
-def _check_checkpoint_output(new_prefix, source):
+def _check_checkpoint_directory(new_prefix, source):
     """``source``: the checkpoint prefix or directory the run reads."""
-    if _same_path(new_prefix, source):
-        raise UserError(f"new_checkpoint_save {new_prefix!r} is the source checkpoint: "
-                        f"choose another path")
-    if os.path.isdir(new_prefix):
-        raise UserError(f"new_checkpoint_save {new_prefix!r} is a directory; give a "
-                        f"checkpoint prefix such as {os.path.join(new_prefix, 'model.ckpt')}")
-    if _same_path(os.path.dirname(os.path.abspath(new_prefix)), _checkpoint_directory(source)):
-        # write_checkpoint points the directory's 'checkpoint' file at what it
-        # writes: training would resume, and evaluation load, the pruned model there.
+    if os.path.dirname(os.path.realpath(new_prefix)) == _checkpoint_directory(source):
+        # Training would resume from, and a directory evaluation load, the
+        # pruned checkpoint there.
         raise UserError(f"new_checkpoint_save {new_prefix!r} is in the source checkpoint's "
                         f"directory {_checkpoint_directory(source)}: write it to another "
                         f"directory")
 
 
+def planned_files(settings, with_mask=True):
+    """(outputs, inputs) of a run, as {setting name: [files]}."""
+    inputs = {"save_nvidia_name": [settings.save_nvidia_name],
+              "checkpoint_name": outputs.input_checkpoint_files(settings.checkpoint_name),
+              "model_def": [settings.model_def]}
+    if settings.mask_load is not None:
+        inputs["mask_load"] = [settings.mask_load]
+    if settings.decide_threshold:
+        written = {"histogram_save": [settings.histogram_save]} \
+            if settings.histogram_save else {}
+        return written, inputs
+    written = {"new_checkpoint_save": outputs.checkpoint_files(settings.new_checkpoint_save)}
+    if not settings.try_zeros:
+        written["new_model_def"] = [settings.new_model_def]
+        if with_mask and settings.mask_save is not None:
+            written["mask_save"] = [settings.mask_save]
+    return written, inputs
+
+
 def _check_outputs(settings):
-    """Nothing the run writes may replace one of its inputs."""
-    _check_checkpoint_output(settings.new_checkpoint_save, settings.checkpoint_name)
-    if settings.try_zeros:
-        return
-    inputs = {"model_def": settings.model_def, "mask_load": settings.mask_load,
-              "save_nvidia_name": settings.save_nvidia_name}
-    for output in ("new_model_def", "mask_save"):
-        for name, path in inputs.items():
-            if _same_path(getattr(settings, output), path):
-                raise UserError(f"{output} {path!r} is the same file as {name}: the source "
-                                f"would be overwritten; choose another path")
-    if _same_path(settings.new_model_def, settings.mask_save):
-        raise UserError(f"new_model_def and mask_save are the same file {settings.mask_save!r}")
+    """Nothing the run writes may replace one of its inputs or each other."""
+    outputs.check_outputs(*planned_files(settings))
+    if not settings.decide_threshold:
+        _check_checkpoint_directory(settings.new_checkpoint_save, settings.checkpoint_name)
 
 
 def verify_checkpoint(path, model_def, masks, num_classes, height, width, name):
@@ -521,8 +536,9 @@ class PruneJob:
 
 
 def prepare(settings):
-    """Read and check the inputs and make the plan; no TensorFlow (so that
-    mistakes are reported at once)."""
+    """Check the outputs, read and check the inputs and make the plan; no
+    TensorFlow (so that mistakes are reported at once)."""
+    _check_outputs(settings)
     model_def = load_model_def(settings.model_def)
     masks = load_masks(settings.mask_load)
     check_masks(model_def, masks, source=settings.mask_load or "mask")
@@ -533,7 +549,6 @@ def prepare(settings):
     job = PruneJob(settings, model_def, masks, layers, scores)
     if settings.decide_threshold:
         return job
-    _check_outputs(settings)
     job.plan = plan_pruning(model_def, masks, settings.Num_classes, scores, layers,
                             settings.threshold, settings.min_channels, settings.round_to)
     if job.plan.masks_after and not settings.try_zeros and settings.mask_save is None:
@@ -554,40 +569,61 @@ def execute(job, log=print, verify=True):
         return PruneResult(report=report, written=[settings.histogram_save]
                            if settings.histogram_save else [])
 
-    from netcompress.checkpoints import read_checkpoint, resolve_checkpoint, \
-        write_checkpoint
+    from netcompress.checkpoints import read_checkpoint, resolve_checkpoint
 
+    if settings.phase == ALL_PHASE and settings.all_convs:
+        log(f"selected all {len(job.layers)} prunable layers")
+    else:
+        log(f"selected {len(job.layers)} layer(s): {', '.join(job.layers)}")
+    if settings.threshold > 1:
+        log(f"warning: threshold {settings.threshold:g} > 1: normalised scores are at most "
+            f"1 with max normalisation, so every selected layer keeps only its "
+            f"min_channels best channels")
     source = resolve_checkpoint(settings.checkpoint_name)
-    _check_checkpoint_output(settings.new_checkpoint_save, source)
+    _check_checkpoint_directory(settings.new_checkpoint_save, source)
     if verify:
         verify_checkpoint(source, job.model_def, job.masks, settings.Num_classes,
                           settings.height, settings.width,
                           f"model_def {settings.model_def} (mask {settings.mask_load})")
     values = model_values(read_checkpoint(source))
-    written = [settings.new_checkpoint_save]
+    new_values = zero_channels(plan, values) if settings.try_zeros \
+        else remove_channels(plan, values)
+    written = _write_result(settings, plan, new_values, verify)
     if settings.try_zeros:
-        write_checkpoint(zero_channels(plan, values), settings.new_checkpoint_save)
         log(f"try_zeros: wrote {settings.new_checkpoint_save} (same shapes); evaluate it "
             f"with model_def {settings.model_def} and mask {settings.mask_load}; "
             f"the costs below are those removal would give")
     else:
-        write_checkpoint(remove_channels(plan, values), settings.new_checkpoint_save)
-        mask_path = None
-        if plan.masks_after:
-            save_masks(plan.masks_after, settings.mask_save)
-            mask_path = settings.mask_save
-            written.append(mask_path)
-        save_model_def(plan.model_def_after, settings.new_model_def)
-        written.append(settings.new_model_def)
-        if verify:
-            verify_checkpoint(settings.new_checkpoint_save, plan.model_def_after,
-                              plan.masks_after, settings.Num_classes, settings.height,
-                              settings.width, f"pruned model_def {settings.new_model_def}")
+        mask_path = settings.mask_save if plan.masks_after else None
         log(f"wrote checkpoint {settings.new_checkpoint_save}, model_def "
             f"{settings.new_model_def}, mask {mask_path}")
     report = cost_report(plan, settings.height, settings.width)
     log(report)
     return PruneResult(plan, report, written)
+
+
+def _write_result(settings, plan, new_values, verify):
+    """Write the new checkpoint (and model_def and mask) through staging
+    places, moved in only when all are written and the new checkpoint
+    restores into its model. Returns the paths written."""
+    from netcompress.checkpoints import record_in_state_file, write_checkpoint
+
+    files, _ = planned_files(settings, with_mask=bool(plan.masks_after))
+    with outputs.staged() as staging:
+        places = {path: staging.place(path) for paths in files.values() for path in paths}
+        staged_prefix = places[settings.new_checkpoint_save + ".index"][:-len(".index")]
+        write_checkpoint(new_values, staged_prefix)
+        if not settings.try_zeros:
+            if plan.masks_after:
+                save_masks(plan.masks_after, places[settings.mask_save])
+            save_model_def(plan.model_def_after, places[settings.new_model_def])
+            if verify:
+                verify_checkpoint(staged_prefix, plan.model_def_after, plan.masks_after,
+                                  settings.Num_classes, settings.height, settings.width,
+                                  f"pruned model_def {settings.new_model_def}")
+    record_in_state_file(settings.new_checkpoint_save)
+    return [settings.new_checkpoint_save] + [
+        getattr(settings, key) for key in ("mask_save", "new_model_def") if key in files]
 
 
 def prune(settings, log=print, verify=True):
@@ -626,8 +662,9 @@ def _checked(name, value):
             fail("true or false")
         return value
     if name == "threshold":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            fail("a number >= 0")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0:
+            fail("a finite number >= 0")
         return float(value)
     if name in _POSITIVE_INTS:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -638,7 +675,8 @@ def _checked(name, value):
             fail("a multiple of 16")
         return value
     if name == "gpu_id":
-        return "" if value is None else str(value)
+        from netcompress.config import check_gpu_id
+        return check_gpu_id(value, "prun_model.py")
     if name in _CHOICES:
         if value not in _CHOICES[name]:
             fail(f"one of {', '.join(_CHOICES[name])}")

@@ -12,6 +12,7 @@ sit near the batch's own so that activations stay well scaled.
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from unittest import mock
@@ -432,6 +433,15 @@ def test_select_layers():
     assert pruning.select_layers("upsample2", all_convs=True) == ["conv16"]
     assert len(pruning.select_layers("easpp", all_convs=True)) == 14
     assert pruning.select_layers("all", "conv247") == ["conv247"]
+    # Phase all: a full name is that layer only; a short name of many is refused.
+    assert pruning.select_layers("all", "conv1") == ["conv1"]
+    assert pruning.select_layers("all", "block2/unit_4/bottleneck_v1/conv2") == [
+        "block2/unit_4/bottleneck_v1/conv2/A", "block2/unit_4/bottleneck_v1/conv2/B"]
+    with pytest.raises(UserError, match=r"conv_name 'conv2' is ambiguous in phase all: it "
+                                        r"names 24 layers"):
+        pruning.select_layers("all", "conv2")
+    with pytest.raises(UserError, match=r"'conv3' is ambiguous in phase all: it names 16"):
+        pruning.select_layers("all", "conv3")
     with pytest.raises(UserError,
                        match=r"conv_name 'conv12' .*valid: conv256, conv70, conv7, conv247"):
         pruning.select_layers("easpp", "conv12")
@@ -548,7 +558,7 @@ def test_script_errors(source, tmp_path):
     settings.save_nvidia_name = rank_path
     settings.new_checkpoint_save = source["checkpoint"]
     assert_one_line_error(run_script(*script_arguments(settings)),
-                          "is the source checkpoint")
+                          "would replace the input checkpoint_name")
     assert hash_files(source["directory"]) == before
 
 
@@ -608,3 +618,79 @@ def hash_files(directory):
             with open(path, "rb") as f:
                 digests[path] = hashlib.sha256(f.read()).hexdigest()
     return digests
+
+
+# ---- outputs never replace inputs ------------------------------------------------
+
+def test_histogram_over_an_input_is_refused(source, tmp_path):
+    """decide_threshold writes only the histogram, but never over an input."""
+    rank_path = write_rank_file(tmp_path / "rank.npz", source["model_def"], ["conv1"])
+    before = {**hash_files(source["directory"]), **hash_files(tmp_path)}
+    for target, key in ((rank_path, "save_nvidia_name"),
+                        (source["checkpoint"] + ".index", "checkpoint_name")):
+        settings = make_settings(source, tmp_path, rank_path, decide_threshold=True,
+                                 histogram_save=target)
+        assert_one_line_error(run_script(*script_arguments(settings)),
+                              f"histogram_save {target!r} would replace the input {key}")
+    assert {**hash_files(source["directory"]), **hash_files(tmp_path)} == before
+
+
+def test_outputs_are_checked_before_any_work(source, tmp_path):
+    rank_path = write_rank_file(tmp_path / "rank.npz", source["model_def"], ["conv1"])
+    link = tmp_path / "link"
+    os.symlink(os.path.dirname(source["checkpoint"]), link)
+    (tmp_path / "a_directory").mkdir()
+    before = {**hash_files(source["directory"]), **hash_files(tmp_path)}
+    cases = [
+        # the source checkpoint reached through a symlink
+        (dict(new_checkpoint_save=str(link / "model.ckpt")),
+         "would replace the input checkpoint_name"),
+        # a new checkpoint in the source's directory, through the symlink
+        (dict(new_checkpoint_save=str(link / "other.ckpt")),
+         "is in the source checkpoint's directory"),
+        (dict(new_model_def=str(tmp_path / "a_directory")), "is a directory"),
+        (dict(mask_save=rank_path + "/mask.npy"), "is a file, not a directory"),
+        (dict(new_model_def=str(tmp_path / "same.json"), mask_save=str(tmp_path / "same.json")),
+         "are the same file"),
+        (dict(mask_save=source["model_def_path"]), "would replace the input model_def"),
+    ]
+    for overrides, message in cases:
+        settings = make_settings(source, tmp_path, rank_path, phase="block1", **overrides)
+        with pytest.raises(UserError, match=re.escape(message)):
+            pruning.prepare(settings)
+    assert {**hash_files(source["directory"]), **hash_files(tmp_path)} == before
+
+
+def test_a_failure_while_writing_keeps_the_previous_set(source, tmp_path, monkeypatch):
+    """Checkpoint, model_def and mask are staged and moved in together: a
+    failure after the checkpoint is written leaves the previous set whole."""
+    rank_path = write_rank_file(tmp_path / "rank.npz", source["model_def"],
+                                ["block1/unit_2/bottleneck_v1/conv3", "conv1"])
+    out = tmp_path / "out"
+    settings = make_settings(source, out, rank_path)
+    pruning.prune(settings, log=quiet, verify=False)  # the previous, good set
+    assert os.path.exists(settings.mask_save)
+    before = hash_files(tmp_path)
+
+    def disk_full(*_):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(pruning, "save_model_def", disk_full)
+    settings.threshold = 0.3
+    with pytest.raises(OSError, match="No space left"):
+        pruning.prune(settings, log=quiet, verify=False)
+    assert hash_files(tmp_path) == before  # nothing replaced, no staging left behind
+
+
+def test_threshold_must_be_finite_and_above_one_warns(source, tmp_path):
+    rank_path = write_rank_file(tmp_path / "rank.npz", source["model_def"], ["conv1"])
+    settings = make_settings(source, tmp_path, rank_path)
+    header = {name: value for name, value in vars(settings).items()}
+    for bad in (".nan", "-.inf", "-0.1"):
+        with pytest.raises(UserError, match="threshold must be a finite number >= 0"):
+            pruning.settings_from_header(header, [f"--threshold={bad}"])
+    settings = make_settings(source, tmp_path, rank_path, phase="conv1", all_convs=True,
+                             threshold=1.5, try_zeros=True)
+    messages = []
+    pruning.prune(settings, log=messages.append, verify=False)
+    assert messages[0] == "selected 1 layer(s): conv1"
+    assert messages[1].startswith("warning: threshold 1.5 > 1")
