@@ -12,6 +12,7 @@ With --resize images are resized bilinearly and labels by nearest neighbour.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from netcompress.cli import INTERRUPT_EXIT
 from netcompress.errors import UserError
 
 # Pillow modes whose values are plain 8-bit class ids.
@@ -158,9 +160,10 @@ def convert(list_path, record_path, mean_path=None, resize=None, num_classes=Non
     mean_sum = None
     common_size = resize
     first_path = None
-    with record_writer(record_path) as writer:
-        for image_path, label_path in tqdm(pairs, desc="converting", unit="image",
-                                           disable=not progress):
+    bar = tqdm(pairs, desc="converting", unit="image", disable=not progress)
+    # The bar is closed (its line ended) before an error or `interrupted` is printed.
+    with record_writer(record_path) as writer, contextlib.closing(bar):
+        for image_path, label_path in bar:
             image_file = _open_image(image_path, "image")
             label_file = _open_image(label_path, "label")
             image_size = (image_file.height, image_file.width)
@@ -216,6 +219,16 @@ def build_arg_parser():
 
 
 def main(argv=None):
+    """Exit status: 0, 2 for bad input, 130 for Ctrl-C (docs/errors.md)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # record_writer has removed its temporary file: nothing partial is left.
+        print("interrupted", file=sys.stderr)
+        return INTERRUPT_EXIT
+
+
+def _main(argv):
     args = build_arg_parser().parse_args(argv)
     from netcompress.runtime import import_tensorflow_quietly
     import_tensorflow_quietly()

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from netcompress.errors import UserError
-from netcompress.files import remove_quietly, replace_atomically
+from netcompress.files import make_directory, remove_quietly, replace_atomically
 
 IMAGE_KEY = "modality1"
 LABEL_KEY = "label"
@@ -218,11 +218,7 @@ def data_error_from(exc, path):
 
 
 def _make_parent_dir(path):
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create directory {directory}: {exc.strerror}") from None
+    make_directory(os.path.dirname(os.path.abspath(path)))
 
 
 @contextlib.contextmanager
@@ -242,8 +238,10 @@ def record_writer(path):
     try:
         yield writer
     except BaseException:
-        writer.close()
-        remove_quietly(temp_path)
+        try:
+            writer.close()
+        finally:  # even if a second Ctrl-C interrupts the close
+            remove_quietly(temp_path)
         raise
     try:
         writer.close()
@@ -252,6 +250,9 @@ def record_writer(path):
         remove_quietly(temp_path)
         reason = getattr(exc, "strerror", None) or _first_line(str(exc))
         raise UserError(f"cannot write record file {path}: {reason}") from None
+    except BaseException:  # Ctrl-C while flushing: no partial file left
+        remove_quietly(temp_path)
+        raise
 
 
 def save_npy_atomic(path, array):
@@ -261,7 +262,4 @@ def save_npy_atomic(path, array):
     def write(tmp):
         with open(tmp, "wb") as handle:
             np.save(handle, np.asarray(array), allow_pickle=False)
-    try:
-        replace_atomically(path, write)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    replace_atomically(path, write)  # an OSError there is a UserError already

@@ -117,21 +117,54 @@ def load_masks(path):
         return {}
     if not os.path.isfile(path):
         raise UserError(f"mask file not found: {path}")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise UserError(f"mask file {path} is not a mask array: {exc}") from None
-    if array.dtype.names != ("unit", "width", "keep"):
-        raise UserError(f"mask file {path} is not a mask array (fields {array.dtype.names})")
+    array = _read_mask_array(path)
     masks = {}
     for row in array:
         keep = row["keep"]
         width = int(row["width"])
+        if not 0 < width <= keep.shape[0]:
+            raise UserError(f"mask file {path}: {row['unit']} has width {width}, outside "
+                            f"1..{keep.shape[0]}")
         if keep[width:].any():
             raise UserError(f"mask file {path}: {row['unit']} keeps channels beyond "
                             f"its width {width}")
         masks[str(row["unit"])] = (np.flatnonzero(keep[:width]), width)
     return masks
+
+
+def _read_mask_array(path):
+    """The structured 1-d array of a mask file, or a one-line UserError
+    saying what the file is instead (docs/errors.md)."""
+    not_mask = f"mask file {path} is not a mask array (a .npy written by prun_model.py)"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise UserError(f"cannot read mask file {path}: {exc.strerror or exc}") from None
+    if magic.startswith(b"PK"):
+        raise UserError(f"{not_mask}: it is a zip or .npz archive (a rank file?)")
+    if magic != b"\x93NUMPY":
+        # np.load would try to unpickle it and speak of pickled data.
+        raise UserError(f"{not_mask}: " + ("it is empty" if not magic else
+                                           "it is not a .npy file"))
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # a damaged or object-array .npy
+        raise UserError(f"{not_mask}: {_one_line(exc)}") from None
+    if loaded.dtype.names != ("unit", "width", "keep"):
+        raise UserError(f"{not_mask} (fields {loaded.dtype.names})")
+    fields = loaded.dtype.fields
+    if (fields["unit"][0].kind != "U" or fields["width"][0].kind not in "iu"
+            or fields["keep"][0].base.kind != "b" or len(fields["keep"][0].shape) != 1):
+        raise UserError(f"{not_mask}: field types {loaded.dtype}")
+    if loaded.ndim != 1:
+        raise UserError(f"{not_mask}: it holds a {loaded.ndim}-d array, not one row per "
+                        f"residual unit")
+    return loaded
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def check_masks(model_def, masks, source="mask"):

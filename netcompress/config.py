@@ -51,6 +51,12 @@ KEY_ALIASES = {
 
 OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_path": "auto"}
 
+# Keys a train config may add, with their defaults (train.py's `optional`).
+# flip: random horizontal flips (the original had no augmentation);
+# end_learning_rate: where the polynomial decay ends (the original's 1e-4);
+# max_to_keep: newest checkpoints kept (the original kept 1000).
+TRAIN_OPTIONAL = {"flip": False, "end_learning_rate": 1e-4, "max_to_keep": 3}
+
 # How dilated convs are computed (models/atrous.py; docs/atrous.md). The same
 # names as models.atrous, repeated here because configs load before TensorFlow.
 ATROUS_PATHS = ("auto", "native", "space_to_batch")
@@ -217,6 +223,11 @@ def _show(value):
     return str(value)
 
 
+def check_gpu_id(value, source):
+    """The checked, normalised `gpu_id` (for settings outside a config)."""
+    return _check_value("gpu_id", value, source)
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -227,14 +238,26 @@ def _check_value(key, value, source):
                         % (source, key, expected, _show(value)))
 
     if key == "gpu_id":
+        # Becomes CUDA_VISIBLE_DEVICES: anything else there silently hides
+        # every GPU (or picks the wrong ones) instead of failing.
+        expected = "'' (all GPUs / CPU), a GPU id such as 0, ids such as '0,1', or -1 (no GPU)"
         if value is None:
             return ""
-        if _is_int(value):  # -1 is meaningful: hide all GPUs
+        if _is_int(value):
+            if value < -1:
+                fail(expected)
             return str(value)
-        if isinstance(value, str):
-            value = value.strip()
-            return "" if value.lower() in NONE_STRINGS else value
-        fail("a GPU id such as 0 or '0,1' (empty for all/CPU)")
+        if not isinstance(value, str):
+            fail(expected)
+        text = value.strip()
+        if text.lower() in NONE_STRINGS:
+            return ""
+        ids = [part.strip() for part in text.split(",")]
+        if ids == ["-1"]:
+            return "-1"
+        if not all(part.isascii() and part.isdigit() for part in ids):
+            fail(expected)
+        return ",".join(str(int(part)) for part in ids)
 
     if key == "atrous_path":
         if value not in ATROUS_PATHS:

@@ -1,31 +1,44 @@
 """Config -> model instance (the `model`, `model_def`, `mask` keys)."""
 
 import importlib
+import inspect
+import re
 
 from models.model_def import load_masks, load_model_def
 from netcompress.errors import UserError
 
+# `Module` or `Module.Class`: a file models/Module.py and a class in it.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
+
 
 def model_class(name):
     """`AdapNet_pp` -> models.AdapNet_pp.AdapNet_pp; `module.Class` -> models.module.Class."""
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+        raise UserError(f"model {name!r} is not a model name: give Module or Module.Class "
+                        f"(letters, digits and underscores), e.g. AdapNet_pp")
     module_name, _, class_name = name.rpartition(".")
     module_name = module_name or class_name
     try:
         module = importlib.import_module(f"models.{module_name}")
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as exc:
+        if exc.name not in (f"models.{module_name}", "models"):
+            raise  # the module exists but imports something missing: a bug there
         raise UserError(f"model {name!r}: no module models/{module_name}.py") from None
-    try:
-        return getattr(module, class_name)
-    except AttributeError:
-        raise UserError(f"model {name!r}: models/{module_name}.py has no class "
-                        f"{class_name}") from None
+    found = getattr(module, class_name, None)
+    # A module attribute that is not a model class (e.g. AdapNet_pp.tf, the
+    # TensorFlow module it imports) would fail later with a traceback.
+    if not inspect.isclass(found) or not callable(getattr(found, "build", None)):
+        raise UserError(f"model {name!r}: models/{module_name}.py has no model class "
+                        f"{class_name}")
+    return found
 
 
 def model_from_config(config):
     model_def = load_model_def(config["model_def"])
     masks = load_masks(config.get("mask"))
+    cls = model_class(config["model"])  # its errors name the model, not the model_def
     try:
-        return model_class(config["model"])(model_def, config["num_classes"], masks,
-                                            atrous_path=config.get("atrous_path", "auto"))
+        return cls(model_def, config["num_classes"], masks,
+                   atrous_path=config.get("atrous_path", "auto"))
     except UserError as exc:
         raise UserError(f"{config['model_def']} / mask {config.get('mask')}: {exc}") from None

@@ -14,11 +14,16 @@ Sums, not means, so shard files add up exactly; scores divide by ``count``.
 import hashlib
 import json
 import os
+import zipfile
+import zlib
 
 import numpy as np
 
 from netcompress.errors import UserError
 from netcompress.files import replace_atomically
+
+# What numpy's zip and .npy readers raise on a truncated or damaged file.
+_DAMAGED_ARCHIVE = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 CRITERIA = ("taylor", "reference")
 FORMAT_VERSION = 1
@@ -70,18 +75,54 @@ class RankSums:
     def load(cls, path):
         if not os.path.isfile(path):
             raise UserError(f"rank file not found: {path}")
+        not_rank = f"{path} is not a rank file (an .npz written by get_oracle_rank.py)"
         try:
-            with np.load(path, allow_pickle=False) as data:
-                layers = [str(x) for x in data["layers"]]
-                sums = cls(layers, {n: data[f"taylor/{n}"].shape[0] for n in layers})
-                for criterion in CRITERIA:
-                    for name in layers:
-                        sums.sums[criterion][name] = data[f"{criterion}/{name}"].astype(np.float64)
-                sums.count = int(data["count"])
-                for key in METADATA_KEYS:
-                    sums.metadata[key] = str(data[f"meta/{key}"])
-        except (KeyError, ValueError, OSError) as exc:
-            raise UserError(f"{path} is not a rank file: {exc}") from None
+            with open(path, "rb") as f:
+                magic = f.read(6)
+            if not magic.startswith((b"PK", b"\x93NUMPY")):
+                # np.load would try to unpickle it and speak of pickled data.
+                raise UserError(f"{not_rank}: " + ("it is empty" if not magic else
+                                                   "it is neither an .npz nor a .npy file"))
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise UserError(f"{not_rank}: it is a single .npy array "
+                                f"({_describe(data)}; a mask file?)")
+            with data:
+                sums = cls._from_arrays(data, path, not_rank)
+        except _DAMAGED_ARCHIVE as exc:
+            raise UserError(f"{not_rank}: {_one_line(exc)} (damaged or truncated?)") \
+                from None
+        _check_finite(sums, path)
+        return sums
+
+    @classmethod
+    def _from_arrays(cls, data, path, not_rank):
+        def array(key, ndim):
+            if key not in data.files:
+                raise UserError(f"{not_rank}: it has no array {key!r}")
+            value = data[key]
+            if value.ndim != ndim:
+                raise UserError(f"{not_rank}: {key!r} is {_describe(value)}, expected a "
+                                f"{ndim}-d array")
+            return value
+
+        layers = [str(x) for x in array("layers", 1)]
+        widths = {n: array(f"taylor/{n}", 1).shape[0] for n in layers}
+        sums = cls(layers, widths)
+        for criterion in CRITERIA:
+            for name in layers:
+                values = array(f"{criterion}/{name}", 1)
+                if values.shape[0] != widths[name] or values.dtype.kind not in "fiu":
+                    raise UserError(f"{not_rank}: {criterion}/{name} is "
+                                    f"{_describe(values)}, expected {widths[name]} numbers")
+                sums.sums[criterion][name] = values.astype(np.float64)
+        count = array("count", 0)
+        if count.dtype.kind not in "iu" or int(count) < 0:
+            raise UserError(f"{not_rank}: 'count' is {_describe(count)} {count}, expected "
+                            f"a number of examples")
+        sums.count = int(count)
+        for key in METADATA_KEYS:
+            sums.metadata[key] = str(array(f"meta/{key}", 0))
         return sums
 
     def check_model(self, widths, prunable_layers, source):
@@ -97,6 +138,26 @@ class RankSums:
                 raise UserError(f"rank file {source} does not match the model: {name} has "
                                 f"{self.sums['taylor'][name].shape[0]} channels in the rank "
                                 f"file but {widths[name]} in the model_def")
+
+
+def _check_finite(sums, path):
+    """NaN or inf sums (a ranking pass over a diverged checkpoint, a damaged
+    file) would rank every channel alike; refuse them (docs/errors.md)."""
+    for criterion in CRITERIA:
+        for name in sums.layers:
+            if not np.isfinite(sums.sums[criterion][name]).all():
+                raise UserError(f"rank file {path} has scores that are not finite "
+                                f"({criterion}/{name}): it is not usable; regenerate it "
+                                f"by rerunning get_oracle_rank.py (on a checkpoint with "
+                                f"finite weights)")
+
+
+def _describe(array):
+    return f"a {array.ndim}-d {array.dtype} array of shape {list(array.shape)}"
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def merge(parts):

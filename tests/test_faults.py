@@ -1,0 +1,619 @@
+"""Damaged or wrong inputs are one-line errors (exit 2), and nothing is
+written or changed: checkpoints (data, index, state file, non-finite
+values), rank files, masks, model names, gpu_id, output paths under a file,
+and Ctrl-C in the converter (docs/errors.md).
+
+One tiny random-weight model (widths /16, 32x64 inputs, 4 records) is
+written once per module; the readers are checked in-process for every kind
+of damage, the scripts on a few of them as subprocesses.
+"""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from helpers import REPO, scaled_model_def, write_config, write_json
+from dataset import synthetic
+from models.AdapNet_pp import AdapNet_pp
+from models.architecture import adapnet_pp, resolve_widths
+from models.model_def import load_masks, save_masks
+from netcompress import checkpoints
+from netcompress.config import load_config
+from netcompress.errors import UserError
+from netcompress.files import replace_atomically
+from netcompress.models import model_class
+from netcompress.rankfile import RankSums
+
+tf1 = tf.compat.v1
+tf1.disable_eager_execution()
+
+NUM_CLASSES = synthetic.NUM_CLASSES
+HEIGHT, WIDTH = 32, 64
+DATA_SUFFIX = ".data-00000-of-00001"
+
+
+# ---- fixtures and helpers ------------------------------------------------------
+
+def random_values(variables, rng):
+    values = {}
+    for variable in variables:
+        name = checkpoints.checkpoint_key(variable.name)
+        shape = variable.shape.as_list()
+        if name.endswith(("moving_variance", "gamma")):
+            values[name] = rng.uniform(0.5, 1.5, shape)
+        else:
+            values[name] = rng.normal(0.0, 0.1, shape)
+        values[name] = values[name].astype(np.float32)
+    return values
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny model on disk (model_def, checkpoint, records, configs) and a
+    graph of its variables with a session to restore into."""
+    root = tmp_path_factory.mktemp("tiny")
+    model_def = scaled_model_def(16)
+    model_def_path = write_json(root / "tiny.json", model_def)
+    data = synthetic.generate(str(root / "data"), num_train=4, num_test=4, height=HEIGHT,
+                              width=WIDTH, seed=1)
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf1.placeholder(tf.float32, [1, HEIGHT, WIDTH, 3])
+        AdapNet_pp(model_def, NUM_CLASSES).build(images, training=False, aux=True)
+        variables = checkpoints.model_variables(graph)
+    values = random_values(variables, np.random.default_rng(0))
+    checkpoint = str(root / "train" / "model.ckpt")
+    checkpoints.write_checkpoint(values, checkpoint)
+    base = dict(gpu_id="", model="AdapNet_pp", num_classes=NUM_CLASSES, batch_size=2,
+                skip_step=1, height=HEIGHT, width=WIDTH, mask=None, model_def=model_def_path)
+    test_config = write_config(root / "test.config", dict(
+        base, checkpoint=checkpoint, test_data=data["test"]))
+    rank_config = write_config(root / "rank.config", dict(
+        base, checkpoint=checkpoint, test_data=data["train"],
+        rank_save=root / "ranks" / "rank.npz"))
+    train_config = write_config(root / "train.config", dict(
+        base, intialize=None, checkpoint=root / "retrain", train_data=data["train"],
+        max_iteration=1, learning_rate=1e-4, save_step=1, power=0.9))
+    session = tf1.Session(graph=graph)
+    yield dict(root=root, model_def=model_def, model_def_path=model_def_path, data=data,
+               values=values, checkpoint=checkpoint, graph=graph, variables=variables,
+               session=session, test_config=test_config, rank_config=rank_config,
+               train_config=train_config)
+    session.close()
+
+
+def hash_tree(*paths):
+    """sha256 of every file under ``paths`` (files or directories)."""
+    digests = {}
+    for top in map(str, paths):
+        files = [top] if os.path.isfile(top) else [
+            os.path.join(root, name) for root, _, names in os.walk(top) for name in names]
+        for path in files:
+            with open(path, "rb") as f:
+                digests[path] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
+def run_script(script, *arguments, timeout=180):
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, arguments)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *patterns):
+    """Exit 2 and nothing on stderr but one `error:` line naming ``patterns``."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for pattern in patterns:
+        assert pattern in lines[0], lines[0]
+    return lines[0]
+
+
+def write_rank_file(path, model_def, transform=None):
+    """A valid rank file of the tiny model; ``transform(arrays)`` may spoil it."""
+    widths = resolve_widths(model_def, NUM_CLASSES)
+    layers = [g.name for g in adapnet_pp().prunable_groups()]
+    ranks = RankSums(layers, widths)
+    ranks.count = 2
+    rng = np.random.default_rng(3)
+    for layer in layers:
+        ranks.add("taylor", layer, rng.uniform(0.1, 1.0, widths[layer]))
+        ranks.add("reference", layer, rng.normal(0.0, 1.0, widths[layer]))
+    ranks.save(str(path))
+    if transform is not None:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        transform(arrays)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    return str(path)
+
+
+# ---- damaged checkpoints ---------------------------------------------------------
+
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _garbage(path, size=None):
+    size = os.path.getsize(path) if size is None else size
+    with open(path, "wb") as f:
+        f.write(np.random.default_rng(5).integers(0, 256, size, np.uint8).tobytes())
+
+
+# kind -> (damage(prefix, directory), message, whether resolve/shape readers see it)
+DAMAGE = {
+    "truncated data": (lambda p, d: _truncate(p + DATA_SUFFIX, os.path.getsize(p + DATA_SUFFIX)
+                                              // 2),
+                       "its data file is truncated or damaged", False),
+    "empty data": (lambda p, d: _truncate(p + DATA_SUFFIX, 0),
+                   "its data file is truncated or damaged", False),
+    "garbage data": (lambda p, d: _garbage(p + DATA_SUFFIX),
+                     "is damaged or not a TensorFlow checkpoint", False),
+    "missing data": (lambda p, d: os.remove(p + DATA_SUFFIX),
+                     "is incomplete: ", True),
+    "truncated index": (lambda p, d: _truncate(p + ".index", os.path.getsize(p + ".index") // 2),
+                        "is damaged or not a TensorFlow checkpoint", "shapes"),
+    "garbage index": (lambda p, d: _garbage(p + ".index"),
+                      "is damaged or not a TensorFlow checkpoint", "shapes"),
+    "empty index": (lambda p, d: _truncate(p + ".index", 0), ".index is empty", True),
+    "missing index": (lambda p, d: os.remove(p + ".index"), "not found (no ", True),
+    "empty state file": (lambda p, d: _truncate(os.path.join(d, "checkpoint"), 0),
+                         "names no checkpoint (it is empty)", True),
+    "binary state file": (lambda p, d: _garbage(os.path.join(d, "checkpoint"), 64),
+                          "is damaged (not text)", True),
+    "garbage state file": (lambda p, d: open(os.path.join(d, "checkpoint"), "w").write(
+        "model_checkpoint_path: model.ckpt\n}{"), "is damaged (", True),
+    "state file naming a missing checkpoint": (
+        lambda p, d: open(os.path.join(d, "checkpoint"), "w").write(
+            'model_checkpoint_path: "gone.ckpt"\n'), "gone.ckpt.index", True),
+}
+STATE_DAMAGE = {k for k in DAMAGE if "state file" in k}
+
+
+def damaged_copy(tiny, directory, kind):
+    """A copy of the tiny checkpoint's directory with ``kind`` of damage;
+    returns (the path to give a reader, its directory)."""
+    shutil.copytree(os.path.dirname(tiny["checkpoint"]), directory)
+    prefix = os.path.join(str(directory), "model.ckpt")
+    DAMAGE[kind][0](prefix, str(directory))
+    return (str(directory) if kind in STATE_DAMAGE else prefix), str(directory)
+
+
+def call_reader(tiny, reader, path):
+    if reader == "resolve_checkpoint":
+        return checkpoints.resolve_checkpoint(path)
+    if reader == "checkpoint_shapes":
+        return checkpoints.checkpoint_shapes(path)
+    if reader == "read_checkpoint":
+        return checkpoints.read_checkpoint(path)
+    with tiny["graph"].as_default():
+        if reader == "restore_matching":
+            return checkpoints.restore_matching(tiny["session"], path, tiny["variables"])
+        return checkpoints.restore_strict(tiny["session"], path, tiny["variables"])
+
+
+READERS = ("resolve_checkpoint", "checkpoint_shapes", "read_checkpoint", "restore_matching",
+           "restore_strict")
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_every_reader_reports_a_damaged_checkpoint_in_one_line(tiny, tmp_path, kind):
+    path, directory = damaged_copy(tiny, tmp_path / "ckpt", kind)
+    _, message, seen_by = DAMAGE[kind]
+    before = hash_tree(directory)
+    for reader in READERS:
+        # resolve only checks files; shapes read the index; values the data too.
+        expect_error = (seen_by is True or reader not in ("resolve_checkpoint",
+                                                          "checkpoint_shapes")
+                        or (seen_by == "shapes" and reader == "checkpoint_shapes"))
+        if not expect_error:
+            call_reader(tiny, reader, path)
+            continue
+        with pytest.raises(UserError) as info:
+            call_reader(tiny, reader, path)
+        text = str(info.value)
+        assert message in text and "\n" not in text, (reader, text)
+        assert os.path.join(directory, "") in text or directory in text, (reader, text)
+    assert hash_tree(directory) == before
+
+
+def test_an_intact_checkpoint_reads_and_restores(tiny):
+    values = checkpoints.read_checkpoint(os.path.dirname(tiny["checkpoint"]))
+    assert values.keys() == tiny["values"].keys()
+    with tiny["graph"].as_default():
+        checkpoints.restore_strict(tiny["session"], tiny["checkpoint"], tiny["variables"])
+        restored, missing = checkpoints.restore_matching(tiny["session"], tiny["checkpoint"],
+                                                         tiny["variables"])
+    assert len(restored) == len(tiny["variables"]) and not missing
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_checkpoint_is_refused_naming_the_first_variable(tiny, tmp_path, bad):
+    values = dict(tiny["values"])
+    names = sorted(values)
+    for name in names[7], names[3]:
+        values[name] = values[name].copy()
+        values[name].flat[1] = bad
+    prefix = checkpoints.write_checkpoint(values, str(tmp_path / "nan" / "model.ckpt"))
+    before = hash_tree(tmp_path / "nan")
+    for reader in ("read_checkpoint", "restore_strict", "restore_matching"):
+        with pytest.raises(UserError) as info:
+            call_reader(tiny, reader, prefix)
+        assert str(info.value) == (f"checkpoint {prefix} has non-finite values in "
+                                   f"{names[3]}: it is not usable (diverged training?)")
+    assert hash_tree(tmp_path / "nan") == before
+
+
+def test_scripts_report_damaged_checkpoints_in_one_line(tiny, tmp_path):
+    """evaluate (prefix, directory), rank and prune: exit 2, one line, the
+    inputs untouched and nothing written."""
+    truncated, _ = damaged_copy(tiny, tmp_path / "truncated", "truncated data")
+    empty_state, _ = damaged_copy(tiny, tmp_path / "empty_state", "empty state file")
+    garbage_index, _ = damaged_copy(tiny, tmp_path / "garbage_index", "garbage index")
+    rank_path = write_rank_file(tmp_path / "rank.npz", tiny["model_def"])
+    before = hash_tree(tmp_path, tiny["root"])
+
+    assert_one_line_error(run_script("evaluate.py", "-c", tiny["test_config"],
+                                     "--checkpoint", truncated),
+                          f"checkpoint {truncated} is damaged", "truncated")
+    assert_one_line_error(run_script("evaluate.py", "-c", tiny["test_config"],
+                                     "--checkpoint", empty_state),
+                          "checkpoint state file", "names no checkpoint")
+    assert_one_line_error(run_script("get_oracle_rank.py", "-c", tiny["rank_config"],
+                                     "--checkpoint", garbage_index),
+                          f"checkpoint {garbage_index} is damaged")
+    out = tmp_path / "pruned"
+    assert_one_line_error(run_script(
+        "prun_model.py", "--checkpoint_name", truncated, "--save_nvidia_name", rank_path,
+        "--model_def", tiny["model_def_path"], "--Num_classes", NUM_CLASSES,
+        "--height", HEIGHT, "--width", WIDTH, "--threshold", 0.3, "--phase", "all",
+        "--all_convs", "true", "--mask_load", "None", "--histogram_save", "None",
+        "--new_checkpoint_save", out / "model.ckpt", "--mask_save", out / "mask.npy",
+        "--new_model_def", out / "model_def.json"),
+        f"checkpoint {truncated} is damaged", "truncated")
+    assert hash_tree(tmp_path, tiny["root"]) == before
+    assert not os.path.exists(out)
+    assert not os.path.exists(tiny["root"] / "ranks")
+
+
+def test_scripts_refuse_a_non_finite_checkpoint(tiny, tmp_path):
+    values = dict(tiny["values"])
+    name = sorted(values)[0]
+    values[name] = np.full_like(values[name], np.nan)
+    prefix = checkpoints.write_checkpoint(values, str(tmp_path / "diverged" / "model.ckpt"))
+    retrain = tmp_path / "retrain"
+    os.mkdir(retrain)
+    before = hash_tree(tmp_path, tiny["root"])
+    message = f"checkpoint {prefix} has non-finite values in {name}: it is not usable"
+    assert_one_line_error(run_script("evaluate.py", "-c", tiny["test_config"],
+                                     "--checkpoint", tmp_path / "diverged"), message)
+    assert_one_line_error(run_script("train.py", "-c", tiny["train_config"],
+                                     "--intialize", prefix, "--checkpoint", retrain), message)
+    assert hash_tree(tmp_path, tiny["root"]) == before
+    assert os.listdir(retrain) == []
+
+
+# ---- the state file: relative paths, another run's state file kept ---------------
+
+def test_state_file_names_the_checkpoint_relatively(tiny, tmp_path):
+    with open(os.path.join(os.path.dirname(tiny["checkpoint"]), "checkpoint")) as f:
+        text = f.read()
+    assert text == ('model_checkpoint_path: "model.ckpt"\n'
+                    'all_model_checkpoint_paths: "model.ckpt"\n')
+    copy = tmp_path / "copy"
+    shutil.copytree(os.path.dirname(tiny["checkpoint"]), copy)
+    assert checkpoints.resolve_checkpoint(str(copy)) == os.path.join(str(copy), "model.ckpt")
+    read = checkpoints.read_checkpoint(str(copy))
+    assert all(np.array_equal(read[k], v) for k, v in tiny["values"].items())
+
+
+def test_a_state_file_of_another_run_is_left_alone(tiny, tmp_path):
+    other = tmp_path / "run"
+    checkpoints.write_checkpoint(tiny["values"], str(other / "model.ckpt-5"))
+    before = hash_tree(other / "checkpoint")
+    checkpoints.write_checkpoint(tiny["values"], str(other / "pruned.ckpt"))
+    assert hash_tree(other / "checkpoint") == before
+    assert checkpoints.resolve_checkpoint(str(other)) == str(other / "model.ckpt-5")
+    assert checkpoints.resolve_checkpoint(str(other / "pruned.ckpt")) == str(
+        other / "pruned.ckpt")
+    # Rewriting the checkpoint the state file names keeps it naming it.
+    checkpoints.write_checkpoint(tiny["values"], str(other / "model.ckpt-5"))
+    assert hash_tree(other / "checkpoint") == before
+    # A damaged state file is not ours to repair either.
+    with open(other / "checkpoint", "w") as f:
+        f.write("garbage {")
+    before = hash_tree(other / "checkpoint")
+    checkpoints.write_checkpoint(tiny["values"], str(other / "third.ckpt"))
+    assert hash_tree(other / "checkpoint") == before
+
+
+def test_pruning_into_another_runs_directory_keeps_its_state_file(tiny, tmp_path):
+    other = tmp_path / "other_run"
+    checkpoints.write_checkpoint(tiny["values"], str(other / "model.ckpt-7"))
+    state_before = hash_tree(other / "checkpoint")
+    rank_path = write_rank_file(tmp_path / "rank.npz", tiny["model_def"])
+    result = run_script(
+        "prun_model.py", "--checkpoint_name", tiny["checkpoint"], "--save_nvidia_name",
+        rank_path, "--model_def", tiny["model_def_path"], "--Num_classes", NUM_CLASSES,
+        "--height", HEIGHT, "--width", WIDTH, "--threshold", 0.3, "--phase", "block1",
+        "--all_convs", "true", "--mask_load", "None", "--histogram_save", "None",
+        "--new_checkpoint_save", other / "pruned.ckpt", "--mask_save",
+        tmp_path / "mask.npy", "--new_model_def", tmp_path / "model_def.json")
+    assert result.returncode == 0, result.stderr
+    assert hash_tree(other / "checkpoint") == state_before
+    assert checkpoints.resolve_checkpoint(str(other)) == str(other / "model.ckpt-7")
+    assert os.path.isfile(other / "pruned.ckpt.index")
+
+
+# ---- rank files ------------------------------------------------------------------
+
+def _zero_d_layers(arrays):
+    arrays["layers"] = np.array("conv1")
+
+
+def _zero_d_scores(arrays):
+    arrays["taylor/conv1"] = np.float64(1.0)
+
+
+def _nan_scores(arrays):
+    arrays["taylor/block2/unit_1/bottleneck_v1/conv1"] = arrays[
+        "taylor/block2/unit_1/bottleneck_v1/conv1"].copy()
+    arrays["taylor/block2/unit_1/bottleneck_v1/conv1"][0] = np.nan
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path, tiny: _truncated(write_rank_file(path, tiny["model_def"])),
+     "is not a rank file (an .npz written by get_oracle_rank.py): "),
+    (lambda path, tiny: save_masks({"block1/unit_2": (np.arange(3), 16)}, str(path)),
+     "it is a single .npy array"),
+    (lambda path, tiny: np.save(path, np.zeros(3), allow_pickle=False),
+     "it is a single .npy array"),
+    (lambda path, tiny: write_rank_file(path, tiny["model_def"], _zero_d_layers),
+     "'layers' is a 0-d"),
+    (lambda path, tiny: write_rank_file(path, tiny["model_def"], _zero_d_scores),
+     "'taylor/conv1' is a 0-d"),
+    (lambda path, tiny: open(path, "wb").write(b"not a rank file at all"),
+     "it is neither an .npz nor a .npy file"),
+    (lambda path, tiny: write_rank_file(path, tiny["model_def"], _nan_scores),
+     "has scores that are not finite (taylor/block2/unit_1/bottleneck_v1/conv1): it is "
+     "not usable; regenerate it by rerunning get_oracle_rank.py"),
+], ids=["truncated npz", "mask npy", "npy", "0-d layers", "0-d scores", "garbage", "nan"])
+def test_bad_rank_files(tiny, tmp_path, make, message):
+    path = tmp_path / "rank.npz"
+    make(path, tiny)
+    path = str(path) if os.path.exists(path) else str(path) + ".npy"
+    before = hash_tree(path)
+    with pytest.raises(UserError) as info:
+        RankSums.load(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert hash_tree(path) == before
+
+
+def _truncated(path):
+    _truncate(path, os.path.getsize(path) * 2 // 3)
+    return path
+
+
+def test_prune_reports_a_nan_rank_file_in_one_line(tiny, tmp_path):
+    rank_path = write_rank_file(tmp_path / "rank.npz", tiny["model_def"], _nan_scores)
+    before = hash_tree(tmp_path, tiny["root"])
+    out = tmp_path / "pruned"
+    assert_one_line_error(run_script(
+        "prun_model.py", "--checkpoint_name", tiny["checkpoint"], "--save_nvidia_name",
+        rank_path, "--model_def", tiny["model_def_path"], "--Num_classes", NUM_CLASSES,
+        "--height", HEIGHT, "--width", WIDTH, "--mask_load", "None",
+        "--histogram_save", "None", "--new_checkpoint_save", out / "model.ckpt",
+        "--mask_save", out / "mask.npy", "--new_model_def", out / "model_def.json"),
+        "not finite", "rerunning get_oracle_rank.py")
+    assert hash_tree(tmp_path, tiny["root"]) == before
+    assert not os.path.exists(out)
+
+
+# ---- masks -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, message", [
+    (lambda f: np.savez(f, a=np.zeros(2)), "it is a zip or .npz archive"),
+    (lambda f: np.save(f, np.zeros((), dtype=[("unit", "U32"), ("width", "<i4"),
+                                              ("keep", "?", (4,))])),
+     "it holds a 0-d array"),
+    (lambda f: np.save(f, np.float32(3.0)), "fields None"),
+    (lambda f: f.write(bytes(range(256)) * 3), "it is not a .npy file"),
+    (lambda f: None, "it is empty"),
+    (lambda f: _truncated_mask(f), "is not a mask array"),
+], ids=["npz", "0-d", "plain 0-d", "garbage", "empty", "truncated"])
+def test_bad_mask_files(tmp_path, make, message):
+    path = tmp_path / "mask.npy"
+    with open(path, "wb") as f:
+        make(f)
+    before = hash_tree(path)
+    with pytest.raises(UserError) as info:
+        load_masks(str(path))
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert hash_tree(path) == before
+
+
+def _truncated_mask(handle):
+    np.save(handle, np.zeros(40, dtype=[("unit", "U32"), ("width", "<i4"),
+                                        ("keep", "?", (64,))]))
+    handle.truncate(handle.tell() // 2)
+
+
+def test_evaluate_reports_an_npz_mask_in_one_line(tiny, tmp_path):
+    rank_path = write_rank_file(tmp_path / "rank.npz", tiny["model_def"])
+    before = hash_tree(tmp_path, tiny["root"])
+    assert_one_line_error(run_script("evaluate.py", "-c", tiny["test_config"],
+                                     "--mask", rank_path),
+                          f"mask file {rank_path} is not a mask array", "a rank file?")
+    assert hash_tree(tmp_path, tiny["root"]) == before
+
+
+# ---- model names and gpu_id ------------------------------------------------------------
+
+@pytest.mark.parametrize("name, message", [
+    ("AdapNet_pp.tf", "models/AdapNet_pp.py has no model class tf"),
+    ("AdapNet_pp.np", "has no model class np"),
+    ("AdapNet_pp.UserError", "has no model class UserError"),
+    ("AdapNet_pp.", "is not a model name"),
+    ("models/AdapNet_pp", "is not a model name"),
+    ("AdapNet_pp.AdapNet_pp.x", "is not a model name"),
+    ("..", "is not a model name"),
+    ("Nope", "no module models/Nope.py"),
+])
+def test_bad_model_names(name, message):
+    with pytest.raises(UserError) as info:
+        model_class(name)
+    assert message in str(info.value) and repr(name) in str(info.value)
+
+
+def test_good_model_names():
+    assert model_class("AdapNet_pp") is AdapNet_pp
+    assert model_class("AdapNet_pp.AdapNet_pp") is AdapNet_pp
+
+
+def test_evaluate_reports_a_bad_model_name_in_one_line(tiny):
+    assert_one_line_error(run_script("evaluate.py", "-c", tiny["test_config"],
+                                     "--model", "AdapNet_pp.tf"),
+                          "model 'AdapNet_pp.tf': models/AdapNet_pp.py has no model class tf")
+
+
+@pytest.mark.parametrize("value", ["'0;1'", "'gpu0'", "'0,,1'", "'-2'", "-3", "'0,-1'",
+                                   "'1.5'", "'cuda:0'", "[0, 1]", "'٣'"])
+def test_bad_gpu_id(tiny, value):
+    with pytest.raises(UserError) as info:
+        load_config(tiny["test_config"], "evaluate", [f"gpu_id={value}"])
+    assert "'gpu_id' must be" in str(info.value)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("''", ""), ("None", ""), ("0", "0"), ("'1'", "1"), ("'0,1'", "0,1"),
+    ("'0, 2'", "0,2"), ("-1", "-1"), ("'-1'", "-1")])
+def test_good_gpu_id(tiny, value, expected):
+    assert load_config(tiny["test_config"], "evaluate", [f"gpu_id={value}"])["gpu_id"] \
+        == expected
+
+
+# ---- outputs under a regular file ------------------------------------------------------
+
+def test_replace_atomically_under_a_file(tmp_path):
+    blocker = tmp_path / "some_file.txt"
+    blocker.write_text("keep me\n")
+    for target, reason in ((blocker / "rank.npz", "it is a file"),
+                           (blocker / "deeper" / "rank.npz", f"parent {blocker} is a file")):
+        with pytest.raises(UserError) as info:
+            replace_atomically(str(target), lambda tmp: open(tmp, "w").close())
+        assert str(info.value) == f"cannot create directory {os.path.dirname(target)}: {reason}"
+    assert blocker.read_text() == "keep me\n"
+    assert sorted(os.listdir(tmp_path)) == ["some_file.txt"]
+
+
+def test_replace_atomically_onto_a_directory(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match="cannot write .*out: Is a directory"):
+        replace_atomically(str(tmp_path / "out"), lambda tmp: open(tmp, "w").close())
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == []
+
+
+def test_write_checkpoint_under_a_file(tiny, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match=f"parent {blocker} is a file"):
+        checkpoints.write_checkpoint({"a": np.zeros(2, np.float32)},
+                                     str(blocker / "run" / "model.ckpt"))
+
+
+def write_pngs(directory, count, size=(32, 64)):
+    """``count`` image/label pairs and their list file."""
+    rng = np.random.default_rng(0)
+    os.makedirs(directory, exist_ok=True)
+    lines = []
+    image = rng.integers(0, 256, (*size, 3), np.uint8)
+    label = rng.integers(0, NUM_CLASSES, size, np.uint8)
+    Image.fromarray(image).save(os.path.join(directory, "image.png"))
+    Image.fromarray(label).save(os.path.join(directory, "label.png"))
+    for index in range(count):
+        # Links to one pair: the converter decodes each entry anew.
+        for name in ("image", "label"):
+            os.link(os.path.join(directory, f"{name}.png"),
+                    os.path.join(directory, f"{name}{index}.png"))
+        lines.append(f"image{index}.png label{index}.png\n")
+    list_path = os.path.join(directory, "list.txt")
+    with open(list_path, "w") as f:
+        f.writelines(lines)
+    return list_path
+
+
+def test_converter_record_under_a_file(tmp_path):
+    list_path = write_pngs(tmp_path / "pngs", 2)
+    blocker = tmp_path / "out.txt"
+    blocker.write_text("keep me\n")
+    before = hash_tree(tmp_path)
+    assert_one_line_error(run_script("dataset/convert_to_tfrecords.py", "--file", list_path,
+                                     "--record", blocker / "train.tfrecords", "--no_progress"),
+                          f"cannot create directory {blocker}: it is a file")
+    assert_one_line_error(run_script("dataset/convert_to_tfrecords.py", "--file", list_path,
+                                     "--record", tmp_path / "ok.tfrecords",
+                                     "--mean", blocker / "sub" / "mean.npy", "--no_progress"),
+                          f"cannot create directory {blocker / 'sub'}: parent {blocker} is a "
+                          f"file")
+    assert hash_tree(tmp_path) == before
+
+
+# ---- Ctrl-C in the converter -------------------------------------------------------------
+
+def test_converter_interrupted_in_process(tmp_path, monkeypatch, capsys):
+    from dataset import convert_to_tfrecords, records
+
+    list_path = write_pngs(tmp_path / "pngs", 20)
+    record = tmp_path / "out" / "train.tfrecords"
+    calls = []
+    encode = records.encode_example
+
+    def interrupting_encode(image, label):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return encode(image, label)
+
+    monkeypatch.setattr(records, "encode_example", interrupting_encode)
+    before = hash_tree(tmp_path)
+    status = convert_to_tfrecords.main(["--file", list_path, "--record", str(record),
+                                        "--mean", str(tmp_path / "out" / "mean.npy"),
+                                        "--no_progress"])
+    assert status == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert os.listdir(tmp_path / "out") == []
+    assert hash_tree(tmp_path) == before
+
+
+def test_converter_interrupted_by_sigint(tmp_path):
+    list_path = write_pngs(tmp_path / "pngs", 300, size=(128, 256))
+    out = tmp_path / "out"
+    out.mkdir()
+    record = out / "train.tfrecords"
+    before = hash_tree(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "dataset", "convert_to_tfrecords.py"), "--file",
+         list_path, "--record", str(record), "--mean", str(out / "mean.npy"), "--no_progress"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    # The temporary record appears when the conversion starts.
+    while not os.path.exists(str(record) + ".tmp") and process.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr == "interrupted\n"
+    assert os.listdir(out) == []
+    assert hash_tree(tmp_path) == before
