@@ -50,7 +50,7 @@ def _random_horizontal_flip(seed):
     return flip
 
 
-def train_dataset(path, batch_size, height, width, num_classes, flip=True,
+def train_dataset(path, batch_size, height, width, num_classes, flip=False,
                   shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, seed=None):
     """Endless shuffled batches of exactly batch_size (static shapes)."""
     _check_common(path, batch_size, height, width, num_classes)

@@ -31,6 +31,11 @@ def batch_norm(x, training):
         return y
     y, mean, variance = tf1.nn.fused_batch_norm(x, gamma, beta, epsilon=BN_EPSILON,
                                                 is_training=True)
+    # The fused op returns the Bessel-corrected variance (x n/(n-1), n = N*H*W);
+    # the original averaged the biased one (tf.nn.moments), docs/network.md.
+    shape = tf.shape(x)
+    n = tf.cast(shape[0] * shape[1] * shape[2], variance.dtype)
+    variance = variance * (n - 1.0) / n
     for variable, value in ((moving_mean, mean), (moving_variance, variance)):
         update = tf1.assign_sub(variable, (1.0 - BN_DECAY) * (variable - value))
         tf1.add_to_collection(tf1.GraphKeys.UPDATE_OPS, update)
