@@ -1,14 +1,16 @@
 """Training loop (train.py): Adam, polynomial decay, resume, NaN guard."""
 
+import glob
 import math
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
 from dataset.pipeline import train_dataset
-from netcompress import checkpoints, op_errors
+from netcompress import checkpoints, op_errors, outputs
 from netcompress.errors import UserError
 from netcompress.models import model_from_config
 
@@ -18,18 +20,81 @@ CHECKPOINT_BASENAME = "model.ckpt"
 
 
 def checkpoint_prefix(checkpoint):
-    """Config `checkpoint` (a prefix like runs/x/model.ckpt, or a directory)
-    -> (directory, prefix)."""
-    if checkpoint.endswith(os.sep) or os.path.isdir(checkpoint):
-        directory = checkpoint.rstrip(os.sep) or os.sep
-        return directory, os.path.join(directory, CHECKPOINT_BASENAME)
-    return os.path.dirname(checkpoint) or ".", checkpoint
+    """Config `checkpoint` -> (directory, prefix). An existing directory, a
+    path ending in '/', or a path that is neither an existing checkpoint
+    prefix nor named like one ('.ckpt' in its name) is a directory, created
+    if needed (as the original): checkpoints go to DIR/model.ckpt-STEP."""
+    path = checkpoint.rstrip(os.sep) or os.sep
+    named_like_prefix = ".ckpt" in os.path.basename(path) or glob.glob(glob.escape(path)
+                                                                       + "-*.index")
+    if checkpoint.endswith(os.sep) or os.path.isdir(path) or not named_like_prefix:
+        return path, os.path.join(path, CHECKPOINT_BASENAME)
+    return os.path.dirname(path) or ".", path
+
+
+def latest_of_run(directory, prefix):
+    """The newest `prefix-STEP` checkpoint the directory's state file names,
+    or None when there is none. A state file naming anything else (a pruned
+    checkpoint, another run's prefix) is refused: resuming from it would
+    restore another model or miss the optimizer state."""
+    state = checkpoints.read_state(directory) if os.path.isdir(directory) else None
+    if state is None:
+        return None
+    latest = state.model_checkpoint_path
+    if not os.path.isabs(latest):
+        latest = os.path.join(directory, latest)
+    if not re.fullmatch(re.escape(os.path.basename(prefix)) + r"-\d+", os.path.basename(latest)):
+        raise UserError(f"checkpoint directory {directory} already holds {latest}, which is "
+                        f"not a checkpoint of this run ({prefix}-STEP): give an empty or new "
+                        f"checkpoint directory (to start from its weights, set intialize: "
+                        f"{latest})")
+    return latest
+
+
+def check_resumable(latest, graph, directory):
+    """The checkpoint to resume holds every variable of the training graph
+    (model, Adam slots, global step) with the same shapes."""
+    shapes = checkpoints.checkpoint_shapes(latest)
+    for variable in graph.saved_variables:
+        name = checkpoints.checkpoint_key(variable.name)
+        want = tuple(variable.shape.as_list())
+        if shapes.get(name) != want:
+            found = "missing" if name not in shapes else f"{list(shapes[name])} there"
+            raise UserError(f"cannot resume from {latest}: it is not a training checkpoint "
+                            f"of this model ({name} {list(want)} is {found}); give an empty "
+                            f"or new checkpoint directory (to start from its weights, set "
+                            f"intialize: {latest})")
+
+
+def check_paths(config, directory):
+    """Before any work: the checkpoint directory can be written and nothing
+    the run writes replaces an input."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UserError(f"checkpoint {config['checkpoint']!r}: {directory!r} is a file, not "
+                        f"a directory")
+    inputs = {key: [config[key]] for key in ("train_data", "model_def", "mask")
+              if config.get(key)}
+    inputs["intialize"] = outputs.input_checkpoint_files(config.get("initialize"))
+    outputs.check_outputs({"checkpoint": [os.path.join(directory, outputs.STATE_FILE)]},
+                          inputs)
+    if not 1 <= config.get("max_to_keep", 3):
+        raise UserError(f"max_to_keep must be at least 1, got {config['max_to_keep']}")
+
+
+def _end_learning_rate(config):
+    """Where the polynomial decay ends (the original's 1e-4, README.md)."""
+    end, start = config.get("end_learning_rate", 1e-4), config["learning_rate"]
+    if not 0 <= end <= start:
+        raise UserError(f"'end_learning_rate' must be >= 0 and <= learning_rate ({start}), "
+                        f"got {end}")
+    return end
 
 
 class TrainGraph:
     """The training graph: data, model, loss, optimizer, saver, summaries."""
 
     def __init__(self, config, seed=None):
+        end_learning_rate = _end_learning_rate(config)
         self.graph = tf.Graph()
         with self.graph.as_default():
             if seed is not None:
@@ -37,7 +102,7 @@ class TrainGraph:
             self.model = model_from_config(config)
             dataset = train_dataset(config["train_data"], config["batch_size"],
                                     config["height"], config["width"], config["num_classes"],
-                                    flip=config.get("flip", True), seed=seed)
+                                    flip=config.get("flip", False), seed=seed)
             images, labels = tf1.data.make_one_shot_iterator(dataset).get_next()
             outputs = self.model.build(images, training=True, aux=True)
             self.data_loss = tf.reduce_mean(self.model.per_example_loss(outputs, labels))
@@ -45,12 +110,20 @@ class TrainGraph:
             self.global_step = tf1.train.get_or_create_global_step()
             self.learning_rate = tf1.train.polynomial_decay(
                 config["learning_rate"], self.global_step, config["max_iteration"],
-                end_learning_rate=0.0, power=config["power"])
+                end_learning_rate=end_learning_rate, power=config["power"])
             optimizer = tf1.train.AdamOptimizer(self.learning_rate)
             with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
                 self.train_op = optimizer.minimize(self.loss, self.global_step)
             self.model_variables = checkpoints.model_variables(self.graph)
-            self.saver = tf1.train.Saver(max_to_keep=3)
+            self.saved_variables = tf1.global_variables()
+            # One op telling whether a checkpoint would be worth keeping (a
+            # resume restores the Adam slots too).
+            self.all_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
+                                             for v in self.saved_variables
+                                             if v.dtype.base_dtype.is_floating])
+            # Relative paths in the state file: a copied run folder stays whole.
+            self.saver = tf1.train.Saver(max_to_keep=config.get("max_to_keep", 3),
+                                         save_relative_paths=True)
             tf1.summary.scalar("loss", self.loss)
             tf1.summary.scalar("data_loss", self.data_loss)
             tf1.summary.scalar("learning_rate", self.learning_rate)
@@ -59,12 +132,13 @@ class TrainGraph:
         self.graph.finalize()
 
 
-def _initialise(session, graph, config, directory, log):
+def _initialise(session, graph, config, directory, prefix, log):
     """Resume from the newest checkpoint in `directory`, else initialise
     (and restore what matches from `initialize`). Returns the start step."""
-    latest = tf1.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
+    latest = latest_of_run(directory, prefix)
     session.run(graph.initializer)
     if latest is not None:
+        check_resumable(latest, graph, directory)
         graph.saver.restore(session, latest)
         step = int(session.run(graph.global_step))
         log(f"resuming from {latest} at step {step}")
@@ -81,15 +155,31 @@ def _initialise(session, graph, config, directory, log):
     return 0
 
 
+def _diverged(what, directory, prefix):
+    last = latest_of_run(directory, prefix)
+    return UserError(f"{what}: training stopped; last good checkpoint: "
+                     f"{last or 'none saved yet'} (lower learning_rate?)")
+
+
+def _save_if_finite(session, graph, directory, prefix, step):
+    """Save only finite variables (batch-norm statistics included): the
+    newest checkpoint is then always a good one, whatever max_to_keep
+    rotates away."""
+    if not session.run(graph.all_finite):
+        raise _diverged(f"variables are not finite after step {step}", directory, prefix)
+    graph.saver.save(session, prefix, global_step=step)
+
+
 def train(config, log=print, seed=None, progress=True):
     """Train per config; returns a dict with the final step and loss history."""
     directory, prefix = checkpoint_prefix(config["checkpoint"])
-    os.makedirs(directory, exist_ok=True)
+    check_paths(config, directory)
     graph = TrainGraph(config, seed=seed)
+    os.makedirs(directory, exist_ok=True)
     max_iteration, save_step = config["max_iteration"], config["save_step"]
     history, data_history = [], []
     with tf1.Session(graph=graph.graph) as session:
-        step = _initialise(session, graph, config, directory, log)
+        step = _initialise(session, graph, config, directory, prefix, log)
         if step >= max_iteration:
             log(f"nothing to do: step {step} >= max_iteration {max_iteration}")
             return {"step": step, "losses": history, "data_losses": data_history,
@@ -104,10 +194,7 @@ def train(config, log=print, seed=None, progress=True):
                         [graph.train_op, graph.loss, graph.data_loss, graph.learning_rate,
                          graph.summaries])
                 if not math.isfinite(loss):
-                    last = tf1.train.latest_checkpoint(directory)
-                    raise UserError(f"loss is {loss} at step {step + 1}: training stopped; last "
-                                    f"good checkpoint: {last or 'none saved yet'} (lower "
-                                    f"learning_rate?)")
+                    raise _diverged(f"loss is {loss} at step {step + 1}", directory, prefix)
                 step += 1
                 history.append(float(loss))
                 data_history.append(float(data_loss))
@@ -119,7 +206,7 @@ def train(config, log=print, seed=None, progress=True):
                                     lr=f"{learning_rate:.2e}")
                     writer.add_summary(summary, step)
                 if step % save_step == 0 or step == max_iteration:
-                    graph.saver.save(session, prefix, global_step=step)
+                    _save_if_finite(session, graph, directory, prefix, step)
         finally:
             bar.close()
             writer.close()

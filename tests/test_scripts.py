@@ -37,8 +37,7 @@ def workspace(tmp_path_factory):
     common = dict(gpu_id="", model="AdapNet_pp", num_classes=NUM_CLASSES, batch_size=4,
                   skip_step=1, height=HEIGHT, width=WIDTH, mask=None, model_def=model_def)
     train_config = write_config(root / "train.config", dict(
-        common, intialize=None, checkpoint=root / "run" / "model.ckpt",
-        train_data=root / "data" /
+        common, intialize=None, checkpoint=root / "run", train_data=root / "data" /
         "train.tfrecords", max_iteration=2, learning_rate=1e-3, save_step=2, power=0.9))
     test_values = dict(common, checkpoint=root / "run",
                        test_data=root / "data" / "test.tfrecords")

@@ -1,6 +1,9 @@
 """train.py / evaluate.py: learning, resume, NaN guard, one-line errors."""
 
+import glob
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -82,23 +85,91 @@ def test_resume_continues_from_saved_step(demo, tmp_path):
     assert second["checkpoint"].endswith("model.ckpt-7")
 
 
-def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(demo, tmp_path):
+def checkpoint_tensors(prefix):
+    import tensorflow as tf
+    reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+def test_divergence_never_leaves_a_non_finite_checkpoint(demo, tmp_path):
+    """An absurd learning rate overflows variables (Adam slots, batch-norm
+    statistics, weights) within a few steps; with a save every step and
+    max_to_keep 1, every checkpoint left must be finite in every variable."""
     _, _, train_config, _ = demo
     prefix = f"checkpoint={tmp_path}/model.ckpt"
     train(load_config(train_config, "train", [prefix, "max_iteration=2", "save_step=2"]),
           progress=False)
-    # An absurd learning rate overflows the weights within a few steps.
-    config = load_config(train_config, "train", [prefix, "max_iteration=40",
-                                                 "save_step=1", "learning_rate=1e30"])
-    with pytest.raises(UserError, match=r"loss is (nan|inf) at step \d+: training stopped; "
-                                        r"last good checkpoint: .*model.ckpt-\d+"):
+    # 1e10 (measured): an Adam slot overflows while the loss is still finite.
+    config = load_config(train_config, "train", [prefix, "max_iteration=40", "save_step=1",
+                                                 "learning_rate=1e10"])
+    config["max_to_keep"] = 1
+    with pytest.raises(UserError, match=r"(loss is (nan|inf) at step|variables are not "
+                                        r"finite after step) \d+: training stopped; last "
+                                        r"good checkpoint: .*model.ckpt-\d+") as caught:
         train(config, progress=False)
+    last = str(caught.value).split("last good checkpoint: ")[1].split(" ")[0]
+    # This run saved at least one finite step; the Saver rotated the older ones.
+    remaining = glob.glob(f"{tmp_path}/model.ckpt-*.index")
+    steps = sorted(int(path.split("-")[-1].split(".")[0]) for path in remaining)
+    assert steps[-1] > 2 and last == f"{tmp_path}/model.ckpt-{steps[-1]}"
+    assert len(steps) == 2  # max_to_keep 1 of this run, and the resumed step 2
     state = open(f"{tmp_path}/checkpoint").read()
-    step = int(state.split("model.ckpt-")[1].split('"')[0])
-    import tensorflow as tf
-    reader = tf.compat.v1.train.NewCheckpointReader(f"{tmp_path}/model.ckpt-{step}")
-    weights = reader.get_tensor("resnet_v2_50/conv1/weights")
-    assert np.isfinite(weights).all()
+    assert os.path.basename(last) in state.splitlines()[0]
+    for path in remaining:
+        for name, value in checkpoint_tensors(path[:-len(".index")]).items():
+            if value.dtype.kind == "f":
+                assert np.isfinite(value).all(), (path, name)
+
+
+def test_checkpoint_that_does_not_exist_is_a_directory(demo, tmp_path):
+    _, _, train_config, _ = demo
+    result = train(load_config(train_config, "train", [f"checkpoint={tmp_path}/run",
+                                                       "max_iteration=1", "save_step=1"]),
+                   progress=False)
+    assert result["checkpoint"] == f"{tmp_path}/run/model.ckpt-1"
+    assert os.path.isfile(f"{tmp_path}/run/model.ckpt-1.index")
+    # Relative paths in the state file: a copy of the folder resumes from itself.
+    assert str(tmp_path) not in open(f"{tmp_path}/run/checkpoint").read()
+    shutil.copytree(f"{tmp_path}/run", f"{tmp_path}/copy")
+    messages = []
+    train(load_config(train_config, "train", [f"checkpoint={tmp_path}/copy",
+                                              "max_iteration=2", "save_step=1"]),
+          log=messages.append, progress=False)
+    assert f"resuming from {tmp_path}/copy/model.ckpt-1 at step 1" in messages
+
+
+def directory_digest(directory):
+    return {name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(directory))}
+
+
+def test_resume_only_a_training_checkpoint_of_this_model(demo, tmp_path):
+    _, _, train_config, _ = demo
+    one_step = ["max_iteration=1", "save_step=1"]
+    # A folder holding another model's training checkpoint.
+    other = write_json(tmp_path / "other.json", scaled_model_def(16))
+    train(load_config(train_config, "train", [f"checkpoint={tmp_path}/a", f"model_def={other}",
+                                              *one_step]), progress=False)
+    before = directory_digest(tmp_path / "a")
+    with pytest.raises(UserError, match=r"cannot resume from .*a/model.ckpt-1: it is not a "
+                                        r"training checkpoint of this model \(resnet_v2_50/"):
+        train(load_config(train_config, "train", [f"checkpoint={tmp_path}/a", *one_step]),
+              progress=False)
+    assert directory_digest(tmp_path / "a") == before
+    # A folder whose state file names a checkpoint of no training run (a pruned one).
+    from netcompress.checkpoints import read_checkpoint, record_in_state_file, \
+        write_checkpoint
+    values = {name: value for name, value in read_checkpoint(f"{tmp_path}/a").items()
+              if "Adam" not in name and name != "global_step"}
+    write_checkpoint(values, f"{tmp_path}/pruned/model.ckpt")
+    record_in_state_file(f"{tmp_path}/pruned/model.ckpt")
+    before = directory_digest(tmp_path / "pruned")
+    with pytest.raises(UserError, match=r"already holds .*pruned/model.ckpt, which is not a "
+                                        r"checkpoint of this run .*set intialize: "):
+        train(load_config(train_config, "train", [f"checkpoint={tmp_path}/pruned",
+                                                  f"model_def={other}", *one_step]),
+              progress=False)
+    assert directory_digest(tmp_path / "pruned") == before
 
 
 def run_script(script, *args, env=None):
@@ -191,3 +262,22 @@ def test_failed_op_is_reported_as_the_op_not_as_bad_data(demo, tmp_path):
         "--checkpoint", str(tmp_path / "auto" / "model.ckpt"),
         env={"TF_ENABLE_ONEDNN_OPTS": "0"})
     assert code == 0 and not errors, stderr
+
+
+def test_checkpoint_over_an_input_is_refused_before_training(demo, tmp_path):
+    _, files, train_config, _ = demo
+    before = directory_digest(os.path.dirname(files["train"]))
+    with pytest.raises(UserError, match=r"is a file, not a directory"):
+        train(load_config(train_config, "train", [f"checkpoint={files['train']}"]),
+              progress=False)
+    # A state file would be written where the records are.
+    records_dir = tmp_path / "records"
+    records_dir.mkdir()
+    records = str(records_dir / "checkpoint")
+    with open(files["train"], "rb") as source, open(records, "wb") as target:
+        target.write(source.read())
+    with pytest.raises(UserError, match=r"checkpoint .* would replace the input train_data"):
+        train(load_config(train_config, "train", [f"checkpoint={records_dir}",
+                                                  f"train_data={records}"]), progress=False)
+    assert directory_digest(os.path.dirname(files["train"])) == before
+    assert os.listdir(records_dir) == ["checkpoint"]
