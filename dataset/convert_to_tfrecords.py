@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from netcompress.cli import INTERRUPT_EXIT
 from netcompress.errors import UserError
+from netcompress.outputs import check_outputs
 
 # Pillow modes whose values are plain 8-bit class ids.
 _LABEL_MODES = ("L", "P", "1")
@@ -154,6 +155,11 @@ def convert(list_path, record_path, mean_path=None, resize=None, num_classes=Non
         for path, what in ((image_path, "image"), (label_path, "label")):
             if not os.path.isfile(path):
                 raise UserError(f"{what} file not found: {path} (listed in {list_path})")
+    written = {"--record": [record_path]}
+    if mean_path is not None:
+        written["--mean"] = [mean_path]
+    check_outputs(written, {"--file": [list_path],
+                            "a listed file": [path for pair in pairs for path in pair]})
     # Imported only now so list and file errors are reported without loading TF.
     from dataset.records import encode_example, record_writer, save_npy_atomic
 

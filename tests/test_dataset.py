@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -494,3 +495,21 @@ def test_synthetic_colour_does_not_reveal_the_shape_class(synthetic_splits):
     np.add.at(counts, (bins(train_colours), np.searchsorted(classes, train_labels)), 1)
     histogram_guess = classes[counts.argmax(axis=1)][bins(test_colours)]
     assert np.mean(histogram_guess == test_labels) < majority_rate + 0.05
+
+
+def test_convert_refuses_outputs_over_its_inputs(tmp_path):
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8), "RGB").save(images_dir / "i.png")
+    Image.fromarray(np.ones((HEIGHT, WIDTH), np.uint8), "L").save(images_dir / "l.png")
+    list_path = write_list(tmp_path / "list.txt", ["images/i.png images/l.png"])
+    contents = {path: open(path, "rb").read() for path in
+                (list_path, str(images_dir / "i.png"), str(images_dir / "l.png"))}
+    for record, mean, message in (
+            (list_path, None, "--record '%s' would replace the input --file" % list_path),
+            (str(tmp_path / "r.tfrecords"), str(images_dir / "l.png"),
+             "--mean '%s' would replace the input a listed file" % (images_dir / "l.png"))):
+        with pytest.raises(UserError, match=re.escape(message)):
+            convert_to_tfrecords.convert(list_path, record, mean_path=mean, progress=False)
+    assert {path: open(path, "rb").read() for path in contents} == contents
+    assert sorted(os.listdir(tmp_path)) == ["images", "list.txt"]
