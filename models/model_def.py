@@ -194,13 +194,6 @@ def check_masks(model_def, masks, source="mask"):
     return indices_by_unit
 
 
-def load_model(model_def_path, mask_path, num_classes):
-    """Load and cross-check a model_def and its masks (None = no mask file)."""
-    model_def = load_model_def(model_def_path)
-    masks = check_masks(model_def, load_masks(mask_path), source=mask_path or "mask")
-    return model_def, masks
-
-
 def parameter_count(model_def, num_classes):
     """Variables of the graph (weights, BN incl. moving statistics)."""
     architecture = adapnet_pp()

@@ -65,23 +65,29 @@ def write_config(path, values):
     return str(path)
 
 
-def randomise_variables(session, variables, seed=0):
-    """Non-trivial values everywhere (BN statistics and betas included)."""
-    rng = np.random.default_rng(seed)
+def random_values(variables, rng):
+    """{variable name without ':0': float32 array}: He-scaled kernels and
+    non-trivial batch norms (BN statistics and betas included)."""
     values = {}
     for variable in variables:
         shape = variable.shape.as_list()
-        name = variable.name
-        if name.endswith("moving_variance:0"):
+        name = variable.name[:-2] if variable.name.endswith(":0") else variable.name
+        if name.endswith("moving_variance"):
             value = rng.uniform(0.5, 2.0, shape)
-        elif name.endswith("gamma:0"):
+        elif name.endswith("gamma"):
             value = rng.uniform(0.5, 1.5, shape)
-        elif name.endswith(("beta:0", "moving_mean:0")):
+        elif name.endswith(("beta", "moving_mean")):
             value = rng.normal(0.0, 0.3, shape)
         else:
             fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
             value = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
-        values[variable] = value.astype(np.float32)
+        values[name] = value.astype(np.float32)
+    return values
+
+
+def randomise_variables(session, variables, seed=0):
+    """Assign random_values to ``variables``; returns them by name."""
     from netcompress.checkpoints import assign_values
-    assign_values(session, values)
-    return {v.name[:-2]: val for v, val in values.items()}
+    values = random_values(variables, np.random.default_rng(seed))
+    assign_values(session, {v: values[v.name[:-2]] for v in variables})
+    return values

@@ -5,11 +5,11 @@ import textwrap
 
 import pytest
 
+from helpers import REPO
 from netcompress.cli import parse_script_args
 from netcompress.config import apply_gpu_id, checkpoint_exists, load_config
 from netcompress.errors import UserError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TRAIN_TEXT = """\
 gpu_id: 0
@@ -310,7 +310,7 @@ def run_script(tmp_path, body):
 
         run_main(main)
         """) % textwrap.indent(textwrap.dedent(body), "    "))
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    env = dict(os.environ, PYTHONPATH=REPO)
     return subprocess.run([sys.executable, str(script)], capture_output=True,
                           text=True, env=env, timeout=60)
 

@@ -8,12 +8,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from helpers import REPO
 from dataset import convert_to_tfrecords, pipeline, records, synthetic
 from netcompress.errors import UserError
 
 tf.compat.v1.disable_eager_execution()
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH, NUM_CLASSES = 32, 64, 5
 
 
@@ -385,7 +385,7 @@ def test_cli_reports_user_error_on_one_line_and_exits_2(tmp_path):
     make_pair(tmp_path, "good", (HEIGHT, WIDTH), (HEIGHT, WIDTH))
     list_path = write_list(tmp_path / "list.txt", ["good.png missing_lab.png"])
     result = run_cli(["-m", "dataset.convert_to_tfrecords", "--file", list_path,
-                      "--record", str(tmp_path / "o.tfrecords")], cwd=REPO_ROOT)
+                      "--record", str(tmp_path / "o.tfrecords")], cwd=REPO)
     assert result.returncode == 2
     # TensorFlow may log to stderr too; ours is the one and last error line.
     stderr_lines = result.stderr.strip().splitlines()
@@ -401,7 +401,7 @@ def test_cli_as_script_path_converts(tmp_path):
     list_path = write_list(tmp_path / "list.txt", [pair])
     record_path = str(tmp_path / "o.tfrecords")
     # Run from elsewhere so only the script's own sys.path fix finds the repo.
-    result = run_cli([os.path.join(REPO_ROOT, "dataset", "convert_to_tfrecords.py"),
+    result = run_cli([os.path.join(REPO, "dataset", "convert_to_tfrecords.py"),
                       "--file", list_path, "--record", record_path,
                       "--resize", "16x32", "--no_progress"], cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr

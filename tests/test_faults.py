@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from helpers import REPO, scaled_model_def, write_config, write_json
+from helpers import REPO, random_values, scaled_model_def, write_config, write_json
 from dataset import synthetic
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, resolve_widths
@@ -42,19 +42,6 @@ DATA_SUFFIX = ".data-00000-of-00001"
 
 
 # ---- fixtures and helpers ------------------------------------------------------
-
-def random_values(variables, rng):
-    values = {}
-    for variable in variables:
-        name = checkpoints.checkpoint_key(variable.name)
-        shape = variable.shape.as_list()
-        if name.endswith(("moving_variance", "gamma")):
-            values[name] = rng.uniform(0.5, 1.5, shape)
-        else:
-            values[name] = rng.normal(0.0, 0.1, shape)
-        values[name] = values[name].astype(np.float32)
-    return values
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -560,12 +547,13 @@ def test_converter_record_under_a_file(tmp_path):
     before = hash_tree(tmp_path)
     assert_one_line_error(run_script("dataset/convert_to_tfrecords.py", "--file", list_path,
                                      "--record", blocker / "train.tfrecords", "--no_progress"),
-                          f"cannot create directory {blocker}: it is a file")
+                          f"--record '{blocker / 'train.tfrecords'}': '{blocker}' is a "
+                          f"file, not a directory")
     assert_one_line_error(run_script("dataset/convert_to_tfrecords.py", "--file", list_path,
                                      "--record", tmp_path / "ok.tfrecords",
                                      "--mean", blocker / "sub" / "mean.npy", "--no_progress"),
-                          f"cannot create directory {blocker / 'sub'}: parent {blocker} is a "
-                          f"file")
+                          f"--mean '{blocker / 'sub' / 'mean.npy'}': '{blocker}' is a file, "
+                          f"not a directory")
     assert hash_tree(tmp_path) == before
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import FLOAT32_PASS_TOLERANCE
+from helpers import FLOAT32_PASS_TOLERANCE, REPO, random_values, scaled_model_def
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, resolve_widths
 from models.model_def import load_masks, load_model_def, parameter_count, save_model_def
@@ -35,7 +35,6 @@ from netcompress.rankfile import RankSums
 tf1 = tf.compat.v1
 tf1.disable_eager_execution()
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 4
 HEIGHT, WIDTH = 32, 64
 # Removed and zeroed channels give the same sums in another float32 order
@@ -49,35 +48,6 @@ SESSION_CONFIG = tf1.ConfigProto()
 # Graph rewriting costs more than these tiny graphs ever run.
 SESSION_CONFIG.graph_options.rewrite_options.disable_meta_optimizer = True
 LAYERS = [g.name for g in ARCHITECTURE.prunable_groups()]
-
-
-def tiny_model_def():
-    with open(os.path.join(REPO_ROOT, "models", "default.json")) as f:
-        full = json.load(f)
-
-    def divide(value):
-        return [max(1, v // 16) for v in value] if isinstance(value, list) else value // 16
-    return {section: {key: divide(value) for key, value in entries.items()}
-            for section, entries in full.items()}
-
-
-def random_values(variables, rng):
-    """Checkpoint values with He-scaled kernels and non-trivial batch norms."""
-    values = {}
-    for variable in variables:
-        name = checkpoint_key(variable.name)
-        shape = variable.shape.as_list()
-        leaf = name.rsplit("/", 1)[-1]
-        if leaf == "weights":
-            values[name] = rng.normal(0.0, np.sqrt(2.0 / np.prod(shape[:3])), shape)
-        elif leaf == "gamma":
-            values[name] = rng.uniform(0.5, 1.5, shape)
-        elif leaf == "moving_variance":
-            values[name] = rng.uniform(0.5, 1.5, shape)
-        else:  # beta, moving_mean
-            values[name] = rng.uniform(-0.5, 0.5, shape)
-        values[name] = values[name].astype(np.float32)
-    return values
 
 
 def _variable_behind(tensor):
@@ -159,7 +129,7 @@ def source(tmp_path_factory):
     """The tiny model on disk (checkpoint, model_def), its values, a batch and
     its built network (reused by every zeroed run)."""
     directory = tmp_path_factory.mktemp("source")
-    model_def = tiny_model_def()
+    model_def = scaled_model_def(16)
     network = Network(model_def, {})
     rng = np.random.default_rng(7)
     images = rng.uniform(0.0, 255.0, [2, HEIGHT, WIDTH, 3]).astype(np.float32)
@@ -515,8 +485,8 @@ def test_decide_threshold_summary(source, tmp_path):
 # ---- the script: one-line errors ---------------------------------------------
 
 def run_script(*arguments):
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "prun_model.py"),
-                           *map(str, arguments)], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run([sys.executable, os.path.join(REPO, "prun_model.py"),
+                           *map(str, arguments)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -548,7 +518,7 @@ def test_script_errors(source, tmp_path):
                           "valid: conv256, conv70")
 
     small_rank = write_rank_file(tmp_path / "small.npz",
-                                 load_model_def(os.path.join(REPO_ROOT, "models/small.json")),
+                                 load_model_def(os.path.join(REPO, "models/small.json")),
                                  ["conv1"])
     settings.phase, settings.conv_name, settings.save_nvidia_name = "conv1", "conv1", small_rank
     assert_one_line_error(run_script(*script_arguments(settings)),

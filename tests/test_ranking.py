@@ -17,7 +17,7 @@ from scipy.stats import spearmanr
 from tensorflow.core.protobuf import rewriter_config_pb2
 
 import get_oracle_rank
-from helpers import FLOAT32_PASS_TOLERANCE, write_config
+from helpers import FLOAT32_PASS_TOLERANCE, REPO, scaled_model_def, write_config
 from dataset import records, synthetic
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, output_offset, resolve_widths
@@ -32,27 +32,10 @@ from netcompress.runtime import graph_mode
 graph_mode()
 tf1 = tf.compat.v1
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 32, 64
 NUM_CLASSES = synthetic.NUM_CLASSES
 NUM_RECORDS = 10
 TRAIN_STEPS = 40
-
-
-def tiny_model_def(divisor=16):
-    """default.json with every width divided by ``divisor`` (at least 1);
-    a split conv2's width is the sum of its (divided) halves."""
-    model_def = load_model_def(os.path.join(REPO_ROOT, "models", "default.json"))
-
-    def divide(width):
-        return max(1, width // divisor)
-
-    params = {key: [divide(w) for w in value] if isinstance(value, list) else divide(value)
-              for key, value in model_def["params"].items()}
-    split = {key: [divide(w) for w in halves] for key, halves in model_def["split"].items()}
-    for key, halves in split.items():
-        params[key][1] = sum(halves)
-    return {"params": params, "split": split}
 
 
 def rank_config(checkpoint, data, model_def, mask=None, batch_size=4, rank_save=""):
@@ -74,7 +57,7 @@ def workspace(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_def(workspace):
     path = str(workspace / "tiny.json")
-    save_model_def(tiny_model_def(), path)
+    save_model_def(scaled_model_def(16), path)
     return path
 
 
@@ -196,7 +179,7 @@ def test_default_layer_list_has_77_layers_in_declaration_order():
 
 
 def test_default_layer_widths_follow_the_model_def():
-    model_def = load_model_def(os.path.join(REPO_ROOT, "models", "default.json"))
+    model_def = load_model_def(os.path.join(REPO, "models", "default.json"))
     widths = resolve_widths(model_def, NUM_CLASSES)
     layer_widths = [widths[name] for name in rank_layers()]
     assert layer_widths[:4] == [64, 64, 64, 256]
@@ -390,7 +373,7 @@ def random_checkpoint(model_def_path, mask_path, prefix):
 
 
 def test_masked_model_def_ranks_at_its_own_widths(workspace, data):
-    model_def = tiny_model_def()
+    model_def = scaled_model_def(16)
     unit = "block1/unit_1"
     residual = model_def["params"]["2"][3]
     kept = [0, 2, 3, 5, 7, 8, 9, 10, 11, 13, 14, 15][:residual - 4]
@@ -413,7 +396,7 @@ def test_masked_model_def_ranks_at_its_own_widths(workspace, data):
 
 
 def test_checkpoint_of_another_model_def_is_a_one_line_error(workspace, trained, data):
-    model_def = tiny_model_def()
+    model_def = scaled_model_def(16)
     model_def["params"]["1"] += 2
     model_def_path = str(workspace / "wider.json")
     save_model_def(model_def, model_def_path)
@@ -421,7 +404,7 @@ def test_checkpoint_of_another_model_def_is_a_one_line_error(workspace, trained,
         trained, data, model_def_path, rank_save=str(workspace / "never.npz")))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run([sys.executable, "get_oracle_rank.py", "-c", config_path],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2, result.stderr
     # TensorFlow logs to stderr at import; ours is the one and last error line.
