@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from netcompress.cli import INTERRUPT_EXIT
 from netcompress.errors import UserError
+from netcompress.files import one_line
 from netcompress.outputs import check_outputs
 
 # Pillow modes whose values are plain 8-bit class ids.
@@ -81,11 +82,7 @@ def _open_image(path, what):
             image.load()
             return image
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise UserError(f"cannot decode {what} {path}: {_one_line(exc)}") from None
-
-
-def _one_line(exc):
-    return " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"cannot decode {what} {path}: {one_line(exc)}") from None
 
 
 def _image_to_bgr(image, path, size=None):

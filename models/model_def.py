@@ -7,7 +7,7 @@ import numpy as np
 
 from models.architecture import UNITS, adapnet_pp, resolve_widths
 from netcompress.errors import UserError
-from netcompress.files import replace_atomically
+from netcompress.files import numpy_file_kind, one_line, replace_atomically
 
 PARAM_KEYS = tuple(str(k) for k in range(1, 38))
 UNIT_KEYS = {u.key for u in UNITS}
@@ -137,20 +137,18 @@ def _read_mask_array(path):
     saying what the file is instead (docs/errors.md)."""
     not_mask = f"mask file {path} is not a mask array (a .npy written by prun_model.py)"
     try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
+        kind = numpy_file_kind(path)
     except OSError as exc:
         raise UserError(f"cannot read mask file {path}: {exc.strerror or exc}") from None
-    if magic.startswith(b"PK"):
+    if kind == "npz":
         raise UserError(f"{not_mask}: it is a zip or .npz archive (a rank file?)")
-    if magic != b"\x93NUMPY":
-        # np.load would try to unpickle it and speak of pickled data.
-        raise UserError(f"{not_mask}: " + ("it is empty" if not magic else
+    if kind != "npy":
+        raise UserError(f"{not_mask}: " + ("it is empty" if kind == "empty" else
                                            "it is not a .npy file"))
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:  # a damaged or object-array .npy
-        raise UserError(f"{not_mask}: {_one_line(exc)}") from None
+        raise UserError(f"{not_mask}: {one_line(exc)}") from None
     if loaded.dtype.names != ("unit", "width", "keep"):
         raise UserError(f"{not_mask} (fields {loaded.dtype.names})")
     fields = loaded.dtype.fields
@@ -161,10 +159,6 @@ def _read_mask_array(path):
         raise UserError(f"{not_mask}: it holds a {loaded.ndim}-d array, not one row per "
                         f"residual unit")
     return loaded
-
-
-def _one_line(exc):
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def check_masks(model_def, masks, source="mask"):

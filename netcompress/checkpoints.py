@@ -11,10 +11,10 @@ from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
 from models.architecture import OUTER_SCOPE
 from netcompress.errors import UserError
 from netcompress.files import make_directory, remove_quietly, replace_atomically
+from netcompress.outputs import CHECKPOINT_SUFFIXES, STATE_FILE
 
 tf1 = tf.compat.v1
 
-STATE_FILE = "checkpoint"  # TensorFlow's state file in a checkpoint directory
 # What TensorFlow's checkpoint reader raises on a damaged or foreign file
 # (IndexError: a truncated .data file); none of the damage tried in
 # tests/test_faults.py aborts the process.
@@ -39,7 +39,7 @@ def resolve_checkpoint(path):
             raise UserError(f"no checkpoint found in directory {path} (it has no "
                             f"'{STATE_FILE}' state file; give a checkpoint prefix such as "
                             f"{os.path.join(path, 'model.ckpt-1000')})")
-        prefix = _in_directory(path, state.model_checkpoint_path)
+        prefix = path_in_directory(path, state.model_checkpoint_path)
         _check_files(prefix, f"checkpoint {prefix} (named by "
                              f"{os.path.join(path, STATE_FILE)})")
         return prefix
@@ -78,7 +78,7 @@ def read_state(directory):
     return state
 
 
-def _in_directory(directory, name):
+def path_in_directory(directory, name):
     """A state file's path: relative ones are relative to its directory."""
     return name if os.path.isabs(name) else os.path.join(directory, name)
 
@@ -254,7 +254,7 @@ def write_checkpoint(values, path):
             tmp_prefix = os.path.join(directory, f".tmp{os.getpid()}-{os.path.basename(path)}")
             try:
                 saver.save(session, tmp_prefix, write_meta_graph=False, write_state=False)
-                for suffix in (".index", ".data-00000-of-00001"):
+                for suffix in CHECKPOINT_SUFFIXES:
                     os.replace(tmp_prefix + suffix, path + suffix)
             except (OSError, tf.errors.OpError) as exc:
                 raise UserError(f"cannot write checkpoint {path}: "
@@ -285,7 +285,7 @@ def record_in_state_file(prefix):
             return False
         target = os.path.realpath(os.path.join(directory, name))
         named = [state.model_checkpoint_path, *state.all_model_checkpoint_paths]
-        if any(os.path.realpath(_in_directory(directory, p)) != target for p in named):
+        if any(os.path.realpath(path_in_directory(directory, p)) != target for p in named):
             return False
     state = CheckpointState(model_checkpoint_path=name, all_model_checkpoint_paths=[name])
     text = text_format.MessageToString(state)

@@ -43,26 +43,16 @@ def failed_op(exc, graph=None):
         return None
 
 
-def from_input_pipeline(exc, graph=None):
-    if isinstance(exc, tf.errors.DataLossError):
-        return True
-    op = failed_op(exc, graph)
-    return op is not None and op.type in INPUT_PIPELINE_OPS
-
-
-def op_failure_from(exc, graph=None):
-    op = failed_op(exc, graph)
-    where = f"op {op.name} ({op.type})" if op is not None else "an op"
-    return OpFailure(f"TensorFlow {where} failed: {type(exc).__name__}: "
-                     f"{first_message_line(exc)}")
-
-
 def session_error_from(exc, data_path, graph=None):
     """One-line UserError for ``exc``, a tf.errors.OpError from a session run
     of ``graph`` that reads ``data_path`` through tf.data."""
-    if from_input_pipeline(exc, graph):
+    op = failed_op(exc, graph)
+    if isinstance(exc, tf.errors.DataLossError) or (op is not None
+                                                     and op.type in INPUT_PIPELINE_OPS):
         return data_error_from(exc, data_path)
-    return op_failure_from(exc, graph)
+    where = f"op {op.name} ({op.type})" if op is not None else "an op"
+    return OpFailure(f"TensorFlow {where} failed: {type(exc).__name__}: "
+                     f"{first_message_line(exc)}")
 
 
 @contextlib.contextmanager

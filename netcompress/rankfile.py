@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 
 from netcompress.errors import UserError
-from netcompress.files import replace_atomically
+from netcompress.files import numpy_file_kind, one_line, replace_atomically
 
 # What numpy's zip and .npy readers raise on a truncated or damaged file.
 _DAMAGED_ARCHIVE = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
@@ -77,11 +77,9 @@ class RankSums:
             raise UserError(f"rank file not found: {path}")
         not_rank = f"{path} is not a rank file (an .npz written by get_oracle_rank.py)"
         try:
-            with open(path, "rb") as f:
-                magic = f.read(6)
-            if not magic.startswith((b"PK", b"\x93NUMPY")):
-                # np.load would try to unpickle it and speak of pickled data.
-                raise UserError(f"{not_rank}: " + ("it is empty" if not magic else
+            kind = numpy_file_kind(path)
+            if kind not in ("npz", "npy"):
+                raise UserError(f"{not_rank}: " + ("it is empty" if kind == "empty" else
                                                    "it is neither an .npz nor a .npy file"))
             data = np.load(path, allow_pickle=False)
             if not isinstance(data, np.lib.npyio.NpzFile):
@@ -90,7 +88,7 @@ class RankSums:
             with data:
                 sums = cls._from_arrays(data, path, not_rank)
         except _DAMAGED_ARCHIVE as exc:
-            raise UserError(f"{not_rank}: {_one_line(exc)} (damaged or truncated?)") \
+            raise UserError(f"{not_rank}: {one_line(exc)} (damaged or truncated?)") \
                 from None
         _check_finite(sums, path)
         return sums
@@ -154,10 +152,6 @@ def _check_finite(sums, path):
 
 def _describe(array):
     return f"a {array.ndim}-d {array.dtype} array of shape {list(array.shape)}"
-
-
-def _one_line(exc):
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def merge(parts):

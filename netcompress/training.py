@@ -40,9 +40,7 @@ def latest_of_run(directory, prefix):
     state = checkpoints.read_state(directory) if os.path.isdir(directory) else None
     if state is None:
         return None
-    latest = state.model_checkpoint_path
-    if not os.path.isabs(latest):
-        latest = os.path.join(directory, latest)
+    latest = checkpoints.path_in_directory(directory, state.model_checkpoint_path)
     if not re.fullmatch(re.escape(os.path.basename(prefix)) + r"-\d+", os.path.basename(latest)):
         raise UserError(f"checkpoint directory {directory} already holds {latest}, which is "
                         f"not a checkpoint of this run ({prefix}-STEP): give an empty or new "
@@ -51,7 +49,7 @@ def latest_of_run(directory, prefix):
     return latest
 
 
-def check_resumable(latest, graph, directory):
+def check_resumable(latest, graph):
     """The checkpoint to resume holds every variable of the training graph
     (model, Adam slots, global step) with the same shapes."""
     shapes = checkpoints.checkpoint_shapes(latest)
@@ -138,7 +136,7 @@ def _initialise(session, graph, config, directory, prefix, log):
     latest = latest_of_run(directory, prefix)
     session.run(graph.initializer)
     if latest is not None:
-        check_resumable(latest, graph, directory)
+        check_resumable(latest, graph)
         graph.saver.restore(session, latest)
         step = int(session.run(graph.global_step))
         log(f"resuming from {latest} at step {step}")
