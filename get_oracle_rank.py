@@ -15,8 +15,9 @@ import sys
 
 from netcompress.cli import parse_script_args, run_main
 from netcompress.config import apply_gpu_id, load_config
-from netcompress.errors import UserError
-from netcompress.outputs import check_outputs, input_checkpoint_files
+from common.errors import UserError
+from netcompress.checkpoint_paths import input_checkpoint_files
+from netcompress.outputs import check_outputs
 from netcompress.runtime import graph_mode
 from netcompress.sharding import parse_shard, shard_output_path
 

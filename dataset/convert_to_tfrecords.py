@@ -25,8 +25,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from netcompress.cli import INTERRUPT_EXIT
-from netcompress.errors import UserError
-from netcompress.files import one_line
+from common.errors import UserError
+from common.files import one_line
 from netcompress.outputs import check_outputs
 
 # Pillow modes whose values are plain 8-bit class ids.

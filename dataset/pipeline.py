@@ -11,7 +11,7 @@ import numbers
 import tensorflow as tf
 
 from dataset.records import parse_example, require_record_file
-from netcompress.errors import UserError
+from common.errors import UserError
 
 DEFAULT_SHUFFLE_BUFFER = 256
 

@@ -14,8 +14,8 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from netcompress.errors import UserError
-from netcompress.files import make_directory, remove_quietly, replace_atomically
+from common.errors import UserError
+from common.files import atomic_target, replace_atomically
 
 IMAGE_KEY = "modality1"
 LABEL_KEY = "label"
@@ -217,47 +217,29 @@ def data_error_from(exc, path):
     return UserError(f"bad data in {path}: {reason}")
 
 
-def _make_parent_dir(path):
-    make_directory(os.path.dirname(os.path.abspath(path)))
-
-
 @contextlib.contextmanager
 def record_writer(path):
-    """Context manager yielding a TFRecordWriter that writes path atomically.
-
-    Writes to '<path>.tmp' and renames on success, so a failure never leaves a
-    half-written file at path nor damages an existing one.
-    """
-    _make_parent_dir(path)
-    temp_path = path + ".tmp"
+    """Context manager yielding a TFRecordWriter that writes path atomically
+    (common/files.atomic_target): a failure, Ctrl-C included, never leaves a
+    half-written file at path nor damages an existing one."""
     try:
-        writer = tf.io.TFRecordWriter(temp_path)
-    except tf.errors.OpError as exc:
-        raise UserError(f"cannot write record file {path}: "
-                        f"{_first_line(exc.message)}") from None
-    try:
-        yield writer
-    except BaseException:
-        try:
-            writer.close()
-        finally:  # even if a second Ctrl-C interrupts the close
-            remove_quietly(temp_path)
-        raise
-    try:
-        writer.close()
-        os.replace(temp_path, path)
+        with atomic_target(path) as temp_path:
+            try:
+                writer = tf.io.TFRecordWriter(temp_path)
+            except tf.errors.OpError as exc:
+                raise UserError(f"cannot write record file {path}: "
+                                f"{_first_line(exc.message)}") from None
+            try:
+                yield writer
+            finally:
+                writer.close()  # before the rename, or before the removal
     except (OSError, tf.errors.OpError) as exc:
-        remove_quietly(temp_path)
         reason = getattr(exc, "strerror", None) or _first_line(str(exc))
         raise UserError(f"cannot write record file {path}: {reason}") from None
-    except BaseException:  # Ctrl-C while flushing: no partial file left
-        remove_quietly(temp_path)
-        raise
 
 
 def save_npy_atomic(path, array):
     """np.save through a temporary file; loadable with allow_pickle=False."""
-    _make_parent_dir(path)
 
     def write(tmp):
         with open(tmp, "wb") as handle:

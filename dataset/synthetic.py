@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from netcompress.errors import UserError
+from common.errors import UserError
 
 CLASS_NAMES = ("void", "background", "disc", "rectangle", "triangle", "ring")
 NUM_CLASSES = len(CLASS_NAMES)

@@ -6,8 +6,8 @@ import os
 import numpy as np
 
 from models.architecture import UNITS, adapnet_pp, resolve_widths
-from netcompress.errors import UserError
-from netcompress.files import numpy_file_kind, one_line, replace_atomically
+from common.errors import UserError
+from common.files import numpy_file_kind, one_line, replace_atomically
 
 PARAM_KEYS = tuple(str(k) for k in range(1, 38))
 UNIT_KEYS = {u.key for u in UNITS}

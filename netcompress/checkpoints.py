@@ -1,17 +1,13 @@
 """Checkpoint reading, name-based restoring and model/checkpoint matching."""
 
-import glob
-import os
-
 import numpy as np
 import tensorflow as tf
-from google.protobuf import text_format
-from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
 
 from models.architecture import OUTER_SCOPE
-from netcompress.errors import UserError
-from netcompress.files import make_directory, remove_quietly, replace_atomically
-from netcompress.outputs import CHECKPOINT_SUFFIXES, STATE_FILE
+from common.errors import UserError
+from common.files import staged
+from netcompress.checkpoint_paths import CHECKPOINT_SUFFIXES, checkpoint_files, \
+    record_in_state_file, resolve_checkpoint
 
 tf1 = tf.compat.v1
 
@@ -24,81 +20,6 @@ _READER_ERRORS = (tf.errors.OpError, IndexError, ValueError, RuntimeError, OSErr
 def checkpoint_key(name):
     """Variable or checkpoint name without the ':0' output suffix."""
     return name[:-2] if name.endswith(":0") else name
-
-
-def resolve_checkpoint(path):
-    """A checkpoint prefix, or a directory -> its newest checkpoint prefix.
-
-    The prefix's files must be there and non-empty; a directory's
-    ``checkpoint`` state file is parsed here, so that an empty or damaged one
-    is a one-line UserError rather than TensorFlow's exception or silence
-    (docs/errors.md)."""
-    if os.path.isdir(path):
-        state = read_state(path)
-        if state is None:
-            raise UserError(f"no checkpoint found in directory {path} (it has no "
-                            f"'{STATE_FILE}' state file; give a checkpoint prefix such as "
-                            f"{os.path.join(path, 'model.ckpt-1000')})")
-        prefix = path_in_directory(path, state.model_checkpoint_path)
-        _check_files(prefix, f"checkpoint {prefix} (named by "
-                             f"{os.path.join(path, STATE_FILE)})")
-        return prefix
-    _check_files(path, f"checkpoint {path}")
-    return path
-
-
-def read_state(directory):
-    """The CheckpointState of ``directory``'s state file, None when there is
-    none; UserError when it is unreadable, damaged or names no checkpoint."""
-    state_path = os.path.join(directory, STATE_FILE)
-    if not os.path.lexists(state_path):
-        return None
-    hint = "give a checkpoint prefix instead of the directory, or delete the state file"
-    if not os.path.isfile(state_path):
-        raise UserError(f"checkpoint state file {state_path} is not a file; {hint}")
-    try:
-        with open(state_path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise UserError(f"checkpoint state file {state_path} is damaged (not text); "
-                        f"{hint}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read checkpoint state file {state_path}: "
-                        f"{exc.strerror or exc}") from None
-    state = CheckpointState()
-    try:
-        text_format.Parse(text, state)
-    except text_format.ParseError as exc:
-        raise UserError(f"checkpoint state file {state_path} is damaged ({exc}); "
-                        f"{hint}") from None
-    if not state.model_checkpoint_path:
-        raise UserError(f"checkpoint state file {state_path} names no checkpoint "
-                        f"({'it is empty' if not text.strip() else 'no model_checkpoint_path'}"
-                        f"); {hint}")
-    return state
-
-
-def path_in_directory(directory, name):
-    """A state file's path: relative ones are relative to its directory."""
-    return name if os.path.isabs(name) else os.path.join(directory, name)
-
-
-def _check_files(prefix, what):
-    """The .index and .data files are there and plausible before TensorFlow
-    opens them (its messages do not say which file is missing)."""
-    index = prefix + ".index"
-    if not os.path.exists(index):
-        raise UserError(f"{what} not found (no {index})")
-    if not os.path.isfile(index):
-        raise UserError(f"{what} is not usable: {index} is not a file")
-    if os.path.getsize(index) == 0:
-        raise UserError(f"{what} is damaged: {index} is empty")
-    shards = glob.glob(glob.escape(prefix) + ".data-?????-of-?????")
-    if not shards:
-        raise UserError(f"{what} is incomplete: {prefix}.data-00000-of-00001 is missing")
-    for shard in shards:
-        if not os.path.isfile(shard):
-            raise UserError(f"{what} is not usable: {shard} is not a file")
 
 
 def _tf_reason(exc):
@@ -238,7 +159,7 @@ def restore_matching(session, path, variables):
 
 def write_checkpoint(values, path):
     """Write ``{name: array}`` as a TF checkpoint at prefix ``path``, through
-    a temporary prefix; the directory's state file names it only when the
+    staging files (common/files.py); the directory's state file names it only when the
     directory has none of another run (see record_in_state_file)."""
     graph = tf.Graph()
     with graph.as_default():
@@ -249,49 +170,17 @@ def write_checkpoint(values, path):
         saver = tf1.train.Saver(variables, write_version=tf1.train.SaverDef.V2)
         with tf1.Session(graph=graph) as session:
             assign_values(session, {variables[n]: v for n, v in values.items()})
-            directory = os.path.dirname(os.path.abspath(path))
-            make_directory(directory)
-            tmp_prefix = os.path.join(directory, f".tmp{os.getpid()}-{os.path.basename(path)}")
             try:
-                saver.save(session, tmp_prefix, write_meta_graph=False, write_state=False)
-                for suffix in CHECKPOINT_SUFFIXES:
-                    os.replace(tmp_prefix + suffix, path + suffix)
+                with staged() as staging:
+                    places = [staging.place(f) for f in checkpoint_files(path)]
+                    staged_prefix = places[0][:-len(CHECKPOINT_SUFFIXES[0])]
+                    saver.save(session, staged_prefix, write_meta_graph=False,
+                               write_state=False)
             except (OSError, tf.errors.OpError) as exc:
                 raise UserError(f"cannot write checkpoint {path}: "
                                 f"{getattr(exc, 'strerror', None) or _tf_reason(exc)}") \
                     from None
-            finally:
-                for leftover in glob.glob(glob.escape(tmp_prefix) + ".*"):
-                    remove_quietly(leftover)
     record_in_state_file(path)
     return path
 
 
-def record_in_state_file(prefix):
-    """Make the directory's ``checkpoint`` state file name ``prefix`` (by its
-    base name, as TensorFlow's Saver does: a copied directory then names its
-    own files), unless the directory already has a state file naming other
-    checkpoints (another run's, or one that cannot be read): that one is
-    left as it is and the new checkpoint is used by its prefix. Returns
-    whether the state file was written."""
-    directory = os.path.dirname(os.path.abspath(prefix))
-    name = os.path.basename(prefix)
-    if name == STATE_FILE:
-        return False  # the state file would shadow the checkpoint's own name
-    if os.path.lexists(os.path.join(directory, STATE_FILE)):
-        try:
-            state = read_state(directory)
-        except UserError:
-            return False
-        target = os.path.realpath(os.path.join(directory, name))
-        named = [state.model_checkpoint_path, *state.all_model_checkpoint_paths]
-        if any(os.path.realpath(path_in_directory(directory, p)) != target for p in named):
-            return False
-    state = CheckpointState(model_checkpoint_path=name, all_model_checkpoint_paths=[name])
-    text = text_format.MessageToString(state)
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    replace_atomically(os.path.join(directory, STATE_FILE), write)
-    return True

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from netcompress.config import accepted_keys
-from netcompress.errors import UserError
+from common.errors import UserError
 
 USER_ERROR_EXIT = 2
 INTERRUPT_EXIT = 130  # 128 + SIGINT, what shells report for Ctrl-C

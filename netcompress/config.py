@@ -21,7 +21,8 @@ import os
 
 import yaml
 
-from netcompress.errors import UserError
+from common.errors import UserError
+from netcompress.checkpoint_paths import checkpoint_exists
 
 TRAIN_KEYS = (
     "gpu_id", "model", "num_classes", "intialize", "checkpoint", "train_data",
@@ -88,16 +89,6 @@ def _keys_of(kind):
         raise ValueError("unknown config kind %r (expected one of %s)"
                          % (kind, ", ".join(CONFIG_KEYS)))
     return CONFIG_KEYS[kind]
-
-
-def checkpoint_exists(path):
-    """True if `path` names a TF checkpoint: a prefix with `<prefix>.index`,
-    or a directory holding a `checkpoint` state file."""
-    if not path:
-        return False
-    if os.path.isfile(path + ".index"):
-        return True
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "checkpoint"))
 
 
 def apply_gpu_id(gpu_id):

@@ -8,7 +8,7 @@ class: it stays in that class's row, so it lowers that class's IoU.
 
 import numpy as np
 
-from netcompress.errors import UserError
+from common.errors import UserError
 
 VOID_CLASS = 0
 

@@ -5,7 +5,7 @@ import inspect
 import re
 
 from models.model_def import load_masks, load_model_def
-from netcompress.errors import UserError
+from common.errors import UserError
 
 # `Module` or `Module.Class`: a file models/Module.py and a class in it.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")

@@ -12,7 +12,7 @@ import re
 import tensorflow as tf
 
 from dataset.records import data_error_from, first_message_line
-from netcompress.errors import UserError
+from common.errors import UserError
 
 INPUT_PIPELINE_OPS = ("IteratorGetNext", "IteratorGetNextSync", "IteratorGetNextAsOptional")
 

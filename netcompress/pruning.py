@@ -29,8 +29,11 @@ from models.architecture import OUTER_SCOPE, UNITS, adapnet_pp, input_offsets, \
     output_offset, resolve_widths
 from models.model_def import check_masks, load_masks, load_model_def, residual_width, \
     save_masks, save_model_def, validate_model_def
+from common.errors import UserError
+from common.files import staged
 from netcompress import outputs
-from netcompress.errors import UserError
+from netcompress.checkpoint_paths import checkpoint_directory, checkpoint_files, \
+    input_checkpoint_files, record_in_state_file, resolve_checkpoint
 from netcompress.flops import conv_costs, inference_macs, total_parameters
 from netcompress.rankfile import CRITERIA, RankSums
 
@@ -416,7 +419,7 @@ def _write_histogram(values, everything, path):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from netcompress.files import replace_atomically
+    from common.files import replace_atomically
 
     figure, axes = plt.subplots(figsize=(7, 4))
     upper = max(1.0, float(everything.max()))
@@ -466,24 +469,20 @@ class PruneResult:
     written: list = field(default_factory=list)
 
 
-def _checkpoint_directory(path):
-    return os.path.realpath(path if os.path.isdir(path) else os.path.dirname(path) or ".")
-
-
-def _check_checkpoint_directory(new_prefix, source):
+def _checkcheckpoint_directory(new_prefix, source):
     """``source``: the checkpoint prefix or directory the run reads."""
-    if os.path.dirname(os.path.realpath(new_prefix)) == _checkpoint_directory(source):
+    if os.path.dirname(os.path.realpath(new_prefix)) == checkpoint_directory(source):
         # Training would resume from, and a directory evaluation load, the
         # pruned checkpoint there.
         raise UserError(f"new_checkpoint_save {new_prefix!r} is in the source checkpoint's "
-                        f"directory {_checkpoint_directory(source)}: write it to another "
+                        f"directory {checkpoint_directory(source)}: write it to another "
                         f"directory")
 
 
 def planned_files(settings, with_mask=True):
     """(outputs, inputs) of a run, as {setting name: [files]}."""
     inputs = {"save_nvidia_name": [settings.save_nvidia_name],
-              "checkpoint_name": outputs.input_checkpoint_files(settings.checkpoint_name),
+              "checkpoint_name": input_checkpoint_files(settings.checkpoint_name),
               "model_def": [settings.model_def]}
     if settings.mask_load is not None:
         inputs["mask_load"] = [settings.mask_load]
@@ -491,7 +490,7 @@ def planned_files(settings, with_mask=True):
         written = {"histogram_save": [settings.histogram_save]} \
             if settings.histogram_save else {}
         return written, inputs
-    written = {"new_checkpoint_save": outputs.checkpoint_files(settings.new_checkpoint_save)}
+    written = {"new_checkpoint_save": checkpoint_files(settings.new_checkpoint_save)}
     if not settings.try_zeros:
         written["new_model_def"] = [settings.new_model_def]
         if with_mask and settings.mask_save is not None:
@@ -503,7 +502,7 @@ def _check_outputs(settings):
     """Nothing the run writes may replace one of its inputs or each other."""
     outputs.check_outputs(*planned_files(settings))
     if not settings.decide_threshold:
-        _check_checkpoint_directory(settings.new_checkpoint_save, settings.checkpoint_name)
+        _checkcheckpoint_directory(settings.new_checkpoint_save, settings.checkpoint_name)
 
 
 def verify_checkpoint(path, model_def, masks, num_classes, height, width, name):
@@ -569,7 +568,7 @@ def execute(job, log=print, verify=True):
         return PruneResult(report=report, written=[settings.histogram_save]
                            if settings.histogram_save else [])
 
-    from netcompress.checkpoints import read_checkpoint, resolve_checkpoint
+    from netcompress.checkpoints import read_checkpoint
 
     if settings.phase == ALL_PHASE and settings.all_convs:
         log(f"selected all {len(job.layers)} prunable layers")
@@ -580,7 +579,7 @@ def execute(job, log=print, verify=True):
             f"1 with max normalisation, so every selected layer keeps only its "
             f"min_channels best channels")
     source = resolve_checkpoint(settings.checkpoint_name)
-    _check_checkpoint_directory(settings.new_checkpoint_save, source)
+    _checkcheckpoint_directory(settings.new_checkpoint_save, source)
     if verify:
         verify_checkpoint(source, job.model_def, job.masks, settings.Num_classes,
                           settings.height, settings.width,
@@ -606,10 +605,10 @@ def _write_result(settings, plan, new_values, verify):
     """Write the new checkpoint (and model_def and mask) through staging
     places, moved in only when all are written and the new checkpoint
     restores into its model. Returns the paths written."""
-    from netcompress.checkpoints import record_in_state_file, write_checkpoint
+    from netcompress.checkpoints import write_checkpoint
 
     files, _ = planned_files(settings, with_mask=bool(plan.masks_after))
-    with outputs.staged() as staging:
+    with staged() as staging:
         places = {path: staging.place(path) for paths in files.values() for path in paths}
         staged_prefix = places[settings.new_checkpoint_save + ".index"][:-len(".index")]
         write_checkpoint(new_values, staged_prefix)

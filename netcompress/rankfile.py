@@ -19,8 +19,8 @@ import zlib
 
 import numpy as np
 
-from netcompress.errors import UserError
-from netcompress.files import numpy_file_kind, one_line, replace_atomically
+from common.errors import UserError
+from common.files import numpy_file_kind, one_line, replace_atomically
 
 # What numpy's zip and .npy readers raise on a truncated or damaged file.
 _DAMAGED_ARCHIVE = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)

@@ -32,8 +32,9 @@ from tqdm import tqdm
 from dataset.records import count_records
 from models.architecture import adapnet_pp, output_offset
 from models.model_def import load_masks
-from netcompress import checkpoints, rankfile
-from netcompress.errors import UserError
+from netcompress import rankfile
+from netcompress.checkpoint_paths import resolve_checkpoint
+from common.errors import UserError
 from netcompress.evaluation import InferenceGraph, iterate_batches
 from netcompress.rankfile import CRITERIA, RankSums
 from netcompress.sharding import parse_shard, records_in_shard, shard_label
@@ -143,7 +144,7 @@ def rank_metadata(config, shard, model_def):
         "model_def_json": json.dumps(model_def),
         "model_def_sha256": rankfile.model_def_digest(model_def),
         "masks_json": masks_description(config.get("mask")),
-        "checkpoint": checkpoints.resolve_checkpoint(config["checkpoint"]),
+        "checkpoint": resolve_checkpoint(config["checkpoint"]),
         "data": config["test_data"],
         "shard": shard_label(shard),
     }

@@ -4,7 +4,7 @@ No TensorFlow, so scripts can check paths before importing it."""
 import os
 import re
 
-from netcompress.errors import UserError
+from common.errors import UserError
 
 ALL_RECORDS = "all"  # the ``shard`` metadata of an unsharded pass
 

@@ -1,9 +1,7 @@
 """Training loop (train.py): Adam, polynomial decay, resume, NaN guard."""
 
-import glob
 import math
 import os
-import re
 
 import numpy as np
 import tensorflow as tf
@@ -11,43 +9,12 @@ from tqdm import tqdm
 
 from dataset.pipeline import train_dataset
 from netcompress import checkpoints, op_errors, outputs
-from netcompress.errors import UserError
+from netcompress.checkpoint_paths import STATE_FILE, checkpoint_prefix, \
+    input_checkpoint_files, latest_of_run
+from common.errors import UserError
 from netcompress.models import model_from_config
 
 tf1 = tf.compat.v1
-
-CHECKPOINT_BASENAME = "model.ckpt"
-
-
-def checkpoint_prefix(checkpoint):
-    """Config `checkpoint` -> (directory, prefix). An existing directory, a
-    path ending in '/', or a path that is neither an existing checkpoint
-    prefix nor named like one ('.ckpt' in its name) is a directory, created
-    if needed (as the original): checkpoints go to DIR/model.ckpt-STEP."""
-    path = checkpoint.rstrip(os.sep) or os.sep
-    named_like_prefix = ".ckpt" in os.path.basename(path) or glob.glob(glob.escape(path)
-                                                                       + "-*.index")
-    if checkpoint.endswith(os.sep) or os.path.isdir(path) or not named_like_prefix:
-        return path, os.path.join(path, CHECKPOINT_BASENAME)
-    return os.path.dirname(path) or ".", path
-
-
-def latest_of_run(directory, prefix):
-    """The newest `prefix-STEP` checkpoint the directory's state file names,
-    or None when there is none. A state file naming anything else (a pruned
-    checkpoint, another run's prefix) is refused: resuming from it would
-    restore another model or miss the optimizer state."""
-    state = checkpoints.read_state(directory) if os.path.isdir(directory) else None
-    if state is None:
-        return None
-    latest = checkpoints.path_in_directory(directory, state.model_checkpoint_path)
-    if not re.fullmatch(re.escape(os.path.basename(prefix)) + r"-\d+", os.path.basename(latest)):
-        raise UserError(f"checkpoint directory {directory} already holds {latest}, which is "
-                        f"not a checkpoint of this run ({prefix}-STEP): give an empty or new "
-                        f"checkpoint directory (to start from its weights, set intialize: "
-                        f"{latest})")
-    return latest
-
 
 def check_resumable(latest, graph):
     """The checkpoint to resume holds every variable of the training graph
@@ -72,8 +39,8 @@ def check_paths(config, directory):
                         f"a directory")
     inputs = {key: [config[key]] for key in ("train_data", "model_def", "mask")
               if config.get(key)}
-    inputs["intialize"] = outputs.input_checkpoint_files(config.get("initialize"))
-    outputs.check_outputs({"checkpoint": [os.path.join(directory, outputs.STATE_FILE)]},
+    inputs["intialize"] = input_checkpoint_files(config.get("initialize"))
+    outputs.check_outputs({"checkpoint": [os.path.join(directory, STATE_FILE)]},
                           inputs)
     if not 1 <= config.get("max_to_keep", 3):
         raise UserError(f"max_to_keep must be at least 1, got {config['max_to_keep']}")

@@ -7,8 +7,9 @@ import pytest
 
 from helpers import REPO
 from netcompress.cli import parse_script_args
-from netcompress.config import apply_gpu_id, checkpoint_exists, load_config
-from netcompress.errors import UserError
+from netcompress.checkpoint_paths import checkpoint_exists
+from netcompress.config import apply_gpu_id, load_config
+from common.errors import UserError
 
 
 TRAIN_TEXT = """\
@@ -303,7 +304,7 @@ def run_script(tmp_path, body):
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent("""\
         from netcompress.cli import run_main
-        from netcompress.errors import UserError
+        from common.errors import UserError
 
         def main():
         %s

@@ -26,10 +26,11 @@ from dataset import synthetic
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, resolve_widths
 from models.model_def import load_masks, save_masks
+from common.errors import UserError
+from common.files import replace_atomically
 from netcompress import checkpoints
+from netcompress.checkpoint_paths import resolve_checkpoint
 from netcompress.config import load_config
-from netcompress.errors import UserError
-from netcompress.files import replace_atomically
 from netcompress.models import model_class
 from netcompress.rankfile import RankSums
 
@@ -179,7 +180,7 @@ def damaged_copy(tiny, directory, kind):
 
 def call_reader(tiny, reader, path):
     if reader == "resolve_checkpoint":
-        return checkpoints.resolve_checkpoint(path)
+        return resolve_checkpoint(path)
     if reader == "checkpoint_shapes":
         return checkpoints.checkpoint_shapes(path)
     if reader == "read_checkpoint":
@@ -300,7 +301,7 @@ def test_state_file_names_the_checkpoint_relatively(tiny, tmp_path):
                     'all_model_checkpoint_paths: "model.ckpt"\n')
     copy = tmp_path / "copy"
     shutil.copytree(os.path.dirname(tiny["checkpoint"]), copy)
-    assert checkpoints.resolve_checkpoint(str(copy)) == os.path.join(str(copy), "model.ckpt")
+    assert resolve_checkpoint(str(copy)) == os.path.join(str(copy), "model.ckpt")
     read = checkpoints.read_checkpoint(str(copy))
     assert all(np.array_equal(read[k], v) for k, v in tiny["values"].items())
 
@@ -311,8 +312,8 @@ def test_a_state_file_of_another_run_is_left_alone(tiny, tmp_path):
     before = hash_tree(other / "checkpoint")
     checkpoints.write_checkpoint(tiny["values"], str(other / "pruned.ckpt"))
     assert hash_tree(other / "checkpoint") == before
-    assert checkpoints.resolve_checkpoint(str(other)) == str(other / "model.ckpt-5")
-    assert checkpoints.resolve_checkpoint(str(other / "pruned.ckpt")) == str(
+    assert resolve_checkpoint(str(other)) == str(other / "model.ckpt-5")
+    assert resolve_checkpoint(str(other / "pruned.ckpt")) == str(
         other / "pruned.ckpt")
     # Rewriting the checkpoint the state file names keeps it naming it.
     checkpoints.write_checkpoint(tiny["values"], str(other / "model.ckpt-5"))
@@ -339,7 +340,7 @@ def test_pruning_into_another_runs_directory_keeps_its_state_file(tiny, tmp_path
         tmp_path / "mask.npy", "--new_model_def", tmp_path / "model_def.json")
     assert result.returncode == 0, result.stderr
     assert hash_tree(other / "checkpoint") == state_before
-    assert checkpoints.resolve_checkpoint(str(other)) == str(other / "model.ckpt-7")
+    assert resolve_checkpoint(str(other)) == str(other / "model.ckpt-7")
     assert os.path.isfile(other / "pruned.ckpt.index")
 
 
@@ -595,8 +596,8 @@ def test_converter_interrupted_by_sigint(tmp_path):
          list_path, "--record", str(record), "--mean", str(out / "mean.npy"), "--no_progress"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    # The temporary record appears when the conversion starts.
-    while not os.path.exists(str(record) + ".tmp") and process.poll() is None \
+    # The temporary record (common/files.atomic_target) appears when the conversion starts.
+    while not any(".tmp" in name for name in os.listdir(out)) and process.poll() is None \
             and time.monotonic() < deadline:
         time.sleep(0.005)
     process.send_signal(signal.SIGINT)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from netcompress.errors import UserError
+from common.errors import UserError
 from netcompress.metrics import ConfusionMatrix, confusion_matrix
 
 # 5 classes: 0 void, 1, 2, 3 (only ever predicted), 4 (never appears on a

@@ -12,7 +12,7 @@ from models.architecture import adapnet_pp
 from models.model_def import (check_masks, load_masks, parameter_count, save_masks,
                               validate_model_def)
 from netcompress import checkpoints
-from netcompress.errors import UserError
+from common.errors import UserError
 
 tf1 = tf.compat.v1
 P = "resnet_v2_50/"

@@ -7,7 +7,7 @@ import tensorflow as tf
 from dataset.pipeline import eval_dataset
 from dataset.records import encode_example, record_writer
 from netcompress import op_errors
-from netcompress.errors import UserError
+from common.errors import UserError
 from netcompress.evaluation import iterate_batches
 
 tf1 = tf.compat.v1

@@ -12,7 +12,7 @@ from models.architecture import OUTER_SCOPE
 from models.layers import batch_norm
 from netcompress import training
 from netcompress.config import TRAIN_OPTIONAL, load_config
-from netcompress.errors import UserError
+from common.errors import UserError
 
 tf1 = tf.compat.v1
 

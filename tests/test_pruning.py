@@ -28,7 +28,7 @@ from models.model_def import load_masks, load_model_def, parameter_count, save_m
 from netcompress import pruning
 from netcompress.checkpoints import check_matches, checkpoint_key, model_variables, \
     read_checkpoint, write_checkpoint
-from netcompress.errors import UserError
+from common.errors import UserError
 from netcompress.flops import conv_costs, inference_macs, spatial_sizes
 from netcompress.rankfile import RankSums
 

@@ -23,7 +23,7 @@ from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, output_offset, resolve_widths
 from models.model_def import load_masks, load_model_def, save_masks, save_model_def
 from netcompress import checkpoints
-from netcompress.errors import UserError
+from common.errors import UserError
 from netcompress.rankfile import RankSums
 from netcompress.ranking import rank, rank_layers, summary_table
 from netcompress.sharding import parse_shard, records_in_shard, shard_output_path

@@ -14,7 +14,7 @@ from helpers import REPO, scaled_model_def, write_config, write_json
 from dataset import synthetic
 from dataset.records import encode_example, record_writer
 from netcompress.config import load_config
-from netcompress.errors import UserError
+from common.errors import UserError
 from netcompress.evaluation import evaluate
 from netcompress.training import train
 
@@ -157,8 +157,8 @@ def test_resume_only_a_training_checkpoint_of_this_model(demo, tmp_path):
               progress=False)
     assert directory_digest(tmp_path / "a") == before
     # A folder whose state file names a checkpoint of no training run (a pruned one).
-    from netcompress.checkpoints import read_checkpoint, record_in_state_file, \
-        write_checkpoint
+    from netcompress.checkpoint_paths import record_in_state_file
+    from netcompress.checkpoints import read_checkpoint, write_checkpoint
     values = {name: value for name, value in read_checkpoint(f"{tmp_path}/a").items()
               if "Adam" not in name and name != "global_step"}
     write_checkpoint(values, f"{tmp_path}/pruned/model.ckpt")
