@@ -64,7 +64,7 @@ def build_step(model_def, num_classes, size, path, mode):
 
 def worker(args):
     """Child process: one oneDNN setting; prints one JSON line per result."""
-    from netcompress.runtime import graph_mode
+    from common.runtime import graph_mode
     graph_mode()
     import tensorflow as tf
 

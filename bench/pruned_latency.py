@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from netcompress.runtime import graph_mode, quiet_tensorflow  # noqa: E402
+from common.runtime import graph_mode, quiet_tensorflow  # noqa: E402
 
 TARGET_EFFICIENCY = 0.8
 
@@ -49,7 +49,7 @@ def variant_plans(model_def, num_classes, fractions, round_to, seed=0):
         variants.append((f"{fraction:.0%} removed", plan.model_def_after, plan.masks_after))
     if fractions:
         fraction = max(fractions)
-        no_residual = [g.name for g in groups if not g.residual_unit]
+        no_residual = [g.name for g in groups if not g.through_mask]
         plan = plan_pruning(model_def, {}, num_classes, scores, no_residual,
                             fraction + 1e-9, round_to=round_to)
         variants.append((f"{fraction:.0%}, conv3 kept", plan.model_def_after,
@@ -100,7 +100,7 @@ def main():
     import numpy as np
 
     from models.model_def import load_model_def
-    from netcompress.flops import inference_macs, total_parameters
+    from netcompress.costs import inference_macs, total_parameters
 
     model_def = load_model_def(args.model_def)
     variants = variant_plans(model_def, args.num_classes, args.fractions, args.round_to)

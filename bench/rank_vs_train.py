@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from netcompress.runtime import graph_mode, quiet_tensorflow  # noqa: E402
+from common.runtime import graph_mode, quiet_tensorflow  # noqa: E402
 
 quiet_tensorflow()
 graph_mode()

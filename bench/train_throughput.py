@@ -13,7 +13,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from netcompress.runtime import graph_mode, quiet_tensorflow  # noqa: E402
+from common.runtime import graph_mode, quiet_tensorflow  # noqa: E402
 
 
 def time_runs(session, fetches, feed, steps, warmup=2):
@@ -54,7 +54,8 @@ def main():
     import tensorflow as tf
 
     from models.AdapNet_pp import AdapNet_pp
-    from models.model_def import load_masks, load_model_def, parameter_count
+    from models.model_def import load_masks, load_model_def
+    from netcompress.costs import total_parameters
 
     tf1 = tf.compat.v1
     model_def = load_model_def(args.model_def)
@@ -75,7 +76,7 @@ def main():
             with tf1.Session() as session:
                 session.run(tf1.global_variables_initializer())
                 results[mode] = time_runs(session, fetch, {x: images, y: labels}, args.steps)
-    params = parameter_count(model_def, args.num_classes)
+    params = total_parameters(model_def, args.num_classes)
     print(f"model_def {args.model_def}: {params / 1e6:.2f} M parameters, input "
           f"{args.height}x{args.width}, batch {args.batch}")
     for mode, seconds in results.items():

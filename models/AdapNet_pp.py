@@ -1,4 +1,4 @@
-"""AdapNet++ graph builder (docs/network.md), driven by ``models.architecture``.
+"""AdapNet++ graph builder (docs/design.md), driven by ``models.architecture``.
 
 Configs name it ``model: AdapNet_pp`` (module and class of the same name).
 """
@@ -8,13 +8,12 @@ from collections import namedtuple
 import tensorflow as tf
 
 from models import atrous, layers
-from models.architecture import IMAGE, OUTER_SCOPE, UNITS, adapnet_pp, resolve_widths
-from models.model_def import check_masks, residual_width, validate_model_def
+from models.architecture import IMAGE, OUTER_SCOPE, Pooling, Shortcut, adapnet_pp, \
+    resolve_widths
+from models.model_def import check_masks, validate_model_def
 
 tf1 = tf.compat.v1
 
-IMAGE_POOLING = "conv57"
-AUX_LOSS_WEIGHTS = {"conv911": 0.6, "conv912": 0.5}
 WEIGHT_DECAY = 5e-4
 
 Outputs = namedtuple("Outputs", "logits probabilities aux_logits pre_norm pre_norm_kept")
@@ -50,48 +49,51 @@ class AdapNet_pp:
         with tf1.variable_scope(OUTER_SCOPE):
             with tf1.variable_scope("conv0"):
                 tensors[IMAGE] = layers.batch_norm(images, training)
-            self._apply(self.architecture.conv("conv1"), tensors, pre_norm, training)
-            tensors["conv1"] = tf.nn.max_pool2d(tensors["conv1"], 3, 2, "SAME")
-            self._residual_units(tensors, pre_norm, training)
+            units_built = False
             for conv in self.architecture.convs:
-                if conv.scope == "conv1" or conv.scope.startswith("block"):
-                    continue
                 if conv.aux and not aux:
                     continue
-                if conv.scope == IMAGE_POOLING:
+                if conv.unit:  # the residual units are built together, in order
+                    if not units_built:
+                        self._residual_units(tensors, pre_norm, training)
+                        units_built = True
+                elif conv.pooling is Pooling.GLOBAL_INPUT:
                     self._image_pooling(conv, tensors, pre_norm, training)
                 else:
-                    self._apply(conv, tensors, pre_norm, training)
+                    y = self._apply(conv, tensors, pre_norm, training)
+                    if conv.pooling is Pooling.MAX_AFTER:
+                        tensors[conv.outputs[0]] = tf.nn.max_pool2d(y, 3, 2, "SAME")
         size = [height, width]
-        aux_logits = {name: layers.resize_bilinear(tensors[name], size)
-                      for name in AUX_LOSS_WEIGHTS if aux}
-        logits = tensors["conv5"]
+        aux_logits = {conv.scope: layers.resize_bilinear(tensors[conv.scope], size)
+                      for conv in self.architecture.aux_heads() if aux}
+        logits = tensors[self.architecture.logits]
         pre_norm_kept = {f"{unit.scope}/conv3": self.kept_channels[unit.name]
-                         for unit in UNITS if unit.name in self.kept_channels}
+                         for unit in self.architecture.units
+                         if unit.name in self.kept_channels}
         return Outputs(logits, tf.nn.softmax(logits), aux_logits, pre_norm, pre_norm_kept)
 
     def _residual_units(self, tensors, pre_norm, training):
         architecture = self.architecture
         residual_sum, previous = None, None
-        for unit in UNITS:
-            unit_input = architecture.conv(f"{unit.scope}/conv1").inputs[0]
+        for unit in architecture.units:
+            convs = architecture.unit_convs(unit)
+            unit_input = convs["conv1"].inputs[0]
             if previous is not None:
                 tensors[unit_input] = self._pre_activation(residual_sum, previous, training)
-            self._apply(architecture.conv(f"{unit.scope}/conv1"), tensors, pre_norm, training)
-            self._apply(architecture.conv(f"{unit.scope}/conv2"), tensors, pre_norm, training)
+            self._apply(convs["conv1"], tensors, pre_norm, training)
+            self._apply(convs["conv2"], tensors, pre_norm, training)
             scatter = None
             if unit.name in self.kept_channels:
-                scatter = (self.kept_channels[unit.name], residual_width(self.model_def, unit))
-            branch = self._apply(architecture.conv(f"{unit.scope}/conv3"), tensors,
-                                 pre_norm, training, scatter=scatter)
+                scatter = (self.kept_channels[unit.name],
+                           architecture.residual_width(self.model_def, unit))
+            branch = self._apply(convs["conv3"], tensors, pre_norm, training, scatter=scatter)
             if training and unit.dropout_keep < 1.0:
                 branch = tf1.nn.dropout(branch, rate=1.0 - unit.dropout_keep)
-            if unit.shortcut == "none":
+            if unit.shortcut is Shortcut.NONE:
                 residual_sum = branch + residual_sum
             else:
-                shortcut = architecture.conv(f"{unit.scope}/shortcut")
-                residual_sum = branch + self._apply(shortcut, tensors, pre_norm, training,
-                                                    store=False)
+                residual_sum = branch + self._apply(convs["shortcut"], tensors, pre_norm,
+                                                    training, store=False)
             previous = unit
         tensors[previous.residual_group] = self._pre_activation(residual_sum, previous,
                                                                 training)
@@ -150,8 +152,8 @@ class AdapNet_pp:
     # ---- loss --------------------------------------------------------------
     def per_example_loss(self, outputs, labels):
         """Weighted pixel-wise cross-entropy (void weight 0), averaged over each
-        image's pixels; main + 0.6 aux(conv911) + 0.5 aux(conv912) when the
-        aux heads were built. Shape [N]."""
+        image's pixels; main + each auxiliary head's loss_weight times its
+        own (0.6 conv911, 0.5 conv912) when the aux heads were built. Shape [N]."""
         not_void = 1.0 - labels[..., 0]
 
         def cross_entropy(logits):
@@ -159,9 +161,9 @@ class AdapNet_pp:
             return tf.reduce_mean(per_pixel * not_void, axis=[1, 2])
 
         loss = cross_entropy(outputs.logits)
-        for name, weight in AUX_LOSS_WEIGHTS.items():
-            if name in outputs.aux_logits:
-                loss += weight * cross_entropy(outputs.aux_logits[name])
+        for head in self.architecture.aux_heads():
+            if head.scope in outputs.aux_logits:
+                loss += head.loss_weight * cross_entropy(outputs.aux_logits[head.scope])
         return loss
 
     @staticmethod

@@ -1,8 +1,9 @@
 """AdapNet++ declared once, as data.
 
-Three readers use this declaration: the graph builder (which tensors each
-conv reads and how it is configured), the ranking step (the prunable layer
-list) and the pruner (who reads a layer's channels, at which offset).
+Four readers use this declaration: the graph builder (which tensors each
+conv reads and how it is configured), the cost counts (parameters and
+multiply-adds), the ranking step (the prunable layer list) and the pruner
+(who reads a layer's channels, at which offset).
 
 Vocabulary:
 - a *group* is a set of channels produced together and kept or removed
@@ -10,19 +11,94 @@ Vocabulary:
 - a *conv* is one kernel variable; it reads the concatenation of its input
   groups (in order) and writes one group, or two for a split conv ([A | B]).
 
-Widths are references into a model_def (``WidthRef``), resolved by
-``resolve_widths``; the declaration itself does not depend on a model_def.
+Widths are references into a model_def (``WidthRef``: ``resolve`` reads a
+width, ``assign`` sets a pruned one); the declaration itself does not depend
+on a model_def. Readers ask the ``Architecture`` (aux heads, sections, units,
+residual widths) rather than knowing names; docs/design.md describes the
+network and its quirks.
 """
 
+import enum
 from dataclasses import dataclass
 from functools import lru_cache
 
-# Width references: ("params", key) | ("params", key, index) | ("split", key, part)
-# | ("const", n) | ("classes",)
-WidthRef = tuple
-
 OUTER_SCOPE = "resnet_v2_50"
 IMAGE = "image"
+
+
+# ---- widths: references into a model_def ------------------------------------
+
+class WidthRef:
+    """Where a group's channel count comes from. ``resolve`` reads it from a
+    model_def; ``assign`` writes a new count (prunable widths only)."""
+
+    def resolve(self, model_def, num_classes):
+        raise NotImplementedError
+
+    def assign(self, model_def, value):
+        raise ValueError(f"width {self} is fixed by the architecture, not prunable")
+
+
+@dataclass(frozen=True)
+class ParamWidth(WidthRef):
+    """``params[key]``, or ``params[key][index]`` for a residual unit's list."""
+    key: str
+    index: int = None
+
+    def resolve(self, model_def, num_classes):
+        value = model_def["params"][self.key]
+        return value if self.index is None else value[self.index]
+
+    def assign(self, model_def, value):
+        if self.index is None:
+            model_def["params"][self.key] = value
+        else:
+            model_def["params"][self.key][self.index] = value
+
+
+@dataclass(frozen=True)
+class SplitWidth(WidthRef):
+    """One half of a split conv2: ``split[key][part]``; conv2's width
+    ``params[key][1]`` is the sum of both halves."""
+    key: str
+    part: int
+
+    def resolve(self, model_def, num_classes):
+        return model_def["split"][self.key][self.part]
+
+    def assign(self, model_def, value):
+        model_def["split"][self.key][self.part] = value
+        model_def["params"][self.key][1] = sum(model_def["split"][self.key])
+
+
+@dataclass(frozen=True)
+class FixedWidth(WidthRef):
+    channels: int
+
+    def resolve(self, model_def, num_classes):
+        return self.channels
+
+
+@dataclass(frozen=True)
+class ClassesWidth(WidthRef):
+    def resolve(self, model_def, num_classes):
+        return num_classes
+
+
+# ---- the building blocks ------------------------------------------------------
+
+class Shortcut(enum.Enum):
+    """What a residual unit adds its branch to."""
+    NONE = "identity"    # the unit's input
+    INPUT = "input"      # a 1x1 conv (stride of the unit) of the unit's input
+    CONV1 = "conv1"      # a 1x1 conv of the unit's own conv1 output (block1/unit_1)
+
+
+class Pooling(enum.Enum):
+    NONE = "none"
+    MAX_AFTER = "max_after"  # a 3x3/2 max-pool on the output: consumers read half size
+    GLOBAL_INPUT = "global_input"  # runs on the globally averaged input; output
+    # resized back to the input's size (image pooling)
 
 
 @dataclass(frozen=True)
@@ -30,9 +106,13 @@ class Group:
     name: str
     width: WidthRef
     prunable: bool
-    section: str = ""
-    # For a residual unit's conv3: the unit whose mask scatters it back.
-    residual_unit: str = ""
+    section: str = ""  # what prun_model.py's `phase` calls its part of the network
+    unit: str = ""  # the residual unit it belongs to
+    # The name prun_model.py's conv_name may use within its section or unit
+    # (conv1, conv2/A, ...); the scope always works.
+    short_name: str = ""
+    # A residual unit's conv3: removed channels leave through the unit's mask.
+    through_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,18 +126,20 @@ class Conv:
     transposed: bool = False
     norm: bool = True
     relu: bool = True
-    section: str = ""
     aux: bool = False  # auxiliary heads exist only for training and ranking
+    loss_weight: float = 0.0  # an auxiliary head's weight in the training loss
+    pooling: Pooling = Pooling.NONE
+    unit: str = ""  # the residual unit it belongs to (built by the unit, not alone)
 
 
 @dataclass(frozen=True)
 class Unit:
-    """A residual bottleneck unit (docs/network.md)."""
+    """A residual bottleneck unit (docs/design.md)."""
 
     block: str
     index: int
     key: str  # model_def params key
-    shortcut: str  # "none" | "input" | "conv1" (block1/unit_1's quirk)
+    shortcut: Shortcut
     stride: int = 1
     split_rates: tuple = ()  # (rate A, rate B) for a split conv2
     dropout_keep: float = 1.0
@@ -78,17 +160,21 @@ class Unit:
 def _units():
     units = []
     for index, key in enumerate(("2", "3", "4"), start=1):
-        units.append(Unit("block1", index, key, "conv1" if index == 1 else "none"))
+        units.append(Unit("block1", index, key,
+                          Shortcut.CONV1 if index == 1 else Shortcut.NONE))
     for index, key in enumerate(("5", "6", "7", "8"), start=1):
-        units.append(Unit("block2", index, key, "input" if index == 1 else "none",
+        units.append(Unit("block2", index, key,
+                          Shortcut.INPUT if index == 1 else Shortcut.NONE,
                           stride=2 if index == 1 else 1,
                           split_rates=(1, 2) if index == 4 else ()))
     for index, key in enumerate(("9", "10", "11", "12", "13", "14"), start=1):
-        units.append(Unit("block3", index, key, "input" if index == 1 else "none",
+        units.append(Unit("block3", index, key,
+                          Shortcut.INPUT if index == 1 else Shortcut.NONE,
                           stride=2 if index == 1 else 1,
                           split_rates=(1, 2) if index >= 3 else ()))
     for index, key in enumerate(("15", "16", "17"), start=1):
-        units.append(Unit("block4", index, key, "input" if index == 1 else "none",
+        units.append(Unit("block4", index, key,
+                          Shortcut.INPUT if index == 1 else Shortcut.NONE,
                           split_rates=(2, 2), dropout_keep=0.3 if index == 3 else 1.0))
     return tuple(units)
 
@@ -103,12 +189,6 @@ EASPP_BRANCHES = (
     (("conv90", "conv9", "conv249", "conv91"), ("27", "28", "29", "30"), 12),
 )
 
-# Pruner sections for the decoder layers (names from the original script).
-DECODER_SECTIONS = {
-    "conv41": "upsample1", "conv89": "decoder_conv1", "conv96": "decoder_conv1",
-    "conv16": "upsample2", "conv88": "decoder_conv2", "conv95": "decoder_conv2",
-}
-
 # Skip connections (not prunable): scope -> residual stream read.
 SKIPS = {"conv32": "block1/residual", "conv174": "block2/residual"}
 SKIP_WIDTH = 24
@@ -120,10 +200,17 @@ class Architecture:
     groups: tuple
     convs: tuple
     units: tuple
+    logits: str  # the conv whose output is the class scores
 
     @property
     def group_by_name(self):
         return {g.name: g for g in self.groups}
+
+    def group(self, name):
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise KeyError(name)
 
     def conv(self, scope):
         for conv in self.convs:
@@ -132,7 +219,7 @@ class Architecture:
         raise KeyError(scope)
 
     def producer_of(self, group_name):
-        """The conv writing ``group_name`` and the group's offset in its output."""
+        """The conv writing ``group_name``."""
         for conv in self.convs:
             if group_name in conv.outputs:
                 return conv
@@ -146,62 +233,104 @@ class Architecture:
         return [(conv, conv.inputs.index(group_name))
                 for conv in self.convs if group_name in conv.inputs]
 
+    def aux_heads(self):
+        return [conv for conv in self.convs if conv.aux]
+
+    def aux_scopes(self):
+        return [conv.scope for conv in self.aux_heads()]
+
+    def sections(self):
+        """Sections of the prunable layers, in network order."""
+        return tuple(dict.fromkeys(g.section for g in self.prunable_groups()))
+
+    def unit(self, name):
+        for unit in self.units:
+            if unit.name == name:
+                return unit
+        raise KeyError(name)
+
+    def unit_convs(self, unit):
+        """{name within the unit (conv1, conv2, conv3, shortcut): conv}."""
+        return {conv.scope[len(unit.scope) + 1:]: conv for conv in self.convs
+                if conv.unit == unit.name}
+
+    def units_of(self, block):
+        return [unit for unit in self.units if unit.block == block]
+
+    def first_unit(self, block):
+        """The unit whose model_def entry sets the block's residual width."""
+        return self.units_of(block)[0]
+
+    def unit_ranges(self):
+        """'block1/unit_1 .. block1/unit_3, ...': the units, for messages."""
+        blocks = dict.fromkeys(unit.block for unit in self.units)
+        return ", ".join(f"{self.units_of(b)[0].name} .. {self.units_of(b)[-1].name}"
+                         for b in blocks)
+
+    def residual_width(self, model_def, unit, num_classes=None):
+        """Channels of ``unit``'s residual stream (its block's width)."""
+        return self.group(unit.residual_group).width.resolve(model_def, num_classes)
+
+    def param_keys(self):
+        """The model_def ``params`` keys the declaration reads, in order."""
+        keys = {g.width.key for g in self.groups if isinstance(g.width, ParamWidth)}
+        return tuple(sorted(keys, key=int))
+
 
 def _unit_declarations(unit, unit_input):
     """Groups and convs of one residual unit reading group ``unit_input``."""
-    key, scope, section = unit.key, unit.scope, unit.block
+    key, scope, block = unit.key, unit.scope, unit.block
     groups, convs = [], []
 
-    def group(name, width):
-        groups.append(Group(name, width, True, section))
+    def group(short_name, width, through_mask=False):
+        name = f"{scope}/{short_name}"
+        groups.append(Group(name, width, True, block, unit.name, short_name, through_mask))
         return name
 
-    conv1 = group(f"{scope}/conv1", ("params", key, 0))
-    convs.append(Conv(f"{scope}/conv1", (unit_input,), (conv1,), 1, section=section))
+    def conv(name, inputs, outputs, kernel, stride=1, **options):
+        convs.append(Conv(f"{scope}/{name}", inputs, outputs, kernel, stride,
+                          unit=unit.name, **options))
+
+    conv1 = group("conv1", ParamWidth(key, 0))
+    conv("conv1", (unit_input,), (conv1,), 1)
     if unit.split_rates:
-        parts = (group(f"{scope}/conv2/A", ("split", key, 0)),
-                 group(f"{scope}/conv2/B", ("split", key, 1)))
-        convs.append(Conv(f"{scope}/conv2", (conv1,), parts, 3, unit.stride,
-                          rates=unit.split_rates, section=section))
+        parts = (group("conv2/A", SplitWidth(key, 0)), group("conv2/B", SplitWidth(key, 1)))
+        conv("conv2", (conv1,), parts, 3, unit.stride, rates=unit.split_rates)
     else:
-        parts = (group(f"{scope}/conv2", ("params", key, 1)),)
-        convs.append(Conv(f"{scope}/conv2", (conv1,), parts, 3, unit.stride,
-                          section=section))
-    conv3 = f"{scope}/conv3"
-    groups.append(Group(conv3, ("params", key, 2), True, section, residual_unit=unit.name))
-    convs.append(Conv(conv3, parts, (conv3,), 1, norm=False, relu=False, section=section))
-    if unit.shortcut != "none":
-        shortcut_input = conv1 if unit.shortcut == "conv1" else unit_input
-        shortcut_stride = unit.stride if unit.shortcut == "input" else 1
-        convs.append(Conv(f"{scope}/shortcut", (shortcut_input,), (unit.residual_group,),
-                          1, shortcut_stride, norm=False, relu=False, section=section))
+        parts = (group("conv2", ParamWidth(key, 1)),)
+        conv("conv2", (conv1,), parts, 3, unit.stride)
+    conv3 = group("conv3", ParamWidth(key, 2), through_mask=True)
+    conv("conv3", parts, (conv3,), 1, norm=False, relu=False)
+    if unit.shortcut is not Shortcut.NONE:
+        reads_conv1 = unit.shortcut is Shortcut.CONV1
+        conv("shortcut", (conv1 if reads_conv1 else unit_input,), (unit.residual_group,), 1,
+             1 if reads_conv1 else unit.stride, norm=False, relu=False)
     return groups, convs
 
 
 @lru_cache(maxsize=1)
 def adapnet_pp():
-    """The AdapNet++ declaration (docs/network.md)."""
-    groups = [Group(IMAGE, ("const", 3), False),
-              Group("conv1", ("params", "1"), True, "conv1")]
-    convs = [Conv("conv1", (IMAGE,), ("conv1",), 7, 2, section="conv1")]
+    """The AdapNet++ declaration (docs/design.md)."""
+    groups = [Group(IMAGE, FixedWidth(3), False),
+              Group("conv1", ParamWidth("1"), True, "conv1")]
+    convs = [Conv("conv1", (IMAGE,), ("conv1",), 7, 2, pooling=Pooling.MAX_AFTER)]
     previous = "conv1"
     for block in BLOCKS:
-        first = next(u for u in UNITS if u.block == block)
-        groups.append(Group(f"{block}/residual", ("params", first.key, 3), False, block))
-        for unit in (u for u in UNITS if u.block == block):
+        units = [u for u in UNITS if u.block == block]
+        groups.append(Group(f"{block}/residual", ParamWidth(units[0].key, 3), False, block))
+        for unit in units:
             unit_groups, unit_convs = _unit_declarations(unit, previous)
             groups += unit_groups
             convs += unit_convs
             previous = unit.residual_group
 
     for scope, stream in SKIPS.items():
-        groups.append(Group(scope, ("const", SKIP_WIDTH), False, "skip"))
-        convs.append(Conv(scope, (stream,), (scope,), 1, relu=False, section="skip"))
+        groups.append(Group(scope, FixedWidth(SKIP_WIDTH), False, "skip"))
+        convs.append(Conv(scope, (stream,), (scope,), 1, relu=False))
 
-    def easpp_conv(scope, key, inputs, kernel=1, rate=1, relu=True, prunable=True):
-        groups.append(Group(scope, ("params", key), prunable, "easpp"))
-        convs.append(Conv(scope, inputs, (scope,), kernel, rates=(rate,), relu=relu,
-                          section="easpp"))
+    def easpp_conv(scope, key, inputs, kernel=1, rate=1, relu=True):
+        groups.append(Group(scope, ParamWidth(key), True, "easpp"))
+        convs.append(Conv(scope, inputs, (scope,), kernel, rates=(rate,), relu=relu))
         return scope
 
     b4 = "block4/residual"
@@ -211,55 +340,42 @@ def adapnet_pp():
         x = easpp_conv(scopes[1], keys[1], (x,), 3, rate)
         x = easpp_conv(scopes[2], keys[2], (x,), 3, rate)
         branch_outputs.append(easpp_conv(scopes[3], keys[3], (x,)))
-    # Image pooling: global average pool -> conv57 -> resize (done by the builder).
-    groups.append(Group("conv57", ("const", IMAGE_POOLING_WIDTH), False, "easpp"))
-    convs.append(Conv("conv57", (b4,), ("conv57",), 1, section="easpp"))
+    groups.append(Group("conv57", FixedWidth(IMAGE_POOLING_WIDTH), False, "easpp"))
+    convs.append(Conv("conv57", (b4,), ("conv57",), 1, pooling=Pooling.GLOBAL_INPUT))
     branch_outputs.append("conv57")
     easpp_conv("conv10", "31", tuple(branch_outputs), relu=False)
 
-    def decoder_conv(scope, key, inputs, kernel, stride=1, transposed=False, relu=True):
-        section = DECODER_SECTIONS[scope]
-        groups.append(Group(scope, ("params", key), True, section))
+    # Sections and short names are those of the original pruning script.
+    def decoder_conv(scope, key, inputs, kernel, section, short_name="", stride=1,
+                     transposed=False, relu=True):
+        groups.append(Group(scope, ParamWidth(key), True, section, short_name=short_name))
         convs.append(Conv(scope, inputs, (scope,), kernel, stride, transposed=transposed,
-                          relu=relu, section=section))
+                          relu=relu))
 
-    decoder_conv("conv41", "32", ("conv10",), 4, 2, transposed=True, relu=False)
-    decoder_conv("conv89", "33", ("conv41", "conv174"), 3)
-    decoder_conv("conv96", "34", ("conv89",), 3)
-    decoder_conv("conv16", "35", ("conv96",), 4, 2, transposed=True, relu=False)
-    decoder_conv("conv88", "36", ("conv16", "conv32"), 3)
-    decoder_conv("conv95", "37", ("conv88",), 3)
+    decoder_conv("conv41", "32", ("conv10",), 4, "upsample1", stride=2, transposed=True,
+                 relu=False)
+    decoder_conv("conv89", "33", ("conv41", "conv174"), 3, "decoder_conv1", "conv1")
+    decoder_conv("conv96", "34", ("conv89",), 3, "decoder_conv1", "conv2")
+    decoder_conv("conv16", "35", ("conv96",), 4, "upsample2", stride=2, transposed=True,
+                 relu=False)
+    decoder_conv("conv88", "36", ("conv16", "conv32"), 3, "decoder_conv2", "conv1")
+    decoder_conv("conv95", "37", ("conv88",), 3, "decoder_conv2", "conv2")
 
-    for scope, inputs, kernel, stride, transposed, relu, aux in (
-            ("conv78", ("conv95",), 1, 1, False, True, False),
-            ("conv5", ("conv78",), 8, 4, True, False, False),
-            ("conv911", ("conv16",), 1, 1, False, False, True),
-            ("conv912", ("conv41",), 1, 1, False, False, True)):
-        groups.append(Group(scope, ("classes",), False, "classifier"))
+    for scope, inputs, kernel, stride, transposed, relu, loss_weight in (
+            ("conv78", ("conv95",), 1, 1, False, True, 0.0),
+            ("conv5", ("conv78",), 8, 4, True, False, 0.0),
+            ("conv911", ("conv16",), 1, 1, False, False, 0.6),
+            ("conv912", ("conv41",), 1, 1, False, False, 0.5)):
+        groups.append(Group(scope, ClassesWidth(), False, "classifier"))
         convs.append(Conv(scope, inputs, (scope,), kernel, stride, transposed=transposed,
-                          relu=relu, section="classifier", aux=aux))
-    return Architecture(tuple(groups), tuple(convs), UNITS)
-
-
-def resolve_width(ref, model_def, num_classes):
-    kind = ref[0]
-    if kind == "const":
-        return ref[1]
-    if kind == "classes":
-        return num_classes
-    if kind == "params":
-        value = model_def["params"][ref[1]]
-        return value if len(ref) == 2 else value[ref[2]]
-    if kind == "split":
-        return model_def["split"][ref[1]][ref[2]]
-    raise ValueError(f"unknown width reference {ref!r}")
+                          relu=relu, aux=loss_weight > 0, loss_weight=loss_weight))
+    return Architecture(tuple(groups), tuple(convs), UNITS, logits="conv5")
 
 
 def resolve_widths(model_def, num_classes, architecture=None):
     """Group name -> channel count for a (validated) model_def."""
     architecture = architecture or adapnet_pp()
-    return {g.name: resolve_width(g.width, model_def, num_classes)
-            for g in architecture.groups}
+    return {g.name: g.width.resolve(model_def, num_classes) for g in architecture.groups}
 
 
 def input_offsets(conv, widths):

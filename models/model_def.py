@@ -5,13 +5,13 @@ import os
 
 import numpy as np
 
-from models.architecture import UNITS, adapnet_pp, resolve_widths
+from models.architecture import Shortcut, adapnet_pp
 from common.errors import UserError
 from common.files import numpy_file_kind, one_line, replace_atomically
 
-PARAM_KEYS = tuple(str(k) for k in range(1, 38))
-UNIT_KEYS = {u.key for u in UNITS}
-SPLIT_KEYS = tuple(u.key for u in UNITS if u.split_rates)
+PARAM_KEYS = adapnet_pp().param_keys()
+UNIT_KEYS = {u.key for u in adapnet_pp().units}
+SPLIT_KEYS = tuple(u.key for u in adapnet_pp().units if u.split_rates)
 
 
 def load_model_def(path):
@@ -54,8 +54,8 @@ def validate_model_def(model_def, source="model_def"):
         elif not positive_int(value):
             raise UserError(f"{source}: params[\"{key}\"] must be a positive integer, "
                             f"got {value!r}")
-    for unit in UNITS:
-        if unit.shortcut != "none" and len(params[unit.key]) != 4:
+    for unit in adapnet_pp().units:
+        if unit.shortcut is not Shortcut.NONE and len(params[unit.key]) != 4:
             raise UserError(f"{source}: params[\"{unit.key}\"] ({unit.name} has a shortcut) "
                             f"needs 4 entries [conv1, conv2, conv3, residual width]")
     for key in SPLIT_KEYS:
@@ -70,11 +70,6 @@ def validate_model_def(model_def, source="model_def"):
     unknown = sorted(set(split) - set(SPLIT_KEYS), key=str)
     if unknown:
         raise UserError(f"{source}: split has unknown key(s) {', '.join(unknown)}")
-
-
-def residual_width(model_def, unit):
-    first = next(u for u in UNITS if u.block == unit.block)
-    return model_def["params"][first.key][3]
 
 
 def save_model_def(model_def, path):
@@ -164,13 +159,14 @@ def _read_mask_array(path):
 def check_masks(model_def, masks, source="mask"):
     """Every residual conv3 narrower than its residual width needs a mask that
     keeps exactly its channels; returns {unit name: kept indices}."""
-    by_name = {u.name: u for u in UNITS}
+    units = adapnet_pp().units
+    by_name = {u.name: u for u in units}
     unknown = sorted(set(masks) - set(by_name))
     if unknown:
         raise UserError(f"{source}: unknown residual unit(s) {', '.join(unknown)}")
     indices_by_unit = {}
-    for unit in UNITS:
-        width = residual_width(model_def, unit)
+    for unit in units:
+        width = adapnet_pp().residual_width(model_def, unit)
         conv3 = model_def["params"][unit.key][2]
         if unit.name not in masks:
             if conv3 != width:
@@ -186,21 +182,3 @@ def check_masks(model_def, masks, source="mask"):
                             f"model_def conv3 has {conv3}")
         indices_by_unit[unit.name] = np.asarray(indices, dtype=np.int64)
     return indices_by_unit
-
-
-def parameter_count(model_def, num_classes):
-    """Variables of the graph (weights, BN incl. moving statistics)."""
-    architecture = adapnet_pp()
-    widths = resolve_widths(model_def, num_classes, architecture)
-    total = 4 * 3  # conv0: batch norm on the 3 image channels
-    for conv in architecture.convs:
-        c_in = sum(widths[g] for g in conv.inputs)
-        c_out = sum(widths[g] for g in conv.outputs)
-        total += conv.kernel * conv.kernel * c_in * c_out
-        if conv.norm:
-            total += 4 * c_out
-    for unit in UNITS:
-        # Pre-activation batch norm in each unit's conv3 scope, over the
-        # residual width (the sum feeding the next unit or the block output).
-        total += 4 * residual_width(model_def, unit)
-    return total

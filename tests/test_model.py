@@ -9,9 +9,10 @@ from helpers import (FLOAT32_PASS_TOLERANCE, default_model_def, randomise_variab
 from models import atrous
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp
-from models.model_def import (check_masks, load_masks, parameter_count, save_masks,
+from models.model_def import (check_masks, load_masks, save_masks,
                               validate_model_def)
 from netcompress import checkpoints
+from netcompress.costs import total_parameters
 from common.errors import UserError
 
 tf1 = tf.compat.v1
@@ -91,7 +92,7 @@ def test_parameter_count_is_30_20_million(default_graph):
     _, _, shapes = default_graph
     count = sum(int(np.prod(s)) for s in shapes.values())
     assert round(count / 1e6, 2) == 30.20
-    assert parameter_count(default_model_def(), 12) == count
+    assert total_parameters(default_model_def(), 12) == count
 
 
 def test_output_shapes_and_aux_heads(default_graph):
@@ -280,3 +281,48 @@ def test_strict_restore_names_first_mismatch(tmp_path):
         with pytest.raises(UserError, match=r"conv7/weights is \[3, 3, 4, 5\] in the "
                                             r"checkpoint but \[3, 3, 4, 4\] in the model"):
             checkpoints.check_matches(path, checkpoints.model_variables())
+
+
+# ---- the declaration's fields and queries ----------------------------------
+
+def test_declaration_queries():
+    from models.architecture import ClassesWidth, FixedWidth, ParamWidth, Pooling, \
+        Shortcut, SplitWidth
+    arch = adapnet_pp()
+    assert [(c.scope, c.loss_weight) for c in arch.aux_heads()] == \
+        [("conv911", 0.6), ("conv912", 0.5)]
+    assert arch.aux_scopes() == ["conv911", "conv912"]
+    assert arch.logits == "conv5" and not arch.conv("conv5").aux
+    assert arch.sections() == ("conv1", "block1", "block2", "block3", "block4", "easpp",
+                               "upsample1", "decoder_conv1", "upsample2", "decoder_conv2")
+    assert arch.unit_ranges() == ("block1/unit_1 .. block1/unit_3, block2/unit_1 .. "
+                                  "block2/unit_4, block3/unit_1 .. block3/unit_6, "
+                                  "block4/unit_1 .. block4/unit_3")
+    assert arch.param_keys() == tuple(str(k) for k in range(1, 38))
+    assert {c.scope: c.pooling for c in arch.convs if c.pooling is not Pooling.NONE} == \
+        {"conv1": Pooling.MAX_AFTER, "conv57": Pooling.GLOBAL_INPUT}
+    assert [u.name for u in arch.units if u.shortcut is Shortcut.CONV1] == ["block1/unit_1"]
+    assert [u.name for u in arch.units if u.shortcut is Shortcut.INPUT] == \
+        ["block2/unit_1", "block3/unit_1", "block4/unit_1"]
+    assert arch.first_unit("block3").name == "block3/unit_1"
+    unit = arch.unit("block1/unit_1")
+    assert sorted(arch.unit_convs(unit)) == ["conv1", "conv2", "conv3", "shortcut"]
+    assert arch.unit_convs(unit)["shortcut"].inputs == (
+        "block1/unit_1/bottleneck_v1/conv1",)  # the quirk: it reads conv1
+    conv3 = arch.group("block2/unit_2/bottleneck_v1/conv3")
+    assert (conv3.unit, conv3.short_name, conv3.through_mask) == \
+        ("block2/unit_2", "conv3", True)
+    assert arch.group("conv96").short_name == "conv2"
+    model_def = default_model_def()
+    assert arch.residual_width(model_def, arch.unit("block3/unit_4")) == \
+        model_def["params"]["9"][3]
+    # Width references read and write a model_def; fixed widths refuse.
+    split = arch.group("block4/unit_1/bottleneck_v1/conv2/B").width
+    assert split == SplitWidth("15", 1)
+    split.assign(model_def, 100)
+    assert model_def["params"]["15"][1] == model_def["split"]["15"][0] + 100
+    ParamWidth("18").assign(model_def, 7)
+    assert ParamWidth("18").resolve(model_def, 12) == 7
+    assert ClassesWidth().resolve(model_def, 12) == 12
+    with pytest.raises(ValueError, match="not prunable"):
+        FixedWidth(24).assign(model_def, 3)

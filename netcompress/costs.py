@@ -1,13 +1,11 @@
-"""Parameters and multiply-adds per conv, read from the architecture declaration.
+"""Parameters and multiply-adds per conv, read from the architecture
+declaration: the one place where either is counted.
 
 A conv's cost depends on the spatial size it runs at. That size follows from
 the strides along the declaration (conv1 stride 2 and the max-pool after it,
-stride-2 units in blocks 2 and 3, transposed convs going back up), with two
-places the declaration cannot express and this module knows about:
-
-- the 3x3/2 max-pool after ``conv1``: ``conv1`` itself runs at 1/2, its
-  consumers read it at 1/4;
-- the image-pooling conv ``conv57`` runs on a 1x1 globally pooled map.
+stride-2 units in blocks 2 and 3, transposed convs going back up) and from
+each conv's ``pooling`` (a max-pool after it halves what its consumers read;
+image pooling runs on a 1x1 globally averaged map).
 
 MACs count one multiply-add per kernel tap and output channel at every output
 pixel (dilation does not change it); a transposed conv does k*k*in*out per
@@ -20,16 +18,14 @@ its parameters count the kept channels.
 from dataclasses import dataclass
 from math import ceil
 
-from models.architecture import IMAGE, UNITS, adapnet_pp, resolve_widths
-from models.model_def import parameter_count, residual_width
+from models.architecture import IMAGE, Pooling, adapnet_pp, resolve_widths
 
-MAX_POOL_AFTER = "conv1"
-GLOBALLY_POOLED = "conv57"
+BATCH_NORM_PARAMETERS = 4  # gamma, beta, moving mean, moving variance per channel
 
 
 @dataclass(frozen=True)
 class ConvCost:
-    params: int  # kernel + batch norm (4 per channel) if the conv has one
+    params: int  # kernel + batch norm if the conv has one
     macs: int
 
 
@@ -40,7 +36,7 @@ def spatial_sizes(height, width, architecture=None):
     sizes = {}
     for conv in architecture.convs:
         in_h, in_w = size_of_group[conv.inputs[0]]
-        if conv.scope == GLOBALLY_POOLED:
+        if conv.pooling is Pooling.GLOBAL_INPUT:
             in_h, in_w = 1, 1
         if conv.transposed:
             out_h, out_w = in_h * conv.stride, in_w * conv.stride
@@ -48,23 +44,24 @@ def spatial_sizes(height, width, architecture=None):
             out_h, out_w = ceil(in_h / conv.stride), ceil(in_w / conv.stride)
         sizes[conv.scope] = (in_h, in_w, out_h, out_w)
         read_size = (out_h, out_w)
-        if conv.scope == MAX_POOL_AFTER:
+        if conv.pooling is Pooling.MAX_AFTER:
             read_size = (ceil(out_h / 2), ceil(out_w / 2))
-        if conv.scope == GLOBALLY_POOLED:
+        if conv.pooling is Pooling.GLOBAL_INPUT:
             read_size = size_of_group[conv.inputs[0]]  # resized back
         for group in conv.outputs:
             size_of_group[group] = read_size
     return sizes
 
 
-def conv_costs(model_def, num_classes, height, width, masks=None, architecture=None):
-    """Conv scope -> ConvCost at input size height x width; ``masks``: the
-    residual units with a mask ({unit name: ...}, as load_masks gives)."""
+def conv_costs(model_def, num_classes, height=1, width=1, masks=None, architecture=None):
+    """Conv scope -> ConvCost at input size height x width (parameters do not
+    depend on it); ``masks``: the residual units with a mask ({unit name:
+    ...}, as load_masks gives)."""
     architecture = architecture or adapnet_pp()
     widths = resolve_widths(model_def, num_classes, architecture)
     sizes = spatial_sizes(height, width, architecture)
-    run_width = {f"{u.scope}/conv3": residual_width(model_def, u)
-                 for u in UNITS if u.name in (masks or {})}
+    run_width = {f"{u.scope}/conv3": architecture.residual_width(model_def, u)
+                 for u in architecture.units if u.name in (masks or {})}
     costs = {}
     for conv in architecture.convs:
         c_in = sum(widths[g] for g in conv.inputs)
@@ -73,7 +70,7 @@ def conv_costs(model_def, num_classes, height, width, masks=None, architecture=N
         run_kernel = conv.kernel * conv.kernel * c_in * run_width.get(conv.scope, c_out)
         in_h, in_w, out_h, out_w = sizes[conv.scope]
         pixels = in_h * in_w if conv.transposed else out_h * out_w
-        params = kernel + (4 * c_out if conv.norm else 0)
+        params = kernel + (BATCH_NORM_PARAMETERS * c_out if conv.norm else 0)
         costs[conv.scope] = ConvCost(params, run_kernel * pixels)
     return costs
 
@@ -85,6 +82,15 @@ def inference_macs(model_def, num_classes, height, width, masks=None, architectu
     return sum(costs[c.scope].macs for c in architecture.convs if not c.aux)
 
 
-def total_parameters(model_def, num_classes):
-    """Every model variable, aux heads included (what a checkpoint holds)."""
-    return parameter_count(model_def, num_classes)
+def total_parameters(model_def, num_classes, architecture=None):
+    """Every model variable, aux heads included (what a checkpoint holds):
+    the convs, conv0's batch norm on the image, and each unit's
+    pre-activation batch norm over the residual width (in its conv3 scope)."""
+    architecture = architecture or adapnet_pp()
+    widths = resolve_widths(model_def, num_classes, architecture)
+    convs = sum(cost.params for cost in conv_costs(model_def, num_classes,
+                                                  architecture=architecture).values())
+    image_norm = BATCH_NORM_PARAMETERS * widths[IMAGE]
+    unit_norms = sum(BATCH_NORM_PARAMETERS * architecture.residual_width(model_def, unit)
+                     for unit in architecture.units)
+    return convs + image_norm + unit_norms
