@@ -13,12 +13,11 @@ import os
 import re
 import sys
 
-from netcompress.cli import parse_script_args, run_main
-from netcompress.config import apply_gpu_id, load_config
 from common.errors import UserError
 from netcompress.checkpoint_paths import input_checkpoint_files
-from netcompress.outputs import check_outputs
-from netcompress.runtime import graph_mode
+from netcompress.cli import run_main, run_script
+from common.outputs import check_outputs
+from common.runtime import graph_mode
 from netcompress.sharding import parse_shard, shard_output_path
 
 SHARD_NAME = re.compile(r"\.shard\d+of\d+(\.|$)")
@@ -63,18 +62,24 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--merge" in argv:
         return merge_main(argv)
-    config_path, overrides, args = parse_script_args(argv, DESCRIPTION, "oracle_rank",
-                                                     add_arguments=add_shard_argument)
-    config = load_config(config_path, "oracle_rank", overrides)
+    return run_script(argv, "oracle_rank", DESCRIPTION, _rank,
+                      add_arguments=add_shard_argument, check=_check)
+
+
+def _check(config, args):
+    """The shard and the output, before the ranking pass rather than after."""
     shard = parse_shard(args.shard) if args.shard is not None else None
     output = shard_output_path(config["rank_save"], shard)
     inputs = {key: [config[key]] for key in ("test_data", "model_def", "mask") if config[key]}
     inputs["checkpoint"] = input_checkpoint_files(config["checkpoint"])
-    check_outputs({"rank_save": [output]}, inputs)  # before the ranking pass, not after
-    apply_gpu_id(config["gpu_id"])
-    graph_mode()
+    check_outputs({"rank_save": [output]}, inputs)
+    return shard, output
+
+
+def _rank(config, args, prepared):
     from netcompress.ranking import rank, summary_table
 
+    shard, output = prepared
     sums = rank(config, shard)
     sums.save(output)
     for line in summary_table(sums):

@@ -1,14 +1,15 @@
 """Command-line plumbing shared by the scripts: `-c CONFIG` plus overrides,
-and a top-level wrapper that turns UserError into a one-line message."""
+the entry helper ``run_script`` (parse -> load settings -> choose device ->
+import TensorFlow quietly -> run), and ``run_main``, which turns UserError
+into a one-line message."""
 
 import argparse
 import sys
 
-from netcompress.config import accepted_keys
-from common.errors import UserError
+from common.errors import INTERRUPT_EXIT, USER_ERROR_EXIT, UserError
+from netcompress.config import DECLARED, KEY_ALIASES, accepted_keys, apply_gpu_id, \
+    load_config
 
-USER_ERROR_EXIT = 2
-INTERRUPT_EXIT = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 class _AppendOverride(argparse.Action):
@@ -30,12 +31,26 @@ class _AppendOverride(argparse.Action):
         setattr(namespace, self.dest, overrides)
 
 
-def build_parser(description, kind, add_arguments=None, optional=None):
-    """The parser behind parse_script_args (exposed for --help tests/docs)."""
+def _key_help(kind, key, defaults):
+    """--help text of a key: a declared setting's help and its default."""
+    declared = {setting.name: setting for setting in DECLARED.get(kind, ())}
+    target = KEY_ALIASES[kind].get(key, key)
+    if target != key:
+        return f"same as --{target}" if kind in DECLARED else None
+    if key not in declared:
+        return None
+    current = (defaults or {}).get(key, declared[key].default)
+    return f"{declared[key].help} (now: {current!r})"
+
+
+def build_parser(description, kind, add_arguments=None, optional=None, defaults=None):
+    """The parser behind parse_script_args (exposed for --help tests/docs).
+    ``defaults``: the settings a script has without a config file; -c is
+    then optional."""
     # No abbreviations: with a flag per config key they would be ambiguous or
     # silently pick the wrong key.
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    parser.add_argument("-c", "--config", required=True, metavar="FILE",
+    parser.add_argument("-c", "--config", required=defaults is None, metavar="FILE",
                         help="config file (`key: value` lines)")
     overrides = parser.add_argument_group(
         "config overrides", "replace a config value for this run; values are "
@@ -49,13 +64,15 @@ def build_parser(description, kind, add_arguments=None, optional=None):
             flags.append("--" + key.replace("_", "-"))
         overrides.add_argument(*flags, dest="overrides", action=_AppendOverride,
                                config_key=key, metavar="VALUE",
-                               help=argparse.SUPPRESS if key == "intialize" else None)
+                               help=argparse.SUPPRESS if key == "intialize"
+                               else _key_help(kind, key, defaults))
     if add_arguments is not None:
         add_arguments(parser)
     return parser
 
 
-def parse_script_args(argv, description, kind, add_arguments=None, optional=None):
+def parse_script_args(argv, description, kind, add_arguments=None, optional=None,
+                      defaults=None):
     """Parse a script's command line.
 
     argv: arguments without the program name (None -> sys.argv[1:]).
@@ -66,9 +83,29 @@ def parse_script_args(argv, description, kind, add_arguments=None, optional=None
     Returns (config_path, overrides, namespace), overrides being the
     'key=value' strings in command-line order, ready for load_config.
     """
-    parser = build_parser(description, kind, add_arguments, optional)
+    parser = build_parser(description, kind, add_arguments, optional, defaults)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return args.config, list(args.overrides), args
+
+
+def run_script(argv, kind, description, main, optional=None, add_arguments=None,
+               defaults=None, check=None):
+    """What every script does: parse the command line, load and check its
+    settings, ``check(config, args)`` (work that needs no TensorFlow, so that
+    mistakes show at once), make only the configured GPU(s) visible, import
+    TensorFlow quietly in graph mode, then ``main(config, args, prepared)``,
+    ``prepared`` being what ``check`` returned (None without one).
+    ``defaults``: (values, source) a script has without a config file."""
+    from common.runtime import graph_mode
+
+    config_path, overrides, args = parse_script_args(
+        argv, description, kind, add_arguments, optional,
+        defaults=None if defaults is None else defaults[0])
+    config = load_config(config_path, kind, overrides, optional=optional, defaults=defaults)
+    prepared = check(config, args) if check is not None else None
+    apply_gpu_id(config["gpu_id"])
+    graph_mode()
+    return main(config, args, prepared)
 
 
 def run_main(main_fn):

@@ -1,5 +1,6 @@
-"""Loading and validating the `key: value` config files of train / evaluate /
-get_oracle_rank.
+"""Loading and validating the settings of every script: the `key: value`
+config files of train / evaluate / get_oracle_rank, and prun_model.py's
+settings (its header constants, an optional config file, the command line).
 
 A config is parsed as YAML (``yaml.safe_load``, the original format), then
 overrides from the command line are applied, then every key is checked. All
@@ -17,12 +18,16 @@ other key of a kind is required.
 """
 
 import difflib
+import math
 import os
+from dataclasses import dataclass
 
 import yaml
 
 from common.errors import UserError
 from netcompress.checkpoint_paths import checkpoint_exists
+from netcompress.rankfile import CRITERIA
+from netcompress.scores import NORMALISATIONS
 
 TRAIN_KEYS = (
     "gpu_id", "model", "num_classes", "intialize", "checkpoint", "train_data",
@@ -42,12 +47,81 @@ CONFIG_KEYS = {
     "oracle_rank": ORACLE_RANK_KEYS,
 }
 
+
+# ---- prun_model.py's settings, declared once ---------------------------------
+# The header constants of prun_model.py, its --help and the README's table
+# are checked against this declaration (tests/test_config.py).
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: str  # how a value is checked (_check_setting)
+    default: object = REQUIRED
+    help: str = ""
+    choices: tuple = ()
+
+
+
+PRUNE_SETTINGS = (
+    Setting("decide_threshold", "bool", False,
+            "true: only print how many channels of the selection score below 0.1, 0.2, "
+            "... and write histogram_save"),
+    Setting("phase", "text", "all",
+            "what to prune: conv1, block1 .. block4, a unit (block3/unit_4), easpp, "
+            "upsample1 (conv41), upsample2 (conv16), decoder_conv1 (conv89, conv96), "
+            "decoder_conv2 (conv88, conv95), or all"),
+    Setting("all_convs", "bool", True, "true: every prunable layer of the phase"),
+    Setting("conv_name", "optional_text", None,
+            "the layer within the phase when all_convs is false: conv1, conv2, conv3, "
+            "conv2/A, conv2/B in a block or unit; an eASPP conv; conv1/conv2 of a decoder "
+            "pair; or a full layer name"),
+    Setting("rank_file", "path", REQUIRED,
+            "the rank file written by get_oracle_rank.py (header: save_nvidia_name)"),
+    Setting("threshold", "threshold", REQUIRED,
+            "remove channels whose normalised score is below it (a finite number >= 0)"),
+    Setting("checkpoint_name", "path", REQUIRED,
+            "the checkpoint to prune (a prefix, or a directory: its newest); never modified"),
+    Setting("gpu_id", "gpu_id", "", "GPU to use ('' = all GPUs / CPU only)"),
+    Setting("try_zeros", "bool", False,
+            "true: write a checkpoint of the same shapes with the channels zeroed where "
+            "they are read, to evaluate a threshold"),
+    Setting("new_checkpoint_save", "path", REQUIRED,
+            "where the new checkpoint goes (another directory than checkpoint_name)"),
+    Setting("mask_load", "optional_path", None, "the current mask file (None: no mask)"),
+    Setting("mask_save", "optional_path", None,
+            "where the new mask file goes (written when the pruned model has masks)"),
+    Setting("num_classes", "num_classes", REQUIRED,
+            "number of classes, void included (header: Num_classes)"),
+    Setting("height", "size", REQUIRED, "input height, for the FLOPs report and graph checks"),
+    Setting("width", "size", REQUIRED, "input width, for the FLOPs report and graph checks"),
+    Setting("model_def", "path", REQUIRED, "the current model definition"),
+    Setting("new_model_def", "path", REQUIRED, "where the pruned model definition goes"),
+    Setting("criterion", "choice", "taylor", "how ranks become scores",
+            choices=tuple(CRITERIA)),
+    Setting("normalisation", "choice", "max",
+            "max (divide by the layer maximum) or l2 (by the layer's l2 norm)",
+            choices=tuple(NORMALISATIONS)),
+    Setting("min_channels", "positive_int", 1, "a layer keeps at least this many channels"),
+    Setting("round_to", "positive_int", 1,
+            "round kept counts up to a multiple of this (e.g. 8); 1 = no rounding"),
+    Setting("histogram_save", "optional_path", None,
+            "the decide_threshold histogram PNG (None = none)"),
+)
+
+DECLARED = {"prune": PRUNE_SETTINGS}
+CONFIG_KEYS["prune"] = tuple(setting.name for setting in PRUNE_SETTINGS)
+
 # Alternative spellings accepted in a config -> the key used in the result.
 # The original README spells it 'intialize'; both spellings mean the same.
 KEY_ALIASES = {
     "train": {"intialize": "initialize", "initialize": "initialize"},
     "evaluate": {},
     "oracle_rank": {},
+    # The original script's names, still accepted (header constants and flags).
+    "prune": {"Num_classes": "num_classes", "save_nvidia_name": "rank_file"},
 }
 
 OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_path": "auto"}
@@ -116,11 +190,13 @@ def parse_overrides(overrides):
     return parsed
 
 
-def load_config(path, kind, overrides=(), optional=None):
-    """Read, override and validate a config of `kind` ('train', 'evaluate'
-    or 'oracle_rank').
+def load_config(path, kind, overrides=(), optional=None, defaults=None):
+    """Read, override and validate a config of `kind` ('train', 'evaluate',
+    'oracle_rank' or 'prune').
 
     `overrides`: 'key=value' strings applied after the file, in order.
+    `defaults`: (values, source name) read before the file, e.g. a script's
+    header constants; `path` may then be None.
     `optional`: extra keys a script allows, with their defaults
     (e.g. {'flip': True}); a given value must have the default's type.
     Returns a new dict with every key present and values normalised; the
@@ -128,24 +204,31 @@ def load_config(path, kind, overrides=(), optional=None):
     """
     keys = _keys_of(kind)
     optional = dict(optional or {})
-    raw = _read_mapping(path)
-
-    # (value, where it came from) per key as written by the user.
-    given = {}
-    for key, value in raw.items():
-        given[str(key)] = (value, path)
-    for key, value in parse_overrides(overrides):
-        given[key] = (value, "override %s=%s" % (key, _show(value)))
+    # Layers of (key as written, value, where it came from); a later layer
+    # replaces an earlier one's values.
+    layers = []
+    if defaults is not None:
+        values, source = defaults
+        layers.append([(str(key), value, source) for key, value in values.items()])
+    if path is not None:
+        layers.append([(str(key), value, path) for key, value in _read_mapping(path).items()])
+    path = path or (defaults[1] if defaults else "settings")
+    layers.append([(key, value, "override %s=%s" % (key, _show(value)))
+                   for key, value in parse_overrides(overrides)])
 
     allowed = accepted_keys(kind, optional)
-    for key, (value, source) in given.items():
+    for key, value, source in (entry for layer in layers for entry in layer):
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = "; did you mean %r?" % close[0] if close else ""
             raise UserError("%s: unknown key %r (value %s) for a %s config%s"
                             % (source, key, _show(value), kind, hint))
 
-    config = _resolve_aliases(given, kind)
+    config = {}
+    for layer in layers:
+        config.update(_resolve_aliases(layer, kind))
+    if kind in DECLARED:
+        return _declared_settings(kind, config, path)
     result = {}
     for key in keys:
         key = KEY_ALIASES[kind].get(key, key)
@@ -165,6 +248,63 @@ def load_config(path, kind, overrides=(), optional=None):
 
     _check_paths(result, kind, {k: s for k, (_, s) in config.items()}, path)
     return result
+
+
+def _declared_settings(kind, config, path):
+    result = {}
+    for setting in DECLARED[kind]:
+        if setting.name in config:
+            value, source = config[setting.name]
+            result[setting.name] = _check_setting(setting, value, source)
+        elif setting.default is REQUIRED:
+            raise UserError("%s: missing required key %r" % (path, setting.name))
+        else:
+            result[setting.name] = setting.default
+    return result
+
+
+def _check_setting(setting, value, source):
+    """A declared setting's checked value; errors as _check_value's."""
+    name, kind = setting.name, setting.kind
+
+    def fail(expected):
+        raise UserError("%s: %r must be %s, got %s" % (source, name, expected, _show(value)))
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if kind == "threshold":
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                fail("a finite number >= 0")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) \
+                or not math.isfinite(number) or number < 0:
+            fail("a finite number >= 0")
+        return float(number)
+    if kind == "positive_int":
+        if not _is_int(value) or value < 1:
+            fail("a positive integer")
+        return value
+    if kind == "choice":
+        if value not in setting.choices:
+            fail("one of " + ", ".join(setting.choices))
+        return value
+    if kind in ("text", "optional_text"):
+        if value is None or (isinstance(value, str) and value.strip().lower() in NONE_STRINGS):
+            if kind == "text":
+                fail("given")
+            return None
+        if isinstance(value, bool):
+            fail("a name")
+        return str(value).strip()
+    # The kinds config files share: one check each (_check_value).
+    shared = {"gpu_id": "gpu_id", "num_classes": "num_classes", "size": "height",
+              "optional_path": "mask", "path": "model_def"}[kind]
+    return _check_value(shared, value, source, name=name)
 
 
 def _read_mapping(path):
@@ -189,16 +329,18 @@ def _read_mapping(path):
     return data
 
 
-def _resolve_aliases(given, kind):
+def _resolve_aliases(layer, kind):
+    """One layer's {key: (value, source)} under the keys' main spellings; two
+    spellings of one setting in the same layer are refused."""
     aliases = KEY_ALIASES[kind]
     resolved = {}
     spelled = {}
-    for key, entry in given.items():
+    for key, value, source in layer:
         target = aliases.get(key, key)
         if target in resolved and spelled[target] != key:
             raise UserError("%s: %r and %r are the same setting; give only one"
-                            % (entry[1], spelled[target], key))
-        resolved[target] = entry
+                            % (source, spelled[target], key))
+        resolved[target] = (value, source)
         spelled[target] = key
     return resolved
 
@@ -223,10 +365,12 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_value(key, value, source):
+def _check_value(key, value, source, name=None):
+    """``key`` selects the check; ``name`` (default: key) is the setting
+    named in the message."""
     def fail(expected):
         raise UserError("%s: %r must be %s, got %s"
-                        % (source, key, expected, _show(value)))
+                        % (source, name or key, expected, _show(value)))
 
     if key == "gpu_id":
         # Becomes CUDA_VISIBLE_DEVICES: anything else there silently hides

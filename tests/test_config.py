@@ -349,3 +349,48 @@ def test_config_atrous_names_are_the_builders():
     from models import atrous
     from netcompress.config import ATROUS_PATHS
     assert ATROUS_PATHS == (atrous.AUTO,) + atrous.PATHS
+
+
+# ---- prun_model.py's settings: one declaration -----------------------------
+
+def _prun_model_header():
+    sys.path.insert(0, REPO)
+    import prun_model
+    from netcompress.config import accepted_keys
+    return {name: value for name, value in vars(prun_model).items()
+            if name in accepted_keys("prune")}
+
+
+def test_prune_header_constants_are_the_declared_settings():
+    from netcompress.config import KEY_ALIASES, PRUNE_SETTINGS
+    header = _prun_model_header()
+    legacy = KEY_ALIASES["prune"]
+    assert sorted(legacy.get(name, name) for name in header) == \
+        sorted(setting.name for setting in PRUNE_SETTINGS)
+    assert set(legacy) <= set(header)  # the header keeps the original's names
+    settings = load_config(None, "prune", defaults=(header, "header"))
+    assert settings["num_classes"] == header["Num_classes"]
+    assert settings["rank_file"] == header["save_nvidia_name"]
+
+
+def test_prune_help_and_readme_table_come_from_the_declaration():
+    from netcompress.cli import build_parser
+    from netcompress.config import KEY_ALIASES, PRUNE_SETTINGS
+    header = _prun_model_header()
+    help_text = " ".join(build_parser("prune", "prune", defaults=header).format_help().split())
+    for setting in PRUNE_SETTINGS:
+        assert f"--{setting.name} VALUE" in help_text
+        assert " ".join(setting.help.split()) in help_text
+    for legacy, name in KEY_ALIASES["prune"].items():
+        assert f"--{legacy} VALUE same as --{name}" in help_text
+    # README's settings table: one row per setting, original names where the
+    # header uses them, and nothing else.
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    table = readme.split("### Settings (header constants)", 1)[1].split("\n\n", 2)[1]
+    first_column = [line.split("|")[1] for line in table.splitlines()[2:]]
+    named = {name.strip("` ") for cell in first_column for name in
+             cell.replace(" / ", ",").split(",")}
+    shown = {({v: k for k, v in KEY_ALIASES["prune"].items()}).get(s.name, s.name)
+             for s in PRUNE_SETTINGS}
+    assert named == shown
