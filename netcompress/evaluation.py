@@ -1,4 +1,5 @@
-"""Evaluation (evaluate.py): mIoU over one pass of the test records."""
+"""Evaluation (evaluate.py): mIoU over one pass of the test records; the
+inference graph and pass loop that ranking uses too."""
 
 import numpy as np
 import tensorflow as tf
@@ -18,6 +19,7 @@ class InferenceGraph:
     """Model in inference mode over a single pass of ``data_path``."""
 
     def __init__(self, config, data_path, aux=False, shard=None):
+        self.data_path = data_path
         self.graph = tf.Graph()
         with self.graph.as_default():
             self.model = model_from_config(config)
@@ -29,11 +31,26 @@ class InferenceGraph:
             self.label_ids = tf.argmax(self.labels, axis=3, output_type=tf.int32)
             self.model_variables = checkpoints.model_variables(self.graph)
 
+    def run_pass(self, config, fetches, handle, total, desc, progress=True):
+        """Restore ``config``'s checkpoint, then run ``fetches`` on every batch
+        of the single pass, with a progress bar of ``total`` images.
+        ``handle(fetched)`` returns the batch's image count and a progress
+        note (or None)."""
+        with tf1.Session(graph=self.graph) as session:
+            self.restore(session, config["checkpoint"], config["model_def"])
+            bar = tqdm(total=total, desc=desc, unit="img", disable=not progress,
+                       dynamic_ncols=True)
+            with bar:  # closed (newline written) before any error message
+                for fetched in iterate_batches(session, fetches, self.data_path):
+                    images, note = handle(fetched)
+                    bar.update(images)
+                    if note:
+                        bar.set_postfix_str(note)
+
     def restore(self, session, checkpoint, model_def_path):
-        aux_heads = [c.scope for c in adapnet_pp().convs if c.aux]
         checkpoints.restore_strict(session, checkpoint, self.model_variables,
                                    model_name=f"model_def {model_def_path}",
-                                   optional_scopes=aux_heads)
+                                   optional_scopes=adapnet_pp().aux_scopes())
 
 
 def iterate_batches(session, fetches, data_path):
@@ -51,20 +68,21 @@ def evaluate(config, log=print, class_names=None, progress=True):
     """Returns the ConfusionMatrix; logs the per-class report, mIoU last."""
     data_path = config["test_data"]
     inference = InferenceGraph(config, data_path)
-    total = count_records(data_path)
     matrix = ConfusionMatrix(config["num_classes"])
-    with tf1.Session(graph=inference.graph) as session:
-        inference.restore(session, config["checkpoint"], config["model_def"])
-        bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress,
-                   dynamic_ncols=True)
-        batches = iterate_batches(session, [inference.label_ids, inference.predictions],
-                                  data_path)
-        with bar:  # closed (newline written) before any error message
-            for batch, (labels, predictions) in enumerate(batches, start=1):
-                matrix.update(labels, predictions)
-                bar.update(labels.shape[0])
-                if batch % config["skip_step"] == 0:
-                    bar.set_postfix(mIoU=f"{100 * np.nan_to_num(matrix.mean_iou()):.2f}")
+    batches = 0
+
+    def handle(fetched):
+        nonlocal batches
+        labels, predictions = fetched
+        matrix.update(labels, predictions)
+        batches += 1
+        note = None
+        if batches % config["skip_step"] == 0:
+            note = f"mIoU={100 * np.nan_to_num(matrix.mean_iou()):.2f}"
+        return labels.shape[0], note
+
+    inference.run_pass(config, [inference.label_ids, inference.predictions], handle,
+                       count_records(data_path), "evaluate", progress)
     log(f"checkpoint: {config['checkpoint']}")
     log(matrix.report(class_names))
     return matrix

@@ -25,7 +25,8 @@ from common.files import numpy_file_kind, one_line, replace_atomically
 # What numpy's zip and .npy readers raise on a truncated or damaged file.
 _DAMAGED_ARCHIVE = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
-CRITERIA = ("taylor", "reference")
+# The additive sums a rank file stores per layer (shards add them up).
+SUMS = ("taylor", "reference")
 FORMAT_VERSION = 1
 METADATA_KEYS = ("model_def_json", "model_def_sha256", "masks_json", "checkpoint", "data",
                  "shard")
@@ -40,29 +41,26 @@ class RankSums:
 
     def __init__(self, layers, widths):
         self.layers = list(layers)
-        self.sums = {c: {name: np.zeros(widths[name], np.float64) for name in self.layers}
-                     for c in CRITERIA}
+        self.sums = {kind: {name: np.zeros(widths[name], np.float64) for name in self.layers}
+                     for kind in SUMS}
         self.count = 0
         self.metadata = {key: "" for key in METADATA_KEYS}
 
-    def add(self, criterion, layer, values):
-        self.sums[criterion][layer] += values
+    def add(self, kind, layer, values):
+        self.sums[kind][layer] += values
 
     def scores(self, criterion):
-        """Per-layer criterion values: taylor = mean |t_n|; reference = the
-        original's signed sum, negatives clamped to zero."""
+        """{layer: per-channel score} of a criterion (see CRITERIA)."""
         if criterion not in CRITERIA:
             raise UserError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
-        if criterion == "taylor":
-            return {name: s / max(self.count, 1) for name, s in self.sums["taylor"].items()}
-        return {name: np.maximum(s, 0.0) for name, s in self.sums["reference"].items()}
+        return {layer: CRITERIA[criterion](self, layer) for layer in self.layers}
 
     def save(self, path):
         arrays = {"layers": np.array(self.layers), "count": np.int64(self.count),
                   "format_version": np.int64(FORMAT_VERSION)}
-        for criterion in CRITERIA:
+        for sum_kind in SUMS:
             for name in self.layers:
-                arrays[f"{criterion}/{name}"] = self.sums[criterion][name]
+                arrays[f"{sum_kind}/{name}"] = self.sums[sum_kind][name]
         for key, value in self.metadata.items():
             arrays[f"meta/{key}"] = np.array(str(value))
 
@@ -107,13 +105,13 @@ class RankSums:
         layers = [str(x) for x in array("layers", 1)]
         widths = {n: array(f"taylor/{n}", 1).shape[0] for n in layers}
         sums = cls(layers, widths)
-        for criterion in CRITERIA:
+        for sum_kind in SUMS:
             for name in layers:
-                values = array(f"{criterion}/{name}", 1)
+                values = array(f"{sum_kind}/{name}", 1)
                 if values.shape[0] != widths[name] or values.dtype.kind not in "fiu":
-                    raise UserError(f"{not_rank}: {criterion}/{name} is "
+                    raise UserError(f"{not_rank}: {sum_kind}/{name} is "
                                     f"{_describe(values)}, expected {widths[name]} numbers")
-                sums.sums[criterion][name] = values.astype(np.float64)
+                sums.sums[sum_kind][name] = values.astype(np.float64)
         count = array("count", 0)
         if count.dtype.kind not in "iu" or int(count) < 0:
             raise UserError(f"{not_rank}: 'count' is {_describe(count)} {count}, expected "
@@ -141,11 +139,11 @@ class RankSums:
 def _check_finite(sums, path):
     """NaN or inf sums (a ranking pass over a diverged checkpoint, a damaged
     file) would rank every channel alike; refuse them (docs/errors.md)."""
-    for criterion in CRITERIA:
+    for sum_kind in SUMS:
         for name in sums.layers:
-            if not np.isfinite(sums.sums[criterion][name]).all():
+            if not np.isfinite(sums.sums[sum_kind][name]).all():
                 raise UserError(f"rank file {path} has scores that are not finite "
-                                f"({criterion}/{name}): it is not usable; regenerate it "
+                                f"({sum_kind}/{name}): it is not usable; regenerate it "
                                 f"by rerunning get_oracle_rank.py (on a checkpoint with "
                                 f"finite weights)")
 
@@ -172,10 +170,27 @@ def merge(parts):
         if part.metadata["model_def_sha256"] != merged.metadata["model_def_sha256"]:
             raise UserError(f"rank file {path} was computed for another model_def than "
                             f"{first_path}")
-        for criterion in CRITERIA:
+        for sum_kind in SUMS:
             for name in merged.layers:
-                merged.sums[criterion][name] += part.sums[criterion][name]
+                merged.sums[sum_kind][name] += part.sums[sum_kind][name]
         merged.count += part.count
     merged.metadata["shard"] = "merged: " + " + ".join(
         os.path.basename(path) for path, _ in parts)
     return merged
+
+
+# ---- criteria: per-channel scores from the sums (docs/ranking.md) -----------
+# A criterion is one function (rank sums, layer) -> float64 [channels],
+# higher = keep; prun_model.py's `criterion` names an entry of CRITERIA.
+
+def taylor(ranks, layer):
+    """Molchanov et al.: mean over examples of |t_n|."""
+    return ranks.sums["taylor"][layer] / max(ranks.count, 1)
+
+
+def reference(ranks, layer):
+    """The original code's signed sum of t_n, negatives clamped to zero."""
+    return np.maximum(ranks.sums["reference"][layer], 0.0)
+
+
+CRITERIA = {"taylor": taylor, "reference": reference}

@@ -27,7 +27,6 @@ import json
 
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
 from dataset.records import count_records
 from models.architecture import adapnet_pp, output_offset
@@ -35,8 +34,8 @@ from models.model_def import load_masks
 from netcompress import rankfile
 from netcompress.checkpoint_paths import resolve_checkpoint
 from common.errors import UserError
-from netcompress.evaluation import InferenceGraph, iterate_batches
-from netcompress.rankfile import CRITERIA, RankSums
+from netcompress.evaluation import InferenceGraph
+from netcompress.rankfile import SUMS, RankSums
 from netcompress.sharding import parse_shard, records_in_shard, shard_label
 
 tf1 = tf.compat.v1
@@ -117,16 +116,16 @@ class BatchTaylorSums:
         return (self.packed, self.batch_size)
 
     def unpack(self, packed):
-        """{criterion: {layer: float64 [channels]}} from a fetched packed value."""
+        """{sum kind: {layer: float64 [channels]}} from a fetched packed value."""
         packed = np.asarray(packed, np.float64)
-        return {criterion: {name: packed[row, self._slices[name]] for name in self.layers}
-                for row, criterion in enumerate(CRITERIA)}
+        return {kind: {name: packed[row, self._slices[name]] for name in self.layers}
+                for row, kind in enumerate(SUMS)}
 
     def accumulate(self, sums, fetched):
         packed, batch_size = fetched
-        for criterion, by_layer in self.unpack(packed).items():
+        for kind, by_layer in self.unpack(packed).items():
             for name, values in by_layer.items():
-                sums.add(criterion, name, values)
+                sums.add(kind, name, values)
         sums.count += int(batch_size)
 
 
@@ -161,14 +160,12 @@ def rank(config, shard=None, progress=True):
     with inference.graph.as_default():
         batch_sums = BatchTaylorSums(inference.model, inference.outputs, inference.labels)
     sums = RankSums(batch_sums.layers, batch_sums.widths)
-    with tf1.Session(graph=inference.graph) as session:
-        inference.restore(session, config["checkpoint"], config["model_def"])
-        bar = tqdm(total=total, desc="rank", unit="img", disable=not progress,
-                   dynamic_ncols=True)
-        for fetched in iterate_batches(session, batch_sums.fetches, data_path):
-            batch_sums.accumulate(sums, fetched)
-            bar.update(int(fetched[1]))
-        bar.close()
+
+    def handle(fetched):
+        batch_sums.accumulate(sums, fetched)
+        return int(fetched[1]), None
+
+    inference.run_pass(config, batch_sums.fetches, handle, total, "rank", progress)
     for name in sums.layers:
         if not np.isfinite(sums.sums["taylor"][name]).all():
             raise UserError(f"the Taylor values of {name} are not finite: the loss of "

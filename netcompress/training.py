@@ -8,7 +8,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from dataset.pipeline import train_dataset
-from netcompress import checkpoints, op_errors, outputs
+from common import outputs
+from netcompress import checkpoints, op_errors
 from netcompress.checkpoint_paths import STATE_FILE, checkpoint_prefix, \
     input_checkpoint_files, latest_of_run
 from common.errors import UserError

@@ -7,7 +7,8 @@ import pytest
 from helpers import scaled_model_def, write_config, write_json
 from dataset import synthetic
 from models.architecture import UNITS
-from models.model_def import load_masks, load_model_def, parameter_count
+from models.model_def import load_masks, load_model_def
+from netcompress.costs import total_parameters
 from netcompress.config import load_config
 from netcompress.evaluation import evaluate
 from netcompress.pruning import PruneSettings, prune
@@ -59,17 +60,17 @@ def test_two_stages_of_train_rank_prune_then_retrain(workspace):
         out = root / f"pruned{stage}"
         result = prune(PruneSettings(
             decide_threshold=False, phase="all", all_convs=True, conv_name=None,
-            save_nvidia_name=str(root / f"rank{stage}.npz"), threshold=0.2,
+            rank_file=str(root / f"rank{stage}.npz"), threshold=0.2,
             checkpoint_name=str(root / f"stage{stage}"), gpu_id="", try_zeros=False,
             new_checkpoint_save=str(out / "model.ckpt"), mask_load=mask,
-            mask_save=str(out / "mask.npy"), Num_classes=synthetic.NUM_CLASSES,
+            mask_save=str(out / "mask.npy"), num_classes=synthetic.NUM_CLASSES,
             height=HEIGHT, width=WIDTH, model_def=model_def,
             new_model_def=str(out / "model_def.json")), log=lambda _: None)
         assert result.plan.pruned_layers
-        before = parameter_count(load_model_def(model_def), synthetic.NUM_CLASSES)
+        before = total_parameters(load_model_def(model_def), synthetic.NUM_CLASSES)
         model_def, mask = str(out / "model_def.json"), str(out / "mask.npy")
         initialize = str(out / "model.ckpt")
-        after = parameter_count(load_model_def(model_def), synthetic.NUM_CLASSES)
+        after = total_parameters(load_model_def(model_def), synthetic.NUM_CLASSES)
         assert after < before
         history.append((before, after, load_masks(mask)))
 

@@ -24,13 +24,17 @@ import tensorflow as tf
 from helpers import FLOAT32_PASS_TOLERANCE, REPO, random_values, scaled_model_def
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, resolve_widths
-from models.model_def import load_masks, load_model_def, parameter_count, save_model_def
+from models.model_def import load_masks, load_model_def, save_model_def
 from netcompress import pruning
 from netcompress.checkpoints import check_matches, checkpoint_key, model_variables, \
     read_checkpoint, write_checkpoint
 from common.errors import UserError
-from netcompress.flops import conv_costs, inference_macs, spatial_sizes
+from netcompress.config import load_config
+from netcompress.costs import conv_costs, inference_macs, spatial_sizes, total_parameters
+from netcompress.plan import plan_pruning, remove_channels, zero_channels
 from netcompress.rankfile import RankSums
+from netcompress.scores import channels_to_keep, normalise
+from netcompress.selection import select_layers
 
 tf1 = tf.compat.v1
 tf1.disable_eager_execution()
@@ -158,7 +162,7 @@ def removal_scores(model_def, layers, fraction=0.5, seed=0):
         if layer in layers:
             count = min(max(1, int(round(fraction * widths[layer]))), widths[layer] - 1)
             values[rng.choice(widths[layer], count, replace=False)] = 0.05
-        scores[layer] = pruning.normalise(values, "max")
+        scores[layer] = normalise(values, "max")
     return scores
 
 
@@ -178,16 +182,16 @@ def check_removal_equals_zeroing(source, layers, threshold=0.1):
     networks must give the same outputs, different from the unpruned one."""
     model_def, network, images = source["model_def"], source["network"], source["images"]
     scores = removal_scores(model_def, layers)
-    plan = pruning.plan_pruning(model_def, {}, NUM_CLASSES, scores, layers, threshold)
+    plan = plan_pruning(model_def, {}, NUM_CLASSES, scores, layers, threshold)
     assert plan.pruned_layers, "the case must remove something"
     # Statistics of the network as pruned keep the outputs well scaled; the
     # zeroed slices stay zero, so both appliers start from the same values.
-    values = source["calibrate"](pruning.zero_channels(plan, source["values"]), seed=2)
-    zeroed_values = pruning.zero_channels(plan, values)
+    values = source["calibrate"](zero_channels(plan, source["values"]), seed=2)
+    zeroed_values = zero_channels(plan, values)
     assert all(np.array_equal(zeroed_values[n], values[n]) for n in values)
     pruned_network = Network(plan.model_def_after, plan.masks_after)
     try:
-        pruned = pruned_network.run(pruning.remove_channels(plan, values), images)
+        pruned = pruned_network.run(remove_channels(plan, values), images)
     finally:
         pruned_network.session.close()
     zeroed = network.run(zeroed_values, images)
@@ -251,10 +255,10 @@ def test_every_layer_down_to_one_channel(source):
 
 def test_threshold_zero_removes_nothing(source):
     scores = removal_scores(source["model_def"], LAYERS)
-    plan = pruning.plan_pruning(source["model_def"], {}, NUM_CLASSES, scores, LAYERS, 0.0)
+    plan = plan_pruning(source["model_def"], {}, NUM_CLASSES, scores, LAYERS, 0.0)
     assert not plan.pruned_layers and not plan.slices
     assert plan.model_def_after == source["model_def"] and plan.masks_after == {}
-    values = pruning.remove_channels(plan, source["values"])
+    values = remove_channels(plan, source["values"])
     assert all(np.array_equal(values[n], source["values"][n]) for n in source["values"])
     first = source["network"].run(source["values"], source["images"])
     second = source["network"].run(values, source["images"])
@@ -265,9 +269,9 @@ def test_plan_slices_follow_the_declaration(source):
     """Offsets and axes by hand for the tricky consumers."""
     model_def = source["model_def"]
     scores = removal_scores(model_def, [])
-    scores["conv81"] = pruning.normalise(np.r_[0.0, 1.0, 0.0, np.ones(13)], "max")
-    scores["conv41"] = pruning.normalise(np.r_[1.0, 0.0, np.ones(14)], "max")
-    plan = pruning.plan_pruning(model_def, {}, NUM_CLASSES, scores, ["conv81", "conv41"], 0.1)
+    scores["conv81"] = normalise(np.r_[0.0, 1.0, 0.0, np.ones(13)], "max")
+    scores["conv41"] = normalise(np.r_[1.0, 0.0, np.ones(14)], "max")
+    plan = plan_pruning(model_def, {}, NUM_CLASSES, scores, ["conv81", "conv41"], 0.1)
     cuts = {(s.variable.split("/", 1)[1], s.axis): s.indices for s in plan.slices}
     # conv10 reads [conv256 16 | conv71 16 | conv81 16 | conv91 16 | conv57 256].
     assert cuts[("conv10/weights", 2)] == (32, 34)
@@ -283,7 +287,7 @@ def test_plan_slices_follow_the_declaration(source):
     wrong["resnet_v2_50/conv10/weights"] = np.zeros([1, 1, 8, 16], np.float32)
     with pytest.raises(UserError, match=r"conv10/weights is \[1, 1, 8, 16\], the model_def "
                                         r"gives 320 channels on axis 2"):
-        pruning.remove_channels(plan, wrong)
+        remove_channels(plan, wrong)
 
 
 def test_pruned_files_restore_exactly(source, tmp_path):
@@ -391,45 +395,52 @@ def test_try_zeros_writes_only_a_checkpoint(source, tmp_path):
 # ---- selection, scores, settings --------------------------------------------
 
 def test_select_layers():
-    assert pruning.select_layers("all", all_convs=True) == LAYERS
+    assert select_layers("all", all_convs=True) == LAYERS
     assert len(LAYERS) == 77
-    assert pruning.select_layers("conv1", "conv1") == ["conv1"]
-    assert pruning.select_layers("block3", "conv2/A") == [
+    assert select_layers("conv1", "conv1") == ["conv1"]
+    assert select_layers("block3", "conv2/A") == [
         f"block3/unit_{u}/bottleneck_v1/conv2/A" for u in (3, 4, 5, 6)]
-    assert pruning.select_layers("block2/unit_4", "conv2") == [
+    assert select_layers("block2/unit_4", "conv2") == [
         "block2/unit_4/bottleneck_v1/conv2/A", "block2/unit_4/bottleneck_v1/conv2/B"]
-    assert pruning.select_layers("decoder_conv1", "conv2") == ["conv96"]
-    assert pruning.select_layers("decoder_conv2", "conv88") == ["conv88"]
-    assert pruning.select_layers("upsample2", all_convs=True) == ["conv16"]
-    assert len(pruning.select_layers("easpp", all_convs=True)) == 14
-    assert pruning.select_layers("all", "conv247") == ["conv247"]
+    assert select_layers("decoder_conv1", "conv2") == ["conv96"]
+    assert select_layers("decoder_conv2", "conv88") == ["conv88"]
+    assert select_layers("upsample2", all_convs=True) == ["conv16"]
+    assert len(select_layers("easpp", all_convs=True)) == 14
+    assert select_layers("all", "conv247") == ["conv247"]
     # Phase all: a full name is that layer only; a short name of many is refused.
-    assert pruning.select_layers("all", "conv1") == ["conv1"]
-    assert pruning.select_layers("all", "block2/unit_4/bottleneck_v1/conv2") == [
+    assert select_layers("all", "conv1") == ["conv1"]
+    assert select_layers("all", "block2/unit_4/bottleneck_v1/conv2") == [
         "block2/unit_4/bottleneck_v1/conv2/A", "block2/unit_4/bottleneck_v1/conv2/B"]
     with pytest.raises(UserError, match=r"conv_name 'conv2' is ambiguous in phase all: it "
-                                        r"names 24 layers"):
-        pruning.select_layers("all", "conv2")
+                                        r"names 26 layers"):
+        select_layers("all", "conv2")
     with pytest.raises(UserError, match=r"'conv3' is ambiguous in phase all: it names 16"):
-        pruning.select_layers("all", "conv3")
+        select_layers("all", "conv3")
     with pytest.raises(UserError,
                        match=r"conv_name 'conv12' .*valid: conv256, conv70, conv7, conv247"):
-        pruning.select_layers("easpp", "conv12")
+        select_layers("easpp", "conv12")
     with pytest.raises(UserError, match=r"unknown phase 'block5'.*easpp"):
-        pruning.select_layers("block5", "conv1")
+        select_layers("block5", "conv1")
 
 
 def test_normalise_and_channels_to_keep():
-    assert np.allclose(pruning.normalise([1.0, -2.0, 4.0], "max"), [0.25, 0.0, 1.0])
-    assert np.allclose(pruning.normalise([3.0, 4.0], "l2"), [0.6, 0.8])
-    assert pruning.normalise([0.0, 0.0], "max") is None
+    assert np.allclose(normalise([1.0, -2.0, 4.0], "max"), [0.25, 0.0, 1.0])
+    assert np.allclose(normalise([3.0, 4.0], "l2"), [0.6, 0.8])
+    assert normalise([0.0, 0.0], "max") is None
     scores = np.array([0.5, 0.05, 1.0, 0.01, 0.3, 0.02, 0.9, 0.2, 0.15, 0.04])
-    assert pruning.channels_to_keep(scores, 0.1).tolist() == [0, 2, 4, 6, 7, 8]
-    assert pruning.channels_to_keep(scores, 5.0).tolist() == [2]
-    assert pruning.channels_to_keep(scores, 5.0, min_channels=3).tolist() == [0, 2, 6]
-    assert pruning.channels_to_keep(scores, 0.1, round_to=4).tolist() == \
+    assert channels_to_keep(scores, 0.1).tolist() == [0, 2, 4, 6, 7, 8]
+    assert channels_to_keep(scores, 5.0).tolist() == [2]
+    assert channels_to_keep(scores, 5.0, min_channels=3).tolist() == [0, 2, 6]
+    assert channels_to_keep(scores, 0.1, round_to=4).tolist() == \
         [0, 1, 2, 4, 6, 7, 8, 9]
-    assert pruning.channels_to_keep(scores, 0.0).tolist() == list(range(10))
+    assert channels_to_keep(scores, 0.0).tolist() == list(range(10))
+
+
+def prune_settings(header, argv):
+    """prun_model.py's settings from a header and a command line."""
+    from netcompress.cli import parse_script_args
+    config_path, overrides, _ = parse_script_args(argv, "prune", "prune", defaults=header)
+    return load_config(config_path, "prune", overrides, defaults=(header, "header"))
 
 
 def test_settings_from_the_command_line():
@@ -439,27 +450,35 @@ def test_settings_from_the_command_line():
                   mask_save="m.npy", Num_classes=6, height=64, width=128,
                   model_def="a.json", new_model_def="b.json", criterion="taylor",
                   normalisation="max", min_channels=1, round_to=1, histogram_save=None)
-    settings = pruning.settings_from_header(header, [
+    settings = pruning.PruneSettings(**prune_settings(header, [
         "--threshold", "0.3", "--phase", "block1", "--all_convs", "false",
-        "--conv_name", "conv2", "--mask_load", "None", "--gpu_id", "1", "--round_to", "8"])
+        "--conv_name", "conv2", "--mask_load", "None", "--gpu_id", "1", "--round_to", "8",
+        "--Num_classes", "7"]))
     assert (settings.threshold, settings.phase, settings.all_convs) == (0.3, "block1", False)
     assert (settings.conv_name, settings.mask_load, settings.gpu_id) == ("conv2", None, "1")
     assert settings.round_to == 8 and settings.criterion == "taylor"
-    with pytest.raises(UserError, match="try_zeros must be true or false"):
-        pruning.settings_from_header(header, ["--try_zeros", "maybe"])
-    with pytest.raises(UserError, match="height must be a multiple of 16"):
-        pruning.settings_from_header(header, ["--height", "40"])
-    with pytest.raises(UserError, match="unrecognized arguments: --treshold"):
-        pruning.settings_from_header(header, ["--treshold", "0.3"])
+    # The original's names map to the library's at the script boundary.
+    assert (settings.num_classes, settings.rank_file) == (7, "r.npz")
+    with pytest.raises(UserError, match="'try_zeros' must be true or false, got 'maybe'"):
+        prune_settings(header, ["--try_zeros", "maybe"])
+    with pytest.raises(UserError, match="'height' must be a multiple of 16, got 40"):
+        prune_settings(header, ["--height", "40"])
+    with pytest.raises(UserError, match="unknown key 'treshold'.*did you mean 'threshold'"):
+        prune_settings(header, ["--set", "treshold=0.3"])
+    with pytest.raises(SystemExit):  # argparse: no such flag
+        prune_settings(header, ["--treshold", "0.3"])
+    # Either name overrides the header; both on one command line is refused.
+    assert prune_settings(header, ["--num_classes", "5"])["num_classes"] == 5
+    with pytest.raises(UserError, match="'Num_classes' and 'num_classes' are the same"):
+        prune_settings(header, ["--Num_classes", "7", "--num_classes", "5"])
 
 
 def test_flops_and_parameters(source):
     model_def = source["model_def"]
     costs = conv_costs(model_def, NUM_CLASSES, HEIGHT, WIDTH)
-    widths = resolve_widths(model_def, NUM_CLASSES)
-    residual_norms = 4 * sum(widths[f"{u.block}/residual"] for u in ARCHITECTURE.units)
-    assert sum(c.params for c in costs.values()) + 12 + residual_norms == \
-        parameter_count(model_def, NUM_CLASSES)
+    # Counted from the declaration, equal to the variables the builder makes.
+    assert total_parameters(model_def, NUM_CLASSES) == sum(
+        int(np.prod(np.shape(value))) for value in source["values"].values())
     assert costs["conv1"].macs == 7 * 7 * 3 * 4 * 16 * 32
     assert costs["conv5"].macs == 8 * 8 * NUM_CLASSES * NUM_CLASSES * 8 * 16
     assert costs["conv57"].macs == 128 * 256
@@ -520,12 +539,12 @@ def test_script_errors(source, tmp_path):
     small_rank = write_rank_file(tmp_path / "small.npz",
                                  load_model_def(os.path.join(REPO, "models/small.json")),
                                  ["conv1"])
-    settings.phase, settings.conv_name, settings.save_nvidia_name = "conv1", "conv1", small_rank
+    settings.phase, settings.conv_name, settings.rank_file = "conv1", "conv1", small_rank
     assert_one_line_error(run_script(*script_arguments(settings)),
                           "does not match the model: conv1 has 8 channels in the rank file "
                           "but 4 in the model_def")
 
-    settings.save_nvidia_name = rank_path
+    settings.rank_file = rank_path
     settings.new_checkpoint_save = source["checkpoint"]
     assert_one_line_error(run_script(*script_arguments(settings)),
                           "would replace the input checkpoint_name")
@@ -559,11 +578,11 @@ def write_rank_file(path, model_def, layers, removed=None):
 def make_settings(source, directory, rank_path, **overrides):
     directory = str(directory)
     values = dict(decide_threshold=False, phase="all", all_convs=True, conv_name=None,
-                  save_nvidia_name=rank_path, threshold=0.1,
+                  rank_file=rank_path, threshold=0.1,
                   checkpoint_name=source["checkpoint"], gpu_id="", try_zeros=False,
                   new_checkpoint_save=os.path.join(directory, "pruned", "model.ckpt"),
                   mask_load=None, mask_save=os.path.join(directory, "mask.npy"),
-                  Num_classes=NUM_CLASSES, height=HEIGHT, width=WIDTH,
+                  num_classes=NUM_CLASSES, height=HEIGHT, width=WIDTH,
                   model_def=source["model_def_path"],
                   new_model_def=os.path.join(directory, "model_def.json"))
     values.update(overrides)
@@ -596,7 +615,7 @@ def test_histogram_over_an_input_is_refused(source, tmp_path):
     """decide_threshold writes only the histogram, but never over an input."""
     rank_path = write_rank_file(tmp_path / "rank.npz", source["model_def"], ["conv1"])
     before = {**hash_files(source["directory"]), **hash_files(tmp_path)}
-    for target, key in ((rank_path, "save_nvidia_name"),
+    for target, key in ((rank_path, "rank_file"),
                         (source["checkpoint"] + ".index", "checkpoint_name")):
         settings = make_settings(source, tmp_path, rank_path, decide_threshold=True,
                                  histogram_save=target)
@@ -656,8 +675,8 @@ def test_threshold_must_be_finite_and_above_one_warns(source, tmp_path):
     settings = make_settings(source, tmp_path, rank_path)
     header = {name: value for name, value in vars(settings).items()}
     for bad in (".nan", "-.inf", "-0.1"):
-        with pytest.raises(UserError, match="threshold must be a finite number >= 0"):
-            pruning.settings_from_header(header, [f"--threshold={bad}"])
+        with pytest.raises(UserError, match="'threshold' must be a finite number >= 0"):
+            prune_settings(header, [f"--threshold={bad}"])
     settings = make_settings(source, tmp_path, rank_path, phase="conv1", all_convs=True,
                              threshold=1.5, try_zeros=True)
     messages = []

@@ -27,7 +27,7 @@ from common.errors import UserError
 from netcompress.rankfile import RankSums
 from netcompress.ranking import rank, rank_layers, summary_table
 from netcompress.sharding import parse_shard, records_in_shard, shard_output_path
-from netcompress.runtime import graph_mode
+from common.runtime import graph_mode
 
 graph_mode()
 tf1 = tf.compat.v1

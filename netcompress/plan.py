@@ -1,0 +1,199 @@
+"""The pruning plan and its two appliers (docs/design.md, "The pruning plan").
+
+``plan_pruning`` decides, per selected layer, which output channels go and,
+from the architecture declaration, every tensor slice that carries them (the
+producer's kernel and batch norm, every consumer's input slice at its
+concatenation offset, the residual masks), plus the new model_def and masks.
+``remove_channels`` deletes the slices; ``zero_channels`` keeps shapes and
+zeros what the consumers read (and a residual conv3's own outputs). Both read
+one plan, so the zeroed network computes what the pruned one computes.
+"""
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.errors import UserError
+from models.architecture import OUTER_SCOPE, adapnet_pp, input_offsets, output_offset, \
+    resolve_widths
+from models.model_def import check_masks, validate_model_def
+from netcompress.scores import channels_to_keep
+
+BATCH_NORM_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
+
+
+@dataclass(frozen=True)
+class ChannelSlice:
+    """Positions ``indices`` along ``axis`` (``length`` long in the source
+    model) of checkpoint variable ``variable`` that carry removed channels.
+    ``role``: 'output' (the producer's kernel and batch norm), 'input' (a
+    consumer's kernel) or 'residual' (a residual conv3's kernel outputs,
+    scattered by a mask). ``optional``: the variable belongs to an auxiliary
+    head, which a checkpoint may lack."""
+    variable: str
+    axis: int
+    length: int
+    indices: tuple
+    role: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class LayerCut:
+    layer: str
+    width: int
+    kept: tuple
+    no_signal: bool = False  # scores all zero: left as it is
+
+    @property
+    def removed(self):
+        return tuple(sorted(set(range(self.width)) - set(self.kept)))
+
+
+@dataclass
+class PruningPlan:
+    layers: list  # LayerCut per selected layer, in architecture order
+    slices: list  # ChannelSlice
+    model_def_before: dict
+    model_def_after: dict
+    masks_before: dict  # {unit: (kept indices, residual width)}
+    masks_after: dict
+    num_classes: int
+    threshold: float = 0.0
+    notes: list = field(default_factory=list)
+
+    @property
+    def pruned_layers(self):
+        return [cut for cut in self.layers if cut.removed]
+
+    def removal_slices(self):
+        return list(self.slices)
+
+    def zeroing_slices(self):
+        """What try_zeros zeros: consumers' inputs and residual conv3 outputs.
+        Zeroing a producer's kernel would not do: its batch norm still adds
+        beta - gamma * mean / std, a constant the consumers would read."""
+        return [s for s in self.slices if s.role in ("input", "residual")]
+
+
+def _variable(scope, name="weights"):
+    return f"{OUTER_SCOPE}/{scope}/{name}"
+
+
+def _slices_for(group, removed, widths, architecture):
+    """Every tensor slice carrying ``removed`` channels of ``group``."""
+    producer = architecture.producer_of(group.name)
+    start = output_offset(producer, group.name, widths)
+    out_channels = sum(widths[name] for name in producer.outputs)
+    at_output = tuple(int(start + i) for i in removed)
+    slices = [ChannelSlice(_variable(producer.scope), 2 if producer.transposed else 3,
+                           out_channels, at_output,
+                           "residual" if group.through_mask else "output")]
+    if producer.norm:
+        slices += [ChannelSlice(_variable(producer.scope, f"BatchNorm/{name}"), 0,
+                                out_channels, at_output, "output")
+                   for name in BATCH_NORM_VARIABLES]
+    for consumer, position in architecture.consumers_of(group.name):
+        offsets, in_channels = input_offsets(consumer, widths)
+        slices.append(ChannelSlice(_variable(consumer.scope), 3 if consumer.transposed else 2,
+                                   in_channels,
+                                   tuple(int(offsets[position] + i) for i in removed),
+                                   "input", optional=consumer.aux))
+    return slices
+
+
+def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, threshold,
+                 min_channels=1, round_to=1, architecture=None):
+    """The plan for pruning ``layers`` (names) of the model ``model_def`` +
+    ``masks`` ({unit: (kept indices, residual width)}, as from load_masks):
+    channels with normalised score < ``threshold`` go (see channels_to_keep).
+    ``normalised_scores``: {layer: array or None (no signal)}."""
+    architecture = architecture or adapnet_pp()
+    validate_model_def(model_def)
+    check_masks(model_def, masks)
+    groups = architecture.group_by_name
+    unknown = [name for name in layers if name not in groups or not groups[name].prunable]
+    if unknown:
+        raise UserError(f"not a prunable layer: {unknown[0]}")
+    widths = resolve_widths(model_def, num_classes, architecture)
+    new_model_def = copy.deepcopy(model_def)
+    new_masks = {unit: (np.asarray(kept, np.int64), width)
+                 for unit, (kept, width) in masks.items()}
+    cuts, slices, notes = [], [], []
+    selected = set(layers)
+    for group in (g for g in architecture.prunable_groups() if g.name in selected):
+        width = widths[group.name]
+        scores = normalised_scores[group.name]
+        if scores is None:
+            cuts.append(LayerCut(group.name, width, tuple(range(width)), no_signal=True))
+            notes.append(f"{group.name}: all scores are zero, layer left unpruned")
+            continue
+        if len(scores) != width:
+            raise UserError(f"{group.name}: {len(scores)} scores for {width} channels")
+        kept = channels_to_keep(scores, threshold, min_channels, round_to)
+        cut = LayerCut(group.name, width, tuple(int(k) for k in kept))
+        cuts.append(cut)
+        if not cut.removed:
+            continue
+        slices += _slices_for(group, cut.removed, widths, architecture)
+        group.width.assign(new_model_def, len(kept))
+        if group.through_mask:
+            unit = architecture.unit(group.unit)
+            full = architecture.residual_width(model_def, unit)
+            # Mask indices always refer to the full residual width.
+            previous = new_masks.get(unit.name, (np.arange(full), full))[0]
+            new_masks[unit.name] = (np.asarray(previous)[kept], full)
+    validate_model_def(new_model_def, source="pruned model_def")
+    check_masks(new_model_def, new_masks, source="pruned masks")
+    return PruningPlan(cuts, slices, model_def, new_model_def, masks, new_masks, num_classes,
+                       threshold, notes)
+
+
+# ---- applying the plan to checkpoint values --------------------------------
+
+def _present(slices, values):
+    """The slices whose variable the checkpoint has, checked against its shape."""
+    for piece in slices:
+        if piece.variable not in values:
+            if piece.optional:
+                continue
+            raise UserError(f"the checkpoint does not match the model: it has no variable "
+                            f"{piece.variable}")
+        shape = np.shape(values[piece.variable])
+        if len(shape) <= piece.axis or shape[piece.axis] != piece.length:
+            raise UserError(f"the checkpoint does not match the model: {piece.variable} is "
+                            f"{list(shape)}, the model_def gives {piece.length} channels on "
+                            f"axis {piece.axis}")
+        yield piece
+
+
+def remove_channels(plan, values):
+    """New {name: array} with every slice of the plan deleted."""
+    by_axis = {}
+    for piece in _present(plan.removal_slices(), values):
+        by_axis.setdefault((piece.variable, piece.axis), set()).update(piece.indices)
+    result = dict(values)
+    for (name, axis), indices in sorted(by_axis.items()):
+        result[name] = np.delete(result[name], sorted(indices), axis=axis)
+    return result
+
+
+def zero_channels(plan, values):
+    """New {name: array}, shapes unchanged, with the consumer-side slices of the
+    plan (and residual conv3 outputs) set to zero."""
+    result = dict(values)
+    for piece in _present(plan.zeroing_slices(), values):
+        array = np.array(result[piece.variable])  # copy: sources stay untouched
+        index = [slice(None)] * array.ndim
+        index[piece.axis] = list(piece.indices)
+        array[tuple(index)] = 0.0
+        result[piece.variable] = array
+    return result
+
+
+def model_values(values):
+    """The model's variables of a checkpoint (no optimizer slots, no step)."""
+    return {name: value for name, value in values.items()
+            if name.startswith(OUTER_SCOPE + "/")
+            and not name.rsplit("/", 1)[-1].startswith("Adam")}

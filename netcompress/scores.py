@@ -1,0 +1,52 @@
+"""From a rank file to the per-layer scores a threshold is applied to:
+a criterion (netcompress/rankfile.py's CRITERIA), a normalisation, and the
+channels each layer keeps."""
+
+import numpy as np
+
+from common.errors import UserError
+from models.architecture import adapnet_pp, resolve_widths
+from netcompress.rankfile import CRITERIA, RankSums
+
+
+# How a layer's scores are scaled before the threshold: by their maximum (as
+# the original) or by their l2 norm (as Molchanov et al.).
+NORMALISATIONS = {"max": np.max, "l2": lambda values: np.sqrt(np.sum(values ** 2))}
+
+
+def normalise(values, method):
+    """Per-layer normalised scores; None when the layer carries no signal
+    (all scores zero), which leaves it unpruned rather than guessing."""
+    if method not in NORMALISATIONS:
+        raise UserError(f"unknown normalisation {method!r}; valid: {', '.join(NORMALISATIONS)}")
+    values = np.maximum(np.asarray(values, np.float64), 0.0)  # as the original: clamp
+    scale = NORMALISATIONS[method](values)
+    if not scale > 0:
+        return None
+    return values / scale
+
+
+def load_normalised_scores(rank_path, model_def, num_classes, criterion, normalisation,
+                           architecture=None):
+    """Rank file -> {layer: normalised scores or None}; the file must match the model."""
+    architecture = architecture or adapnet_pp()
+    if criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
+    ranks = RankSums.load(rank_path)
+    widths = resolve_widths(model_def, num_classes, architecture)
+    ranks.check_model(widths, [g.name for g in architecture.prunable_groups()], rank_path)
+    return {layer: normalise(values, normalisation)
+            for layer, values in ranks.scores(criterion).items()}
+
+
+def channels_to_keep(normalised, threshold, min_channels=1, round_to=1):
+    """Sorted indices of the channels kept: those scoring >= threshold, at least
+    ``min_channels`` (and always one), the count rounded up to a multiple of
+    ``round_to`` (capped at the width); extra keeps are the highest scoring."""
+    width = len(normalised)
+    keep_count = width - int(np.sum(normalised < threshold))
+    keep_count = max(keep_count, min(max(min_channels, 1), width))
+    if round_to > 1:
+        keep_count = min(width, -(-keep_count // round_to) * round_to)
+    order = np.argsort(-normalised, kind="stable")
+    return np.sort(order[:keep_count])
