@@ -1,4 +1,8 @@
-"""The one error type that scripts turn into a one-line message."""
+"""The one error type that scripts turn into a one-line message, and the
+exit statuses scripts end with (docs/errors.md)."""
+
+USER_ERROR_EXIT = 2
+INTERRUPT_EXIT = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 class UserError(Exception):

@@ -17,17 +17,16 @@ import os
 import sys
 
 if __package__ in (None, ""):
-    # Run as a path: make `dataset` and `netcompress` importable.
+    # Run as a path: make `common` and `dataset` importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from netcompress.cli import INTERRUPT_EXIT
-from common.errors import UserError
+from common.errors import INTERRUPT_EXIT, UserError
 from common.files import one_line
-from netcompress.outputs import check_outputs
+from common.outputs import check_outputs
 
 # Pillow modes whose values are plain 8-bit class ids.
 _LABEL_MODES = ("L", "P", "1")
@@ -115,22 +114,6 @@ def _image_to_label(image, path, size=None):
         ids = np.asarray(Image.fromarray(ids, mode="L").resize(
             (size[1], size[0]), Image.NEAREST), dtype=np.uint8)
     return np.ascontiguousarray(ids)
-
-
-def load_image_bgr(path, size=None):
-    """uint8 HxWx3 BGR image; grayscale becomes 3 equal channels.
-
-    size=(H, W) resizes bilinearly.
-    """
-    return _image_to_bgr(_open_image(path, "image"), path, size)
-
-
-def load_label(path, size=None):
-    """uint8 HxW class ids from a single-channel image.
-
-    size=(H, W) resizes by nearest neighbour, so no new ids appear.
-    """
-    return _image_to_label(_open_image(path, "label"), path, size)
 
 
 def convert(list_path, record_path, mean_path=None, resize=None, num_classes=None,
@@ -233,7 +216,7 @@ def main(argv=None):
 
 def _main(argv):
     args = build_arg_parser().parse_args(argv)
-    from netcompress.runtime import import_tensorflow_quietly
+    from common.runtime import import_tensorflow_quietly
     import_tensorflow_quietly()
     try:
         resize = parse_size(args.resize) if args.resize is not None else None

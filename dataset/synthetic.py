@@ -190,7 +190,7 @@ def main(argv=None):
                         help="image width (AdapNet++ needs a multiple of 16)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from netcompress.runtime import import_tensorflow_quietly
+    from common.runtime import import_tensorflow_quietly
     import_tensorflow_quietly()
     try:
         paths = generate(args.out, args.num_train, args.num_test, args.height,
