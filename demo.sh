@@ -32,7 +32,7 @@ $PY train.py -c config/train.config --intialize $RUN/pruned/model.ckpt \
 echo "== 7. evaluate the retrained pruned model"
 $PY evaluate.py -c config/test.config --checkpoint $RUN/retrain $PRUNED | tee $RUN/eval_after.txt
 
-params() { $PY -c "import sys; from models.model_def import load_model_def, parameter_count; print(parameter_count(load_model_def(sys.argv[1]), 6))" "$1"; }
+params() { $PY -c "import sys; from models.model_def import load_model_def; from netcompress.costs import total_parameters; print(total_parameters(load_model_def(sys.argv[1]), 6))" "$1"; }
 echo
 echo "== summary (threshold $THRESHOLD, criterion taylor, max normalisation)"
 printf '%-34s %12s %8s\n' model parameters mIoU
