@@ -1,0 +1,231 @@
+"""predict.py: colour-coded label maps and overlays of images (docs/deploy.md).
+
+Inputs: a directory of PNG/JPEG files (not searched recursively), one
+image file, or a .tfrecords file of the project's format. Each image is
+resized (bilinear) to the network's height x width, run through the
+serving graph (netcompress/serving.py), and its class map resized back to
+the image's own size (nearest neighbour). For each image NAME:
+
+  NAME_label.png    a palette PNG: pixel values are class ids, shown in
+                    the class colours (reads back with Pillow as ids)
+  NAME_overlay.png  the image with the class colours blended in (void
+                    pixels left as they are)
+
+and once, legend.png (colour, id and name of every class). Files are
+written atomically; files of the same names in the output directory are
+replaced, nothing else there is touched.
+"""
+
+import os
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from tqdm import tqdm
+
+from dataset.records import count_records, read_examples
+from netcompress import serving
+from netcompress.errors import UserError
+from netcompress.files import make_directory, replace_atomically
+from netcompress.outputs import check_outputs, input_checkpoint_files
+from netcompress.palette import make_palette, read_class_names
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+RECORD_EXTENSIONS = (".tfrecords", ".tfrecord")
+LABEL_SUFFIX = "_label.png"
+OVERLAY_SUFFIX = "_overlay.png"
+LEGEND = "legend.png"
+OVERLAY_ALPHA = 0.5
+
+
+# ---- inputs ----------------------------------------------------------------
+
+class Source:
+    """The images to predict: ``names`` (output stems, known up front) and
+    ``items()`` yielding (name, RGB uint8 array or None, reason if None)."""
+
+    def __init__(self, path):
+        self.path = path
+        if not os.path.exists(path):
+            raise UserError(f"--input {path!r} does not exist")
+        self.records = os.path.isfile(path) and path.lower().endswith(RECORD_EXTENSIONS)
+        if self.records:
+            count = count_records(path)
+            stem = _stem(path)
+            self.names = [f"{stem}_{index:05d}" for index in range(count)]
+            self.files = [path]
+        elif os.path.isdir(path):
+            self.files = sorted(os.path.join(path, name) for name in os.listdir(path)
+                                if name.lower().endswith(IMAGE_EXTENSIONS)
+                                and os.path.isfile(os.path.join(path, name)))
+            if not self.files:
+                raise UserError(f"--input {path!r} holds no .png, .jpg or .jpeg file")
+            self.names = [_stem(file) for file in self.files]
+        elif path.lower().endswith(IMAGE_EXTENSIONS):
+            self.files = [path]
+            self.names = [_stem(path)]
+        else:
+            raise UserError(f"--input {path!r} is neither a directory, a PNG/JPEG file nor a "
+                            f".tfrecords file")
+        seen = {}
+        for file, name in zip(self.files if not self.records else self.names, self.names):
+            if name in seen:
+                raise UserError(f"{seen[name]} and {file} would both be written as {name}: "
+                                f"rename one")
+            seen[name] = file
+
+    def items(self):
+        if self.records:
+            yield from self._records()
+            return
+        for file, name in zip(self.files, self.names):
+            try:
+                with Image.open(file) as image:
+                    yield name, np.asarray(image.convert("RGB")), None
+            except (OSError, UnidentifiedImageError, ValueError,
+                    Image.DecompressionBombError) as exc:
+                yield name, None, f"{file}: {' '.join(str(exc).split()) or type(exc).__name__}"
+
+    def _records(self):
+        names = iter(self.names)
+        try:
+            for image_bgr, _ in read_examples(self.path):
+                yield next(names), np.ascontiguousarray(image_bgr[..., ::-1]), None
+        except UserError as exc:  # a damaged record ends the file, not the run
+            yield next(names, "?"), None, f"stopped reading: {exc}"
+
+
+def _stem(path):
+    base = os.path.basename(path.rstrip(os.sep))
+    return os.path.splitext(base)[0]
+
+
+# ---- images ----------------------------------------------------------------
+
+def network_input(image_rgb, height, width):
+    """uint8 BGR [height, width, 3] as the network takes it (OpenCV order,
+    like the records); bilinear resize only when the size differs."""
+    if image_rgb.shape[:2] != (height, width):
+        image_rgb = np.asarray(Image.fromarray(image_rgb).resize((width, height),
+                                                                 Image.BILINEAR))
+    return np.ascontiguousarray(image_rgb[..., ::-1])
+
+
+def to_original_size(class_map, height, width):
+    """A class map resized to height x width by nearest neighbour (ids stay ids)."""
+    if class_map.shape == (height, width):
+        return class_map.astype(np.uint8)
+    resized = Image.fromarray(class_map.astype(np.uint8)).resize((width, height),
+                                                                 Image.NEAREST)
+    return np.asarray(resized)
+
+
+def label_image(class_map, palette):
+    image = Image.fromarray(class_map.astype(np.uint8), mode="P")
+    image.putpalette(palette.flat())
+    return image
+
+
+def overlay_image(image_rgb, class_map, palette, alpha=OVERLAY_ALPHA):
+    colours = np.asarray(palette.colours, dtype=np.float32)[class_map]
+    blended = (1.0 - alpha) * image_rgb.astype(np.float32) + alpha * colours
+    blended[class_map == 0] = image_rgb[class_map == 0]  # void: the image itself
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+
+def legend_image(palette, row=22):
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    labels = [f"{i:>3}  {name}" for i, name in enumerate(palette.names)]
+    width = 16 + row + 8 + max(int(font.getlength(text)) for text in labels) + 16
+    image = Image.new("RGB", (width, 8 + row * len(labels) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for index, (colour, text) in enumerate(zip(palette.colours, labels)):
+        top = 8 + index * row
+        draw.rectangle([16, top, 16 + row - 4, top + row - 4], fill=colour,
+                       outline=(0, 0, 0))
+        draw.text((16 + row + 8, top + 2), text, fill=(0, 0, 0), font=font)
+    return image
+
+
+def save_png(image, path):
+    replace_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+# ---- the run ---------------------------------------------------------------
+
+def output_paths(output, name):
+    return (os.path.join(output, name + LABEL_SUFFIX),
+            os.path.join(output, name + OVERLAY_SUFFIX))
+
+
+def _check_output(output, source, config):
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise UserError(f"--output {output!r} exists and is not a directory")
+    if os.path.isdir(source.path) and os.path.realpath(source.path) == \
+            os.path.realpath(output):
+        raise UserError(f"--output {output!r} is the input directory: its label and overlay "
+                        f"PNGs would be read as inputs next time; choose another directory")
+    outputs = [path for name in source.names for path in output_paths(output, name)]
+    inputs = {"--input": source.files,
+              "checkpoint": input_checkpoint_files(config["checkpoint"]),
+              "model_def": [config["model_def"]],
+              "mask": [config["mask"]] if config.get("mask") else []}
+    check_outputs({"--output": outputs + [os.path.join(output, LEGEND)]}, inputs)
+
+
+def predict(config, input_path, output, palette="auto", classes=None, log=print,
+            progress=True):
+    """Write label and overlay PNGs of every image of ``input_path`` into
+    ``output`` and the legend; returns {'written': [names], 'skipped':
+    [reasons]}. Unreadable images are skipped with a one-line warning."""
+    import tensorflow as tf
+
+    source = Source(input_path)
+    _check_output(output, source, config)
+    class_names = read_class_names(classes) if classes else None
+    colours = make_palette(config["num_classes"], palette, class_names)
+    graph = serving.ServingGraph(config)
+    height, width = graph.height, graph.width
+    make_directory(output)
+    written, skipped = [], []
+    with tf.compat.v1.Session(graph=graph.graph) as session:
+        prefix = graph.restore(session)
+        bar = tqdm(total=len(source.names), desc="predict", unit="img",
+                   disable=not progress, dynamic_ncols=True)
+
+        def run(batch):
+            maps = session.run(graph.class_map, {graph.images: np.stack(
+                [network_input(image, height, width) for _, image in batch])})
+            for (name, image), class_map in zip(batch, maps):
+                class_map = to_original_size(class_map, *image.shape[:2])
+                label_path, overlay_path = output_paths(output, name)
+                save_png(label_image(class_map, colours), label_path)
+                save_png(overlay_image(image, class_map, colours), overlay_path)
+                written.append(name)
+            bar.update(len(batch))
+
+        with bar:
+            batch = []
+            for name, image, problem in source.items():
+                if image is None:
+                    skipped.append(problem)
+                    bar.write(f"warning: skipped {problem}", file=sys.stderr)
+                    bar.update(1)
+                    continue
+                batch.append((name, image))
+                if len(batch) == config["batch_size"]:
+                    run(batch)
+                    batch = []
+            if batch:
+                run(batch)
+    if not written:
+        raise UserError(f"no image of {input_path} could be read ({len(skipped)} skipped)")
+    save_png(legend_image(colours), os.path.join(output, LEGEND))
+    log(f"checkpoint: {prefix}")
+    log(f"palette: {colours.source}")
+    log(f"wrote {len(written)} prediction(s) and {LEGEND} to {output}"
+        + (f"; skipped {len(skipped)} unreadable image(s)" if skipped else ""))
+    return {"written": written, "skipped": skipped}

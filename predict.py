@@ -1,0 +1,39 @@
+"""Colour-coded predictions: python predict.py -c config/test.config --input DIR_OR_TFRECORD --output DIR"""
+
+import sys
+
+from netcompress.cli import parse_script_args, run_main
+from netcompress.config import apply_gpu_id, load_config
+from netcompress.runtime import graph_mode
+
+
+def add_arguments(parser):
+    group = parser.add_argument_group("predict")
+    group.add_argument("--input", required=True, metavar="PATH",
+                       help="a directory of PNG/JPEG images, one image, or a .tfrecords file")
+    group.add_argument("--output", required=True, metavar="DIR",
+                       help="where NAME_label.png, NAME_overlay.png and legend.png go "
+                            "(created if needed; files of those names are replaced)")
+    group.add_argument("--palette", default="auto", metavar="SPEC",
+                       help="auto (Cityscapes colours for 12/19/20 classes, else distinct), "
+                            "cityscapes, distinct, or a file of `R G B [name]` lines")
+    group.add_argument("--classes", default=None, metavar="FILE",
+                       help="class names for the legend, `ID NAME` per line "
+                            "(e.g. data/demo/classes.txt)")
+
+
+def main(argv=None):
+    config_path, overrides, args = parse_script_args(
+        argv, "Predict label maps of images with a checkpoint (any model_def + mask); "
+        "--KEY VALUE or --set KEY=VALUE overrides any config key.", "evaluate",
+        add_arguments)
+    config = load_config(config_path, "evaluate", overrides)
+    apply_gpu_id(config["gpu_id"])
+    graph_mode()
+    from netcompress.predict import predict
+
+    predict(config, args.input, args.output, palette=args.palette, classes=args.classes)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
