@@ -283,13 +283,14 @@ def check_output_directory(output, inputs):
     there whole or not at all) and must not hold an input."""
     if os.path.lexists(output) and not os.path.isdir(output):
         raise UserError(f"--output {output!r} exists and is not a directory")
-    if os.path.isdir(output) and os.listdir(output):
-        raise UserError(f"--output {output!r} is not empty: give a new or empty directory "
-                        f"(an export is never mixed with older files)")
     target = real(output)
     for key, path in inputs.items():
         if path and (real(path) == target or real(path).startswith(target + os.sep)):
-            raise UserError(f"--output {output!r} would hold the input {key} {path!r}")
+            raise UserError(f"--output {output!r} holds the input {key} {path!r}: "
+                            f"give a new or empty directory")
+    if os.path.isdir(output) and os.listdir(output):
+        raise UserError(f"--output {output!r} is not empty: give a new or empty directory "
+                        f"(an export is never mixed with older files)")
     parent = os.path.dirname(os.path.abspath(output))
     make_directory(parent)
     if not os.access(parent, os.W_OK | os.X_OK):
