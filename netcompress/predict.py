@@ -20,6 +20,7 @@ import os
 import sys
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -121,7 +122,8 @@ def to_original_size(class_map, height, width):
 
 
 def label_image(class_map, palette):
-    image = Image.fromarray(class_map.astype(np.uint8), mode="P")
+    height, width = class_map.shape
+    image = Image.frombytes("P", (width, height), class_map.astype(np.uint8).tobytes())
     image.putpalette(palette.flat())
     return image
 
@@ -181,8 +183,6 @@ def predict(config, input_path, output, palette="auto", classes=None, log=print,
     """Write label and overlay PNGs of every image of ``input_path`` into
     ``output`` and the legend; returns {'written': [names], 'skipped':
     [reasons]}. Unreadable images are skipped with a one-line warning."""
-    import tensorflow as tf
-
     source = Source(input_path)
     _check_output(output, source, config)
     class_names = read_class_names(classes) if classes else None
