@@ -38,6 +38,7 @@ test: setup
 bench: setup
 	$(PY) bench/train_throughput.py --model_def models/small.json
 	$(PY) bench/atrous_paths.py
+	$(PY) bench/deploy_latency.py --model_def models/small.json --height 64 --width 128
 
 clean:
 	rm -rf runs data
