@@ -28,7 +28,7 @@ def main(argv=None):
         "overrides any config key.", "evaluate", add_arguments)
     config = load_config(config_path, "evaluate", overrides)
     if args.check_images < 1:
-        from netcompress.errors import UserError
+        from common.errors import UserError
         raise UserError(f"--check_images must be at least 1, got {args.check_images}")
     apply_gpu_id(config["gpu_id"])
     graph_mode()

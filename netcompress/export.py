@@ -19,10 +19,10 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from common.errors import UserError
+from common.files import make_directory, one_line
 from dataset.records import read_examples, require_record_file
 from netcompress import serving
-from netcompress.errors import UserError
-from netcompress.files import make_directory, one_line
 from netcompress.metrics import ConfusionMatrix
 from netcompress.outputs import real
 

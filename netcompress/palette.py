@@ -10,7 +10,7 @@ first; blank lines and ``#`` comments are ignored.
 import colorsys
 import os
 
-from netcompress.errors import UserError
+from common.errors import UserError
 
 VOID = (0, 0, 0)
 

@@ -24,11 +24,12 @@ import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from tqdm import tqdm
 
+from common.errors import UserError
+from common.files import make_directory, replace_atomically
 from dataset.records import count_records, read_examples
 from netcompress import serving
-from netcompress.errors import UserError
-from netcompress.files import make_directory, replace_atomically
-from netcompress.outputs import check_outputs, input_checkpoint_files
+from netcompress.checkpoint_paths import input_checkpoint_files
+from netcompress.outputs import check_outputs
 from netcompress.palette import make_palette, read_class_names
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")

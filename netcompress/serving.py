@@ -13,6 +13,7 @@ import tensorflow as tf
 from models import atrous
 from models.architecture import adapnet_pp
 from netcompress import checkpoints
+from netcompress.checkpoint_paths import resolve_checkpoint
 from netcompress.models import model_from_config
 
 tf1 = tf.compat.v1
@@ -55,7 +56,7 @@ class ServingGraph:
     def restore(self, session):
         """Restore the config's checkpoint; its aux heads (absent here) may be there."""
         aux_heads = [c.scope for c in adapnet_pp().convs if c.aux]
-        prefix = checkpoints.resolve_checkpoint(self.config["checkpoint"])
+        prefix = resolve_checkpoint(self.config["checkpoint"])
         checkpoints.restore_strict(session, prefix, self.variables,
                                    model_name=f"model_def {self.config['model_def']}",
                                    optional_scopes=aux_heads)

@@ -31,6 +31,7 @@ from PIL import Image
 
 from helpers import FLOAT32_PASS_TOLERANCE, REPO, random_values, scaled_model_def, \
     write_config
+from common.errors import UserError
 from dataset.records import encode_example, record_writer
 from models.AdapNet_pp import AdapNet_pp
 from models.model_def import load_masks, load_model_def, save_masks, save_model_def
@@ -38,7 +39,6 @@ from netcompress import export as export_lib
 from netcompress import predict as predict_lib
 from netcompress.checkpoints import checkpoint_key, model_variables, write_checkpoint
 from netcompress.config import load_config
-from netcompress.errors import UserError
 from netcompress.evaluation import InferenceGraph
 
 tf1 = tf.compat.v1
