@@ -2,9 +2,12 @@
 
 import sys
 
-from netcompress.cli import parse_script_args, run_main
-from netcompress.config import apply_gpu_id, load_config
-from netcompress.runtime import graph_mode
+from common.errors import UserError
+from netcompress.cli import run_main, run_script
+
+DESCRIPTION = ("Export a checkpoint (any model_def + mask) as a SavedModel and a TFLite "
+               "file, checked against the session graph; --KEY VALUE or --set KEY=VALUE "
+               "overrides any config key.")
 
 
 def add_arguments(parser):
@@ -22,16 +25,16 @@ def add_arguments(parser):
 
 
 def main(argv=None):
-    config_path, overrides, args = parse_script_args(
-        argv, "Export a checkpoint (any model_def + mask) as a SavedModel and a TFLite "
-        "file, checked against the session graph; --KEY VALUE or --set KEY=VALUE "
-        "overrides any config key.", "evaluate", add_arguments)
-    config = load_config(config_path, "evaluate", overrides)
+    return run_script(argv, "evaluate", DESCRIPTION, _export, add_arguments=add_arguments,
+                      check=_check)
+
+
+def _check(config, args):
     if args.check_images < 1:
-        from common.errors import UserError
         raise UserError(f"--check_images must be at least 1, got {args.check_images}")
-    apply_gpu_id(config["gpu_id"])
-    graph_mode()
+
+
+def _export(config, args, _):
     from netcompress.export import export
 
     export(config, args.output, int8=args.int8, onnx=args.onnx,

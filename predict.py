@@ -2,9 +2,10 @@
 
 import sys
 
-from netcompress.cli import parse_script_args, run_main
-from netcompress.config import apply_gpu_id, load_config
-from netcompress.runtime import graph_mode
+from netcompress.cli import run_main, run_script
+
+DESCRIPTION = ("Predict label maps of images with a checkpoint (any model_def + mask); "
+               "--KEY VALUE or --set KEY=VALUE overrides any config key.")
 
 
 def add_arguments(parser):
@@ -23,13 +24,10 @@ def add_arguments(parser):
 
 
 def main(argv=None):
-    config_path, overrides, args = parse_script_args(
-        argv, "Predict label maps of images with a checkpoint (any model_def + mask); "
-        "--KEY VALUE or --set KEY=VALUE overrides any config key.", "evaluate",
-        add_arguments)
-    config = load_config(config_path, "evaluate", overrides)
-    apply_gpu_id(config["gpu_id"])
-    graph_mode()
+    return run_script(argv, "evaluate", DESCRIPTION, _predict, add_arguments=add_arguments)
+
+
+def _predict(config, args, _):
     from netcompress.predict import predict
 
     predict(config, args.input, args.output, palette=args.palette, classes=args.classes)

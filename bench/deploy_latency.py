@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from netcompress.runtime import graph_mode  # noqa: E402
+from common.runtime import graph_mode  # noqa: E402
 
 
 def exported_forms(model_def, masks, num_classes, height, width, directory, threads, onnx):
@@ -90,7 +90,7 @@ def main():
     import numpy as np
 
     from models.model_def import load_model_def
-    from netcompress.flops import inference_macs, total_parameters
+    from netcompress.costs import inference_macs, total_parameters
     from pruned_latency import variant_plans
 
     threads = args.threads or os.cpu_count()

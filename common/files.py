@@ -1,6 +1,7 @@
 """Writing outputs without ever leaving a half-written or damaged file
 (docs/outputs.md): one file through ``atomic_target`` / ``replace_atomically``,
-a set of files through ``staged``. Every module that writes an output uses
+a set of files through ``staged``, a whole directory through
+``atomic_directory``. Every module that writes an output uses
 these; none renames temporary files itself."""
 
 import contextlib
@@ -69,6 +70,27 @@ def atomic_target(path):
         os.replace(tmp, path)
     finally:
         remove_quietly(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yield a hidden directory beside ``path`` to fill; when the block ends
+    without error it becomes ``path`` (which must not exist or be empty).
+    On any failure it is removed and ``path`` is untouched."""
+    parent = os.path.dirname(os.path.abspath(path))
+    make_directory(parent)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}-",
+                               dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the result
+    try:
+        yield staging
+        if os.path.isdir(path):
+            os.rmdir(path)  # only an empty one: rmdir refuses anything else
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def replace_atomically(path, write):

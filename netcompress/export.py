@@ -12,19 +12,17 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
 import tensorflow as tf
 
 from common.errors import UserError
-from common.files import make_directory, one_line
+from common.files import atomic_directory, make_directory, one_line
+from common.outputs import real
 from dataset.records import read_examples, require_record_file
 from netcompress import serving
 from netcompress.metrics import ConfusionMatrix
-from netcompress.outputs import real
 
 tf1 = tf.compat.v1
 
@@ -307,25 +305,15 @@ def export(config, output, int8=False, onnx=False, check_images=8, log=print):
                                     ("checkpoint", "model_def", "mask", "test_data")})
     require_record_file(config["test_data"])
     images, _ = test_images(config["test_data"], check_images)
-    parent = os.path.dirname(os.path.abspath(output))
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}-",
-                               dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the result
     try:
-        metadata = _export_into(config, staging, images, int8, onnx, log)
-        metadata["files"] = sorted(os.listdir(staging)) + [METADATA]
-        with open(os.path.join(staging, METADATA), "w") as f:
-            json.dump(metadata, f, indent=1)
-            f.write("\n")
-        if os.path.isdir(output):
-            os.rmdir(output)  # empty, checked above
-        os.replace(staging, output)
+        with atomic_directory(output) as staging:
+            metadata = _export_into(config, staging, images, int8, onnx, log)
+            metadata["files"] = sorted(os.listdir(staging)) + [METADATA]
+            with open(os.path.join(staging, METADATA), "w") as f:
+                json.dump(metadata, f, indent=1)
+                f.write("\n")
     except OSError as exc:
         raise UserError(f"cannot write the export to {output}: {one_line(exc)}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log(f"exported to {output}: " + ", ".join(metadata["files"]))
     return metadata
 

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from common.files import make_directory, replace_atomically
+from common.outputs import check_outputs
 from dataset.records import count_records, read_examples
 from netcompress import serving
 from netcompress.checkpoint_paths import input_checkpoint_files
-from netcompress.outputs import check_outputs
 from netcompress.palette import make_palette, read_class_names
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
