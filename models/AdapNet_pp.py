@@ -16,12 +16,15 @@ tf1 = tf.compat.v1
 
 WEIGHT_DECAY = 5e-4
 
-Outputs = namedtuple("Outputs", "logits probabilities aux_logits pre_norm pre_norm_kept")
+Outputs = namedtuple("Outputs",
+                     "logits probabilities aux_logits pre_norm pre_norm_kept read")
 Outputs.__doc__ = """logits/probabilities at input resolution; aux_logits: head
 scope -> logits resized to the input (empty without aux); pre_norm: conv
-scope -> the conv's output before batch norm (what ranking differentiates);
-pre_norm_kept: for a masked conv3, whose pre_norm is already scattered to
-the residual width, scope -> the positions of its own channels in it."""
+scope -> the conv's output before batch norm (what the taylor criterion
+differentiates); read: conv scope -> the output its consumers read, after
+batch norm, ReLU and pooling, before any gate (what removing a channel
+deletes: taylor_out); pre_norm_kept: for a masked conv3, whose outputs are
+scattered to the residual width, scope -> the positions of its own channels."""
 
 
 class AdapNet_pp:
@@ -38,14 +41,21 @@ class AdapNet_pp:
         self.kept_channels = check_masks(model_def, masks or {})
 
     # ---- graph -------------------------------------------------------------
-    def build(self, images, training=False, aux=False):
-        """Build under scope resnet_v2_50 on float BGR ``images`` [N,H,W,3]."""
+    def build(self, images, training=False, aux=False, gates=None):
+        """Build under scope resnet_v2_50 on float BGR ``images`` [N,H,W,3].
+        ``gates``: {prunable group name: float tensor [channels]} multiplied
+        into what the group's consumers read; a gate of 0 computes exactly
+        what removing the channel does (docs/ranking.md, "Comparing criteria")."""
         height, width = images.shape[1], images.shape[2]
         if height is None or width is None or height % 16 or width % 16:
             raise ValueError(f"input height and width must be known multiples of 16, "
                              f"got {height}x{width}")
         self._path = atrous.resolve_path(self.atrous_path)
-        tensors, pre_norm = {}, {}
+        self._gates = dict(gates or {})
+        unknown = sorted(set(self._gates) - {g.name for g in self.architecture.prunable_groups()})
+        if unknown:
+            raise ValueError(f"gates for groups that are not prunable: {unknown}")
+        tensors, pre_norm, self._read = {}, {}, {}
         with tf1.variable_scope(OUTER_SCOPE):
             with tf1.variable_scope("conv0"):
                 tensors[IMAGE] = layers.batch_norm(images, training)
@@ -60,9 +70,7 @@ class AdapNet_pp:
                 elif conv.pooling is Pooling.GLOBAL_INPUT:
                     self._image_pooling(conv, tensors, pre_norm, training)
                 else:
-                    y = self._apply(conv, tensors, pre_norm, training)
-                    if conv.pooling is Pooling.MAX_AFTER:
-                        tensors[conv.outputs[0]] = tf.nn.max_pool2d(y, 3, 2, "SAME")
+                    self._apply(conv, tensors, pre_norm, training)
         size = [height, width]
         aux_logits = {conv.scope: layers.resize_bilinear(tensors[conv.scope], size)
                       for conv in self.architecture.aux_heads() if aux}
@@ -70,7 +78,8 @@ class AdapNet_pp:
         pre_norm_kept = {f"{unit.scope}/conv3": self.kept_channels[unit.name]
                          for unit in self.architecture.units
                          if unit.name in self.kept_channels}
-        return Outputs(logits, tf.nn.softmax(logits), aux_logits, pre_norm, pre_norm_kept)
+        return Outputs(logits, tf.nn.softmax(logits), aux_logits, pre_norm, pre_norm_kept,
+                       self._read)
 
     def _residual_units(self, tensors, pre_norm, training):
         architecture = self.architecture
@@ -142,12 +151,29 @@ class AdapNet_pp:
             y = layers.batch_norm(z, training) if conv.norm else z
             if conv.relu:
                 y = tf.nn.relu(y)
+        if conv.pooling is Pooling.MAX_AFTER:
+            y = tf.nn.max_pool2d(y, 3, 2, "SAME")
+        self._read[conv.scope] = y
+        y = self._gated(conv, y, scatter)
         if store:
             if len(conv.outputs) == 1:
                 tensors[conv.outputs[0]] = y
             else:
                 tensors[tuple(conv.outputs)] = y
         return y
+
+    def _gated(self, conv, y, scatter):
+        """``y`` times the gates of ``conv``'s output groups (ones where a
+        group has none); a masked conv3's gate goes to its kept positions."""
+        if not any(name in self._gates for name in conv.outputs):
+            return y
+        parts = [self._gates[name] if name in self._gates
+                 else tf.ones([self.widths[name]]) for name in conv.outputs]
+        gate = parts[0] if len(parts) == 1 else tf.concat(parts, 0)
+        if scatter is not None:
+            kept, width = scatter
+            gate = tf.scatter_nd(tf.constant(kept, tf.int64)[:, None], gate, [width])
+        return y * gate
 
     # ---- loss --------------------------------------------------------------
     def per_example_loss(self, outputs, labels):

@@ -38,7 +38,8 @@ EVALUATE_KEYS = (
     "gpu_id", "model", "num_classes", "checkpoint", "test_data", "batch_size",
     "skip_step", "height", "width", "mask", "model_def", "atrous_path",
 )
-ORACLE_RANK_KEYS = EVALUATE_KEYS + ("rank_save",)
+# val_data: held-out records for --compare (never the test records).
+ORACLE_RANK_KEYS = EVALUATE_KEYS + ("rank_save", "val_data")
 
 # The key names as users write them, per config kind (original spelling).
 CONFIG_KEYS = {
@@ -99,7 +100,9 @@ PRUNE_SETTINGS = (
     Setting("width", "size", REQUIRED, "input width, for the FLOPs report and graph checks"),
     Setting("model_def", "path", REQUIRED, "the current model definition"),
     Setting("new_model_def", "path", REQUIRED, "where the pruned model definition goes"),
-    Setting("criterion", "choice", "taylor", "how ranks become scores",
+    Setting("criterion", "choice", "taylor_out",
+            "how ranks become scores: " + ", ".join(CRITERIA) + " (docs/ranking.md; "
+            "get_oracle_rank.py --compare judges them on your model)",
             choices=tuple(CRITERIA)),
     Setting("normalisation", "choice", "max",
             "max (divide by the layer maximum) or l2 (by the layer's l2 norm)",
@@ -124,7 +127,8 @@ KEY_ALIASES = {
     "prune": {"Num_classes": "num_classes", "save_nvidia_name": "rank_file"},
 }
 
-OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_path": "auto"}
+OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_path": "auto",
+                     "val_data": None}
 
 # Keys a train config may add, with their defaults (train.py's `optional`).
 # flip: random horizontal flips (the original had no augmentation);
@@ -429,7 +433,7 @@ def _check_value(key, value, source, name=None):
             fail("a model name such as 'AdapNet_pp.AdapNet_pp'")
         return value.strip()
 
-    if key in ("mask", "initialize"):
+    if key in ("mask", "initialize", "val_data"):
         if value is None or (isinstance(value, str)
                              and value.strip().lower() in NONE_STRINGS):
             return None
@@ -469,10 +473,11 @@ def _check_paths(config, kind, sources, config_path):
             raise UserError("%s: %r file %r does not exist (relative paths are "
                             "taken from the current directory %s)"
                             % (source(key), key, config[key], os.getcwd()))
-    mask = config.get("mask")
-    if mask is not None and not os.path.isfile(mask):
-        raise UserError("%s: 'mask' file %r does not exist (use None for no mask)"
-                        % (source("mask"), mask))
+    for key in ("mask", "val_data"):
+        path = config.get(key)
+        if path is not None and not os.path.isfile(path):
+            raise UserError("%s: %r file %r does not exist (use None for none)"
+                            % (source(key), key, path))
 
     if kind == "train":
         checkpoint_keys = ("initialize",)

@@ -3,12 +3,19 @@
 An ``.npz`` (loads with allow_pickle=False) holding, for every prunable layer
 (in the architecture's order):
 
-- ``taylor/<layer>``:    sum over examples n of |t_n(k)|   (float64 [channels])
-- ``reference/<layer>``: sum over examples n of  t_n(k)    (signed, float64)
+- ``taylor/<layer>``:     sum over examples n of |t_n(k)|      (float64 [channels])
+- ``reference/<layer>``:  sum over examples n of  t_n(k)       (signed, float64)
+- ``taylor_out/<layer>``: sum over examples n of |t_out_n(k)|  (float64)
+- ``l1/<layer>``:         the l1 norm of each filter (the checkpoint's, not a sum)
+- ``score/<criterion>/<layer>``: each criterion's final per-channel score
+  (float64, higher = keep), written for readers with numpy alone
 
-with t_n(k) = spatial mean of z * dC/dz for channel k of example n (docs/ranking.md),
-plus ``layers`` (names), ``count`` (examples summed) and metadata strings.
-Sums, not means, so shard files add up exactly; scores divide by ``count``.
+with t_n(k) = spatial mean of z * dC/dz (z: the conv's output before batch
+norm) and t_out_n(k) = spatial sum of a * dC/da (a: what the layer's
+consumers read) for channel k of example n (docs/ranking.md), plus ``layers``
+(names), ``count`` (examples summed) and metadata strings. Sums, not means,
+so shard files add up exactly; scores divide by ``count``. Format 1 files
+(taylor and reference only) still load for those two criteria.
 """
 
 import hashlib
@@ -26,8 +33,9 @@ from common.files import numpy_file_kind, one_line, replace_atomically
 _DAMAGED_ARCHIVE = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 # The additive sums a rank file stores per layer (shards add them up).
-SUMS = ("taylor", "reference")
-FORMAT_VERSION = 1
+SUMS = ("taylor", "reference", "taylor_out")
+FORMAT_VERSION = 2
+RANDOM_SEED = 20171101  # the `random` criterion's scores are fixed per layer name
 METADATA_KEYS = ("model_def_json", "model_def_sha256", "masks_json", "checkpoint", "data",
                  "shard")
 
@@ -41,10 +49,28 @@ class RankSums:
 
     def __init__(self, layers, widths):
         self.layers = list(layers)
+        self.widths = {name: int(widths[name]) for name in self.layers}
         self.sums = {kind: {name: np.zeros(widths[name], np.float64) for name in self.layers}
                      for kind in SUMS}
+        self.l1 = {name: np.zeros(widths[name], np.float64) for name in self.layers}
         self.count = 0
+        self.format_version = FORMAT_VERSION
         self.metadata = {key: "" for key in METADATA_KEYS}
+        self.path = None  # where it was loaded from, for messages
+
+    def sum_of(self, kind, layer):
+        """An additive sum; a one-line error when the file predates it."""
+        values = self.sums[kind][layer]
+        if values is None:
+            raise UserError(f"rank file {self.path} (format {self.format_version}) has no "
+                            f"{kind} values: regenerate it with get_oracle_rank.py")
+        return values
+
+    def l1_of(self, layer):
+        if self.l1[layer] is None:
+            raise UserError(f"rank file {self.path} (format {self.format_version}) has no "
+                            f"filter norms (l1): regenerate it with get_oracle_rank.py")
+        return self.l1[layer]
 
     def add(self, kind, layer, values):
         self.sums[kind][layer] += values
@@ -61,6 +87,11 @@ class RankSums:
         for sum_kind in SUMS:
             for name in self.layers:
                 arrays[f"{sum_kind}/{name}"] = self.sums[sum_kind][name]
+        for name in self.layers:
+            arrays[f"l1/{name}"] = self.l1[name]
+        for criterion in CRITERIA:
+            for name, score in self.scores(criterion).items():
+                arrays[f"score/{criterion}/{name}"] = np.asarray(score, np.float64)
         for key, value in self.metadata.items():
             arrays[f"meta/{key}"] = np.array(str(value))
 
@@ -85,6 +116,7 @@ class RankSums:
                                 f"({_describe(data)}; a mask file?)")
             with data:
                 sums = cls._from_arrays(data, path, not_rank)
+                sums.path = path
         except _DAMAGED_ARCHIVE as exc:
             raise UserError(f"{not_rank}: {one_line(exc)} (damaged or truncated?)") \
                 from None
@@ -105,7 +137,15 @@ class RankSums:
         layers = [str(x) for x in array("layers", 1)]
         widths = {n: array(f"taylor/{n}", 1).shape[0] for n in layers}
         sums = cls(layers, widths)
+        version = int(data["format_version"]) if "format_version" in data.files else 1
+        if version > FORMAT_VERSION:
+            raise UserError(f"{path} is a rank file of format {version}, newer than this "
+                            f"program's {FORMAT_VERSION}: update, or regenerate it")
+        sums.format_version = version
         for sum_kind in SUMS:
+            if sum_kind == "taylor_out" and version < 2:
+                sums.sums[sum_kind] = {name: None for name in layers}
+                continue
             for name in layers:
                 values = array(f"{sum_kind}/{name}", 1)
                 if values.shape[0] != widths[name] or values.dtype.kind not in "fiu":
@@ -117,6 +157,15 @@ class RankSums:
             raise UserError(f"{not_rank}: 'count' is {_describe(count)} {count}, expected "
                             f"a number of examples")
         sums.count = int(count)
+        for name in layers:
+            if version < 2:
+                sums.l1[name] = None
+                continue
+            values = array(f"l1/{name}", 1)
+            if values.shape[0] != widths[name] or values.dtype.kind not in "fiu":
+                raise UserError(f"{not_rank}: l1/{name} is {_describe(values)}, expected "
+                                f"{widths[name]} numbers")
+            sums.l1[name] = values.astype(np.float64)
         for key in METADATA_KEYS:
             sums.metadata[key] = str(array(f"meta/{key}", 0))
         return sums
@@ -139,11 +188,12 @@ class RankSums:
 def _check_finite(sums, path):
     """NaN or inf sums (a ranking pass over a diverged checkpoint, a damaged
     file) would rank every channel alike; refuse them (docs/errors.md)."""
-    for sum_kind in SUMS:
-        for name in sums.layers:
-            if not np.isfinite(sums.sums[sum_kind][name]).all():
-                raise UserError(f"rank file {path} has scores that are not finite "
-                                f"({sum_kind}/{name}): it is not usable; regenerate it "
+    arrays = [(f"{kind}/{name}", sums.sums[kind][name]) for kind in SUMS
+              for name in sums.layers] + [(f"l1/{name}", sums.l1[name]) for name in sums.layers]
+    for key, values in arrays:
+        if values is not None and not np.isfinite(values).all():
+            raise UserError(f"rank file {path} has scores that are not finite "
+                            f"({key}): it is not usable; regenerate it "
                                 f"by rerunning get_oracle_rank.py (on a checkpoint with "
                                 f"finite weights)")
 
@@ -160,8 +210,9 @@ def merge(parts):
     if not parts:
         raise UserError("merge needs at least one rank file")
     first_path, first = parts[0]
-    merged = RankSums(first.layers, {n: first.sums["taylor"][n].shape[0] for n in first.layers})
+    merged = RankSums(first.layers, first.widths)
     merged.metadata = dict(first.metadata)
+    merged.path = "merged shards"
     for path, part in parts:
         if part.layers != merged.layers or any(
                 part.sums["taylor"][n].shape != merged.sums["taylor"][n].shape
@@ -172,7 +223,12 @@ def merge(parts):
                             f"{first_path}")
         for sum_kind in SUMS:
             for name in merged.layers:
-                merged.sums[sum_kind][name] += part.sums[sum_kind][name]
+                merged.sums[sum_kind][name] += part.sum_of(sum_kind, name)
+        for name in merged.layers:  # the same checkpoint's norms in every shard
+            if not np.array_equal(part.l1_of(name), first.l1_of(name)):
+                raise UserError(f"rank file {path} has other filter norms than "
+                                f"{first_path} for {name}: not the same checkpoint")
+            merged.l1[name] = first.l1_of(name)
         merged.count += part.count
     merged.metadata["shard"] = "merged: " + " + ".join(
         os.path.basename(path) for path, _ in parts)
@@ -184,13 +240,32 @@ def merge(parts):
 # higher = keep; prun_model.py's `criterion` names an entry of CRITERIA.
 
 def taylor(ranks, layer):
-    """Molchanov et al.: mean over examples of |t_n|."""
-    return ranks.sums["taylor"][layer] / max(ranks.count, 1)
+    """Molchanov et al.: mean over examples of |t_n|, t on the conv's output
+    before batch norm."""
+    return ranks.sum_of("taylor", layer) / max(ranks.count, 1)
 
 
 def reference(ranks, layer):
     """The original code's signed sum of t_n, negatives clamped to zero."""
-    return np.maximum(ranks.sums["reference"][layer], 0.0)
+    return np.maximum(ranks.sum_of("reference", layer), 0.0)
 
 
-CRITERIA = {"taylor": taylor, "reference": reference}
+def taylor_out(ranks, layer):
+    """Mean over examples of |t_out_n|: |first-order loss change| of removing
+    the channel from what its consumers read."""
+    return ranks.sum_of("taylor_out", layer) / max(ranks.count, 1)
+
+
+def l1(ranks, layer):
+    """The filter's weight norm, sum of |w| over its kernel."""
+    return ranks.l1_of(layer)
+
+
+def random(ranks, layer):
+    """A baseline: fixed pseudo-random scores (seeded by the layer name)."""
+    seed = [RANDOM_SEED, zlib.crc32(layer.encode("utf-8"))]
+    return np.random.default_rng(seed).random(ranks.widths[layer])
+
+
+CRITERIA = {"taylor": taylor, "reference": reference, "taylor_out": taylor_out, "l1": l1,
+            "random": random}

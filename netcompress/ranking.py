@@ -29,10 +29,11 @@ import numpy as np
 import tensorflow as tf
 
 from dataset.records import count_records
-from models.architecture import adapnet_pp, output_offset
+from models.architecture import OUTER_SCOPE, adapnet_pp, output_offset
 from models.model_def import load_masks
 from netcompress import rankfile
 from netcompress.checkpoint_paths import resolve_checkpoint
+from netcompress.checkpoints import read_checkpoint
 from common.errors import UserError
 from netcompress.evaluation import InferenceGraph
 from netcompress.rankfile import SUMS, RankSums
@@ -53,32 +54,38 @@ def ranked_convs(architecture=None):
     return [conv for conv in architecture.convs if prunable.intersection(conv.outputs)]
 
 
-def per_example_taylor(loss, pre_norm, convs, pre_norm_kept=None):
+def per_example_taylor(loss, pre_norm, convs, pre_norm_kept=None, read=None):
     """{conv scope: t [N, C_out]}, the per-example spatial mean of z * dC/dz
-    for every conv in ``convs``, from one ``tf.gradients`` call.
-    ``pre_norm_kept``: scope -> the conv's own channels within a pre_norm
-    tensor that the builder already scattered to a wider (masked) width."""
+    for every conv in ``convs`` (z: its output before batch norm), and, when
+    ``read`` (the tensors consumers read) is given, {conv scope: t_out
+    [N, C_out]}, the per-example spatial *sum* of a * dC/da: the derivative
+    of the example's loss by a gate on the channel. One ``tf.gradients``
+    call for both. ``pre_norm_kept``: scope -> the conv's own channels within
+    a tensor the builder scattered to a wider (masked) width."""
     pre_norm_kept = pre_norm_kept or {}
-    z_tensors = [pre_norm[conv.scope] for conv in convs]
-    gradients = tf.gradients(loss, z_tensors)
-    t_by_conv = {}
-    for conv, z, gradient in zip(convs, z_tensors, gradients):
+    wanted = [(conv, "t", pre_norm[conv.scope], tf.reduce_mean) for conv in convs]
+    if read is not None:
+        wanted += [(conv, "t_out", read[conv.scope], tf.reduce_sum) for conv in convs]
+    gradients = tf.gradients(loss, [tensor for _, _, tensor, _ in wanted])
+    results = {"t": {}, "t_out": {}}
+    for (conv, kind, tensor, reduce), gradient in zip(wanted, gradients):
         if gradient is None:
             raise ValueError(f"the loss does not depend on {conv.scope} "
                              f"(were the aux heads built?)")
-        t = tf.reduce_mean(z * gradient, axis=[1, 2])
+        t = reduce(tensor * gradient, axis=[1, 2])
         if conv.scope in pre_norm_kept:
             t = tf.gather(t, pre_norm_kept[conv.scope], axis=1)
-        t_by_conv[conv.scope] = t
-    return t_by_conv
+        results[kind][conv.scope] = t
+    return results["t"] if read is None else (results["t"], results["t_out"])
 
 
 class BatchTaylorSums:
     """Graph tensors giving one batch's per-layer sums, packed for one fetch.
 
-    ``fetches`` evaluates to (packed [2, total channels] float32, batch size):
-    row 0 holds sum_n |t_n|, row 1 sum_n t_n, layers concatenated in
-    ``layers`` order; ``accumulate`` unpacks a fetched value into RankSums.
+    ``fetches`` evaluates to (packed [3, total channels] float32, batch size):
+    rows in rankfile.SUMS order (sum_n |t_n|, sum_n t_n, sum_n |t_out_n|),
+    convs' channels concatenated; ``accumulate`` unpacks a fetched value into
+    RankSums.
     """
 
     def __init__(self, model, outputs, labels):
@@ -87,17 +94,19 @@ class BatchTaylorSums:
         self.widths = {name: model.widths[name] for name in self.layers}
         # Per-example losses summed: see the module docstring.
         loss = tf.reduce_sum(model.per_example_loss(outputs, labels))
-        t_by_conv = per_example_taylor(loss, outputs.pre_norm, ranked_convs(architecture),
-                                       outputs.pre_norm_kept)
-        abs_sums, signed_sums = [], []
+        t_by_conv, t_out_by_conv = per_example_taylor(
+            loss, outputs.pre_norm, ranked_convs(architecture), outputs.pre_norm_kept,
+            outputs.read)
+        rows = {"taylor": [], "reference": [], "taylor_out": []}
         for conv_scope, t in t_by_conv.items():
-            abs_sums.append(tf.reduce_sum(tf.abs(t), axis=0))
-            signed_sums.append(tf.reduce_sum(t, axis=0))
+            rows["taylor"].append(tf.reduce_sum(tf.abs(t), axis=0))
+            rows["reference"].append(tf.reduce_sum(t, axis=0))
+            rows["taylor_out"].append(tf.reduce_sum(tf.abs(t_out_by_conv[conv_scope]), axis=0))
         # Layers are sliced out of each conv's [A | B] output on the host
         # (offsets below), so a split conv is one reduction, not two.
         self._conv_order = list(t_by_conv)
         self._conv_widths = [int(t.shape[1]) for t in t_by_conv.values()]
-        self.packed = tf.stack([tf.concat(abs_sums, 0), tf.concat(signed_sums, 0)])
+        self.packed = tf.stack([tf.concat(rows[kind], 0) for kind in SUMS])
         self.batch_size = tf.shape(labels)[0]
         self._slices = self._layer_slices(architecture, model.widths)
 
@@ -127,6 +136,20 @@ class BatchTaylorSums:
             for name, values in by_layer.items():
                 sums.add(kind, name, values)
         sums.count += int(batch_size)
+
+
+def filter_l1(values, architecture, widths):
+    """{layer: l1 norm of each output channel's filter} from checkpoint values
+    (a split half's columns; a transposed conv's output axis is 2)."""
+    norms = {}
+    for group in architecture.prunable_groups():
+        conv = architecture.producer_of(group.name)
+        kernel = np.abs(np.asarray(values[f"{OUTER_SCOPE}/{conv.scope}/weights"], np.float64))
+        axis = 2 if conv.transposed else 3
+        start = output_offset(conv, group.name, widths)
+        columns = np.take(kernel, np.arange(start, start + widths[group.name]), axis=axis)
+        norms[group.name] = columns.sum(axis=tuple(a for a in range(4) if a != axis))
+    return norms
 
 
 # ---- the ranking pass ------------------------------------------------------------
@@ -171,6 +194,9 @@ def rank(config, shard=None, progress=True):
             raise UserError(f"the Taylor values of {name} are not finite: the loss of "
                             f"checkpoint {config['checkpoint']} on {data_path} overflows")
     sums.metadata.update(rank_metadata(config, shard, inference.model.model_def))
+    model = inference.model
+    sums.l1 = filter_l1(read_checkpoint(sums.metadata["checkpoint"]), model.architecture,
+                        model.widths)
     return sums
 
 

@@ -26,15 +26,21 @@ def normalise(values, method):
     return values / scale
 
 
-def load_normalised_scores(rank_path, model_def, num_classes, criterion, normalisation,
-                           architecture=None):
-    """Rank file -> {layer: normalised scores or None}; the file must match the model."""
+def load_ranks(rank_path, model_def, num_classes, architecture=None):
+    """The rank file, checked to cover exactly this model's layers and channels."""
     architecture = architecture or adapnet_pp()
-    if criterion not in CRITERIA:
-        raise UserError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
     ranks = RankSums.load(rank_path)
     widths = resolve_widths(model_def, num_classes, architecture)
     ranks.check_model(widths, [g.name for g in architecture.prunable_groups()], rank_path)
+    return ranks
+
+
+def load_normalised_scores(rank_path, model_def, num_classes, criterion, normalisation,
+                           architecture=None):
+    """Rank file -> {layer: normalised scores or None}; the file must match the model."""
+    if criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
+    ranks = load_ranks(rank_path, model_def, num_classes, architecture)
     return {layer: normalise(values, normalisation)
             for layer, values in ranks.scores(criterion).items()}
 

@@ -116,6 +116,7 @@ def write_rank_file(path, model_def, transform=None):
     for layer in layers:
         ranks.add("taylor", layer, rng.uniform(0.1, 1.0, widths[layer]))
         ranks.add("reference", layer, rng.normal(0.0, 1.0, widths[layer]))
+        ranks.add("taylor_out", layer, rng.uniform(0.1, 1.0, widths[layer]))
     ranks.save(str(path))
     if transform is not None:
         with np.load(path, allow_pickle=False) as data:

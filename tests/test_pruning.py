@@ -569,8 +569,8 @@ def write_rank_file(path, model_def, layers, removed=None):
         if removed and layer in removed:
             values = np.ones(widths[layer])
             values[removed[layer]] = 0.01
-        ranks.add("taylor", layer, values)
-        ranks.add("reference", layer, values)
+        for kind in ("taylor", "reference", "taylor_out"):  # every criterion but l1, random
+            ranks.add(kind, layer, values)
     ranks.save(str(path))
     return str(path)
 
