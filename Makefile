@@ -18,9 +18,9 @@ $(VENV)/.installed: requirements.txt requirements-gpu.txt
 	$(PY) -m pip install -q -r $(REQUIREMENTS)
 	touch $@
 
-data: setup $(DEMO_DATA)/train.tfrecords
+data: setup $(DEMO_DATA)/val.tfrecords
 
-$(DEMO_DATA)/train.tfrecords:
+$(DEMO_DATA)/val.tfrecords:
 	$(PY) -m dataset.synthetic --out $(DEMO_DATA)
 
 demo: data

@@ -14,6 +14,8 @@ echo "== 2. evaluate"
 $PY evaluate.py -c config/test.config | tee $RUN/eval_before.txt
 echo "== 3. Taylor-oracle ranks (on the training records)"
 $PY get_oracle_rank.py -c config/oracle_rank.config
+echo "== 3b. judge the criteria: validation mIoU after removing 5/10/20 % of every layer"
+$PY get_oracle_rank.py -c config/oracle_rank.config --compare
 echo "== 4. try threshold $THRESHOLD with zeros (same shapes), evaluate"
 $PY prun_model.py --decide_threshold true
 $PY prun_model.py --threshold $THRESHOLD --try_zeros true \
@@ -34,7 +36,7 @@ $PY evaluate.py -c config/test.config --checkpoint $RUN/retrain $PRUNED | tee $R
 
 params() { $PY -c "import sys; from models.model_def import load_model_def; from netcompress.costs import total_parameters; print(total_parameters(load_model_def(sys.argv[1]), 6))" "$1"; }
 echo
-echo "== summary (threshold $THRESHOLD, criterion taylor, max normalisation)"
+echo "== summary (threshold $THRESHOLD, criterion taylor_out, max normalisation)"
 printf '%-34s %12s %8s\n' model parameters mIoU
 printf '%-34s %12s %8s\n' "trained" "$(params models/small.json)" "$(miou $RUN/eval_before.txt)"
 printf '%-34s %12s %8s\n' "zeroed (try_zeros)" "$(params models/small.json)" "$(miou $RUN/eval_zeros.txt)"

@@ -2,10 +2,13 @@
 
     python get_oracle_rank.py -c config/oracle_rank.config [--KEY VALUE ...] [--shard I/N]
     python get_oracle_rank.py --merge OUT.npz SHARD.npz [SHARD.npz ...]
+    python get_oracle_rank.py -c CONFIG --compare [--fractions 0.05 0.1 0.2] [--oracle LAYER ...]
 
 With --shard I/N only every N-th record from the I-th is ranked and the result
 goes to rank_save with '.shardIofN' before the extension; --merge sums shard
-files into one rank file.
+files into one rank file. --compare judges every criterion of the rank file
+at rank_save by the validation mIoU (val_data) after removing each fraction
+of every prunable layer (docs/ranking.md, "Comparing criteria").
 """
 
 import argparse
@@ -18,6 +21,7 @@ from netcompress.checkpoint_paths import input_checkpoint_files
 from netcompress.cli import run_main, run_script
 from common.outputs import check_outputs
 from common.runtime import graph_mode
+from netcompress.compare import DEFAULT_FRACTIONS, check_fractions, output_paths
 from netcompress.sharding import parse_shard, shard_output_path
 
 SHARD_NAME = re.compile(r"\.shard\d+of\d+(\.|$)")
@@ -28,10 +32,22 @@ DESCRIPTION = ("Compute the Taylor oracle rank of every prunable channel over te
                "get_oracle_rank.py --merge OUT.npz SHARD.npz [SHARD.npz ...]")
 
 
-def add_shard_argument(parser):
+def add_arguments(parser):
     parser.add_argument("--shard", metavar="I/N",
                         help="rank only shard I of N (every N-th record from the I-th); "
                              "writes rank_save with .shardIofN before the extension")
+    parser.add_argument("--compare", action="store_true",
+                        help="instead of ranking: validation mIoU (val_data) of each "
+                             "criterion of the rank file after removing each fraction of "
+                             "every prunable layer; writes a table, CSV and plot beside "
+                             "rank_save")
+    parser.add_argument("--fractions", type=float, nargs="+", metavar="F",
+                        default=list(DEFAULT_FRACTIONS),
+                        help="with --compare: fractions removed (default 0.05 0.1 0.2)")
+    parser.add_argument("--oracle", nargs="+", metavar="LAYER", default=[],
+                        help="with --compare: the true loss change of removing each "
+                             "channel of these layers, and each criterion's Spearman "
+                             "correlation with it")
 
 
 def merge_main(argv):
@@ -62,11 +78,65 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--merge" in argv:
         return merge_main(argv)
-    return run_script(argv, "oracle_rank", DESCRIPTION, _rank,
-                      add_arguments=add_shard_argument, check=_check)
+    return run_script(argv, "oracle_rank", DESCRIPTION, _run, add_arguments=add_arguments,
+                      check=_check)
 
 
 def _check(config, args):
+    if args.compare:
+        return _check_compare(config, args)
+    if args.oracle or args.fractions != list(DEFAULT_FRACTIONS):
+        raise UserError("--fractions and --oracle go with --compare")
+    return _check_rank(config, args)
+
+
+def _check_compare(config, args):
+    """val_data given and held out, the rank file there, the outputs writable."""
+    if args.shard is not None:
+        raise UserError("--compare evaluates the whole of val_data: drop --shard")
+    if config["val_data"] is None:
+        raise UserError("--compare needs val_data: held-out validation records (never "
+                        "the test records, and not test_data, the ranking data)")
+    if os.path.realpath(config["val_data"]) == os.path.realpath(config["test_data"]):
+        raise UserError(f"val_data {config['val_data']!r} is the ranking data (test_data): "
+                        f"give held-out validation records")
+    if not os.path.isfile(config["rank_save"]):
+        raise UserError(f"rank_save {config['rank_save']!r} not found: rank first "
+                        f"(get_oracle_rank.py -c CONFIG), then --compare")
+    check_fractions(args.fractions)
+    written = output_paths(config["rank_save"])
+    inputs = {key: [config[key]] for key in ("val_data", "model_def", "mask", "rank_save")
+              if config[key]}
+    inputs["checkpoint"] = input_checkpoint_files(config["checkpoint"])
+    check_outputs({"--compare CSV": [written[0]], "--compare plot": [written[1]]}, inputs)
+    return written
+
+
+def _run(config, args, prepared):
+    return (_compare if args.compare else _rank)(config, args, prepared)
+
+
+def _compare(config, args, written):
+    from models.model_def import load_model_def
+    from netcompress.checkpoint_paths import resolve_checkpoint
+    from netcompress.compare import compare, table, write_csv, write_plot
+    from netcompress.scores import load_ranks
+
+    ranks = load_ranks(config["rank_save"], load_model_def(config["model_def"]),
+                       config["num_classes"])
+    checkpoint = resolve_checkpoint(config["checkpoint"])
+    if os.path.realpath(ranks.metadata["checkpoint"]) != os.path.realpath(checkpoint):
+        raise UserError(f"rank_save {config['rank_save']} ranks checkpoint "
+                        f"{ranks.metadata['checkpoint']}, not {checkpoint}: rank this one first")
+    result = compare(config, ranks, args.fractions, args.oracle)
+    for line in table(result):
+        print(line)
+    write_csv(result, written[0])
+    write_plot(result, written[1])
+    print(f"saved {written[0]} and {written[1]}")
+
+
+def _check_rank(config, args):
     """The shard and the output, before the ranking pass rather than after."""
     shard = parse_shard(args.shard) if args.shard is not None else None
     output = shard_output_path(config["rank_save"], shard)

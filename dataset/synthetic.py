@@ -3,7 +3,7 @@
     python -m dataset.synthetic --out data/demo [--num_train N --num_test N
                                                  --height H --width W --seed S]
 
-writes train.tfrecords, test.tfrecords and classes.txt to --out.
+writes train.tfrecords, val.tfrecords, test.tfrecords and classes.txt to --out.
 
 Classes (num_classes = 6):
   0 void        1-2 px band around every object's edge (ignored by the loss)
@@ -41,9 +41,10 @@ DEFAULT_HEIGHT = 64
 DEFAULT_WIDTH = 128
 DEFAULT_NUM_TRAIN = 400
 DEFAULT_NUM_TEST = 100
+DEFAULT_NUM_VAL = 100  # held out for choosing criteria and thresholds
 MIN_SIDE = 16
 
-_SPLIT_IDS = {"train": 0, "test": 1}
+_SPLIT_IDS = {"train": 0, "test": 1, "val": 2}
 _MIN_OBJECTS, _MAX_OBJECTS = 3, 6
 # Objects whose colour is this close to the background under them are
 # redrawn, so shapes stay visible; the rule ignores the class.
@@ -156,16 +157,17 @@ def _check_sizes(count, height, width):
 
 
 def generate(out_dir, num_train=DEFAULT_NUM_TRAIN, num_test=DEFAULT_NUM_TEST,
-             height=DEFAULT_HEIGHT, width=DEFAULT_WIDTH, seed=0):
-    """Write train.tfrecords, test.tfrecords and classes.txt; returns their paths."""
+             height=DEFAULT_HEIGHT, width=DEFAULT_WIDTH, seed=0, num_val=DEFAULT_NUM_VAL):
+    """Write train, val and test .tfrecords and classes.txt; returns their paths."""
     from dataset.records import encode_example, record_writer
 
     _check_sizes(count=num_train, height=height, width=width)
     _check_sizes(count=num_test, height=height, width=width)
+    _check_sizes(count=num_val, height=height, width=width)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     paths = {}
-    for split, count in (("train", num_train), ("test", num_test)):
+    for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
         path = os.path.join(out_dir, f"{split}.tfrecords")
         with record_writer(path) as writer:
             for image, label in generate_examples(count, height, width, seed, split):
@@ -184,6 +186,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--num_train", type=int, default=DEFAULT_NUM_TRAIN)
     parser.add_argument("--num_test", type=int, default=DEFAULT_NUM_TEST)
+    parser.add_argument("--num_val", type=int, default=DEFAULT_NUM_VAL)
     parser.add_argument("--height", type=int, default=DEFAULT_HEIGHT,
                         help="image height (AdapNet++ needs a multiple of 16)")
     parser.add_argument("--width", type=int, default=DEFAULT_WIDTH,
@@ -194,13 +197,13 @@ def main(argv=None):
     import_tensorflow_quietly()
     try:
         paths = generate(args.out, args.num_train, args.num_test, args.height,
-                         args.width, args.seed)
+                         args.width, args.seed, args.num_val)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.num_train} train and {args.num_test} test examples "
-          f"({args.height}x{args.width}, num_classes {NUM_CLASSES}) to "
-          f"{paths['train']} and {paths['test']}")
+    print(f"wrote {args.num_train} train, {args.num_val} val and {args.num_test} test "
+          f"examples ({args.height}x{args.width}, num_classes {NUM_CLASSES}) to "
+          f"{os.path.dirname(paths['train'])}")
     return 0
 
 

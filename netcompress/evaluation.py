@@ -53,6 +53,65 @@ class InferenceGraph:
                                    optional_scopes=adapnet_pp().aux_scopes())
 
 
+class GatedGraph:
+    """The model in inference mode over ``data_path``, re-readable (one
+    initialisable pass per candidate), with a gate input per prunable group
+    (ones unless fed). ``aux``: build the auxiliary heads, so that ``loss``
+    is the loss the rank pass differentiates."""
+
+    def __init__(self, config, data_path, aux=False):
+        self.data_path = data_path
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.model = model_from_config(config)
+            dataset = eval_dataset(data_path, config["batch_size"], config["height"],
+                                   config["width"], config["num_classes"])
+            self.iterator = tf1.data.make_initializable_iterator(dataset)
+            images, labels = self.iterator.get_next()
+            self.layers = [g.name for g in self.model.architecture.prunable_groups()]
+            widths = self.model.widths
+            self.gates = {name: tf1.placeholder_with_default(
+                tf.ones([widths[name]]), [widths[name]], name=f"gate{i}")
+                for i, name in enumerate(self.layers)}
+            outputs = self.model.build(images, training=False, aux=aux, gates=self.gates)
+            self.fetches = {
+                "labels": tf.argmax(labels, axis=3, output_type=tf.int32),
+                "predictions": tf.argmax(outputs.logits, axis=3, output_type=tf.int32),
+                "loss": tf.reduce_sum(self.model.per_example_loss(outputs, labels)),
+            }
+            self.model_variables = checkpoints.model_variables(self.graph)
+
+    def restore(self, session, checkpoint, model_def_path):
+        checkpoints.restore_strict(session, checkpoint, self.model_variables,
+                                   model_name=f"model_def {model_def_path}",
+                                   optional_scopes=self.model.architecture.aux_scopes())
+
+    def evaluate(self, session, removed, num_classes, bar=None, gate_values=None):
+        """(ConfusionMatrix, mean per-example loss) with the channels
+        ``removed`` ({layer: indices}) gated to zero; ``gate_values``
+        ({layer: array}) feeds any other gate values."""
+        feed = {self.gates[layer]: np.asarray(values, np.float32)
+                for layer, values in (gate_values or {}).items()}
+        for layer, indices in removed.items():
+            gate = np.ones(self.model.widths[layer], np.float32)
+            gate[np.asarray(indices, np.int64)] = 0.0
+            feed[self.gates[layer]] = gate
+        matrix, loss, examples = ConfusionMatrix(num_classes), 0.0, 0
+        session.run(self.iterator.initializer)
+        while True:
+            try:
+                with op_errors.reported(self.data_path, self.graph):
+                    batch = session.run(self.fetches, feed)
+            except tf.errors.OutOfRangeError:
+                break
+            matrix.update(batch["labels"], batch["predictions"])
+            loss += float(batch["loss"])
+            examples += batch["labels"].shape[0]
+            if bar is not None:
+                bar.update(1)
+        return matrix, loss / max(examples, 1)
+
+
 def iterate_batches(session, fetches, data_path):
     """Run ``fetches`` until the single-pass dataset is exhausted."""
     while True:

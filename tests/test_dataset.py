@@ -414,9 +414,9 @@ def test_cli_as_script_path_converts(tmp_path):
 def test_synthetic_same_seed_same_bytes(tmp_path):
     def generated_bytes(name, seed):
         paths = synthetic.generate(str(tmp_path / name), num_train=5, num_test=3,
-                                   seed=seed)
+                                   seed=seed, num_val=4)
         contents = {}
-        for key in ("train", "test", "classes"):
+        for key in ("train", "val", "test", "classes"):
             with open(paths[key], "rb") as handle:
                 contents[key] = handle.read()
         return contents
@@ -426,6 +426,12 @@ def test_synthetic_same_seed_same_bytes(tmp_path):
     other = generated_bytes("c", seed=4)
     assert other["train"] != first["train"] and other["test"] != first["test"]
     assert first["train"] != first["test"]
+    # The validation split is its own images, held out from both.
+    val_images = list(records.read_examples(str(tmp_path / "a" / "val.tfrecords")))
+    other_images = list(records.read_examples(str(tmp_path / "a" / "test.tfrecords"))) + \
+        list(records.read_examples(str(tmp_path / "a" / "train.tfrecords")))
+    assert len(val_images) == 4
+    assert not any(np.array_equal(v[0], o[0]) for v in val_images for o in other_images)
     train_path = str(tmp_path / "a" / "train.tfrecords")
     assert records.count_records(train_path) == 5
     image, label = next(records.read_examples(train_path))

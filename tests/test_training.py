@@ -55,9 +55,22 @@ def chance_mean_iou(label_pixels):
     return float(np.mean(true_positive / (counts + predicted - true_positive)))
 
 
-def test_small_model_learns_the_synthetic_shapes(demo):
+# Measured on this model (seed 0, oneDNN off): taylor_out 29.0 / 20.3 against
+# random 16.6 / 15.9 validation mIoU at 10 % / 20 % removed (gaps 12.5 and
+# 4.4 points); the test asks for 2 points, under half of the smaller gap.
+MARGIN = 2.0
+
+
+@pytest.fixture(scope="module")
+def trained(demo):
+    """The small model trained 600 steps on the synthetic shapes (seeded)."""
+    _, _, train_config, _ = demo
+    return train(load_config(train_config, "train"), progress=False, seed=0)
+
+
+def test_small_model_learns_the_synthetic_shapes(demo, trained):
     _, _, train_config, test_config = demo
-    result = train(load_config(train_config, "train"), progress=False, seed=0)
+    result = trained
     data_losses = np.array(result["data_losses"])
     first, last = data_losses[:20].mean(), data_losses[-20:].mean()
     print(f"data loss {first:.3f} -> {last:.3f}")
@@ -67,6 +80,27 @@ def test_small_model_learns_the_synthetic_shapes(demo):
     print(f"mIoU {100 * matrix.mean_iou():.2f}, chance {100 * chance:.2f}")
     assert matrix.mean_iou() > 3 * chance
     assert matrix.num_images == 48
+
+
+def test_default_criterion_beats_random_on_the_trained_model(demo, trained):
+    """Criteria judged as users judge them (get_oracle_rank.py --compare):
+    validation mIoU after removing a fraction of every prunable layer."""
+    from netcompress.compare import compare
+    from netcompress.config import PRUNE_SETTINGS
+    from netcompress.ranking import rank
+
+    root, files, _, test_config = demo
+    config = dict(load_config(test_config, "evaluate"), test_data=files["train"],
+                  val_data=files["val"], rank_save="")
+    ranks = rank(config, progress=False)
+    result = compare(config, ranks, fractions=(0.1, 0.2), progress=False)
+    miou = {(criterion, fraction): value for criterion, fraction, _, value in result["rows"]}
+    default = next(s.default for s in PRUNE_SETTINGS if s.name == "criterion")
+    print(f"unpruned {result['baseline']:.2f}; " + ", ".join(
+        f"{c} {f:g}: {v:.2f}" for (c, f), v in sorted(miou.items())))
+    for fraction in (0.1, 0.2):
+        assert miou[(default, fraction)] > miou[("random", fraction)] + MARGIN
+        assert miou[(default, fraction)] <= result["baseline"] + 1.0
 
 
 def test_resume_continues_from_saved_step(demo, tmp_path):
