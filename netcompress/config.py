@@ -49,6 +49,11 @@ CONFIG_KEYS = {
 }
 
 
+# How dilated convs are computed (models/atrous.py; docs/atrous.md). The same
+# names as models.atrous, repeated here because configs load before TensorFlow.
+ATROUS_PATHS = ("auto", "native", "space_to_batch")
+
+
 # ---- prun_model.py's settings, declared once ---------------------------------
 # The header constants of prun_model.py, its --help and the README's table
 # are checked against this declaration (tests/test_config.py).
@@ -114,8 +119,66 @@ PRUNE_SETTINGS = (
             "the decide_threshold histogram PNG (None = none)"),
 )
 
-DECLARED = {"prune": PRUNE_SETTINGS}
+PRUNE_DEFAULT_CRITERION = next(s.default for s in PRUNE_SETTINGS if s.name == "criterion")
+SEARCH_MODES = ("section", "all")  # netcompress/search.py
+
+# compress.py's settings (docs/compress.md).
+COMPRESS_SETTINGS = (
+    Setting("gpu_id", "gpu_id", "", "GPU to use ('' = all GPUs / CPU only)"),
+    Setting("model", "text", "AdapNet_pp", "name of the model (models/AdapNet_pp.py)"),
+    Setting("num_classes", "num_classes", REQUIRED, "number of classes, void included"),
+    Setting("model_def", "path", REQUIRED, "the model definition of the model to compress"),
+    Setting("mask", "optional_path", None, "its residual mask file (None: no mask)"),
+    Setting("checkpoint", "path", REQUIRED,
+            "the trained model to compress (a prefix, or a directory: its newest)"),
+    Setting("train_data", "path", REQUIRED, "training records: ranking and retraining"),
+    Setting("val_data", "path", REQUIRED,
+            "held-out validation records: the threshold search (never the test records)"),
+    Setting("test_data", "path", REQUIRED,
+            "test records: read only to evaluate each finished stage"),
+    Setting("batch_size", "positive_int", 8, "batch size of every pass"),
+    Setting("skip_step", "positive_int", 10, "steps between loss reports while retraining"),
+    Setting("height", "size", REQUIRED, "input height (a multiple of 16)"),
+    Setting("width", "size", REQUIRED, "input width (a multiple of 16)"),
+    Setting("atrous_path", "choice", "auto",
+            "how atrous convs are computed: auto, native or space_to_batch",
+            choices=ATROUS_PATHS),
+    Setting("run_dir", "path", REQUIRED,
+            "where every stage's files go (new, empty, or an earlier run to resume)"),
+    Setting("stages", "positive_int", 3, "stop after this many stages"),
+    Setting("retrain_iterations", "positive_int", 300, "training steps after each pruning"),
+    Setting("learning_rate", "threshold", 0.001, "initial learning rate of the retraining"),
+    Setting("power", "threshold", 0.9, "power of the polynomial learning-rate decay"),
+    Setting("flip", "bool", False, "random horizontal flips while retraining"),
+    Setting("seed", "optional_text", None,
+            "an integer: seeded retraining (stage N uses seed + N); None = unseeded"),
+    Setting("criterion", "choice", PRUNE_DEFAULT_CRITERION,
+            "how ranks become scores: " + ", ".join(CRITERIA), choices=tuple(CRITERIA)),
+    Setting("normalisation", "choice", "max",
+            "max (divide by the layer maximum) or l2", choices=tuple(NORMALISATIONS)),
+    Setting("search", "choice", "section",
+            "section: a threshold per section (conv1, block1..block4, easpp, decoder); "
+            "all: one threshold for every layer", choices=SEARCH_MODES),
+    Setting("budget", "threshold", 1.0,
+            "mIoU points (validation) a stage may lose before retraining"),
+    Setting("search_steps", "positive_int", 6,
+            "bisection steps per threshold (resolution 2^-steps)"),
+    Setting("target_parameter_reduction", "threshold", 0.0,
+            "stop once parameters are down by this percentage (0 = no target)"),
+    Setting("target_macs_reduction", "threshold", 0.0,
+            "stop once inference MACs are down by this percentage (0 = no target)"),
+    Setting("miou_floor", "threshold", 0.0,
+            "validation mIoU no pruning may go below; the run stops when no channel can "
+            "go without (0 = none)"),
+    Setting("min_channels", "positive_int", 1, "a layer keeps at least this many channels"),
+    Setting("round_to", "positive_int", 1, "round kept counts up to a multiple of this"),
+    Setting("latency_runs", "positive_int", 5,
+            "CPU latency: the median of this many runs (batch 1) per stage"),
+)
+
+DECLARED = {"prune": PRUNE_SETTINGS, "compress": COMPRESS_SETTINGS}
 CONFIG_KEYS["prune"] = tuple(setting.name for setting in PRUNE_SETTINGS)
+CONFIG_KEYS["compress"] = tuple(setting.name for setting in COMPRESS_SETTINGS)
 
 # Alternative spellings accepted in a config -> the key used in the result.
 # The original README spells it 'intialize'; both spellings mean the same.
@@ -125,6 +188,7 @@ KEY_ALIASES = {
     "oracle_rank": {},
     # The original script's names, still accepted (header constants and flags).
     "prune": {"Num_classes": "num_classes", "save_nvidia_name": "rank_file"},
+    "compress": {},
 }
 
 OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_path": "auto",
@@ -136,9 +200,6 @@ OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_pat
 # max_to_keep: newest checkpoints kept (the original kept 1000).
 TRAIN_OPTIONAL = {"flip": False, "end_learning_rate": 1e-4, "max_to_keep": 3}
 
-# How dilated convs are computed (models/atrous.py; docs/atrous.md). The same
-# names as models.atrous, repeated here because configs load before TensorFlow.
-ATROUS_PATHS = ("auto", "native", "space_to_batch")
 
 POSITIVE_INT_KEYS = ("batch_size", "skip_step", "height", "width",
                      "max_iteration", "save_step")

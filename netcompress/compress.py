@@ -1,0 +1,642 @@
+"""compress.py's job (docs/compress.md): staged compression in one command.
+
+Stage 0 is the model given. Each stage then: rank it on the training
+records -> search thresholds on the validation records (netcompress/search.py,
+channel gates fed to one inference graph) -> prune (netcompress/pruning.py's
+execute, so files are written as prun_model.py writes them) -> retrain ->
+evaluate on the test records, which nothing else reads. Every stage's files
+live in run_dir/stageN/, its row (stageN/row.json) is written last, and a
+rerun continues after the last stage with a row. Latency is measured at the
+end of every run, for all stages in one process.
+
+Its settings are the config kind 'compress' (COMPRESS_SETTINGS in
+netcompress/config.py). No TensorFlow at import.
+"""
+
+import csv
+import json
+import os
+import shutil
+import statistics
+import time
+
+import numpy as np
+
+from common import outputs
+from common.errors import UserError
+from common.files import make_directory, replace_atomically
+from netcompress.checkpoint_paths import checkpoint_exists, input_checkpoint_files
+from netcompress.search import search_groups
+
+KIND = "compress"
+
+# What defines a run: a rerun into the same run_dir must agree on these.
+RUN_KEYS = ("model", "num_classes", "model_def", "mask", "checkpoint", "train_data",
+            "val_data", "test_data", "batch_size", "height", "width", "retrain_iterations",
+            "learning_rate", "power", "flip", "seed", "criterion", "normalisation",
+            "search", "budget", "search_steps", "miou_floor", "min_channels", "round_to")
+PATH_KEYS = ("model_def", "mask", "checkpoint", "train_data", "val_data", "test_data")
+RUN_FILE = "run.json"
+ROW_FILE = "row.json"
+CSV_FILE = "stages.csv"
+PLOT_FILE = "compression.png"
+CSV_COLUMNS = ("stage", "parameters", "parameter_reduction_pct", "gmacs",
+               "macs_reduction_pct", "latency_ms", "test_miou", "miou_change",
+               "val_miou_start", "val_miou_pruned", "removed_channels", "candidates",
+               "candidates_per_s", "thresholds")
+
+# Which step runs now (rank, search, prune, retrain, evaluate, latency): the
+# tests check which records each step reads.
+current_step = None
+
+
+def _real(path):
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def _stage_dir(run_dir, stage):
+    return os.path.join(run_dir, f"stage{stage}")
+
+
+# ---- checks before any work ----------------------------------------------------
+
+def check(config, args=None):
+    """Settings, inputs, the run directory and its finished stages; no
+    TensorFlow. Returns the finished rows (stage 0 first)."""
+    check_inputs(config)
+    _check_run_dir(config)
+    return finished_rows(config)
+
+
+def check_inputs(config):
+    """Everything but the run directory (also bench/criteria_compare.py's check)."""
+    if config["seed"] is not None:
+        try:
+            config["seed"] = int(config["seed"])
+        except ValueError:
+            raise UserError(f"'seed' must be an integer or None, got {config['seed']!r}") \
+                from None
+    for key in ("learning_rate", "power"):
+        if not config[key] > 0:
+            raise UserError(f"{key!r} must be a positive number, got {config[key]}")
+    for key in ("target_parameter_reduction", "target_macs_reduction"):
+        if config[key] >= 100:
+            raise UserError(f"{key!r} is a percentage below 100, got {config[key]}")
+    for key in ("model_def", "train_data", "val_data", "test_data", "mask"):
+        if config[key] is not None and not os.path.isfile(config[key]):
+            raise UserError(f"{key!r} file {config[key]!r} does not exist (relative paths "
+                            f"are taken from the current directory {os.getcwd()})")
+    if not checkpoint_exists(config["checkpoint"]):
+        raise UserError(f"'checkpoint' {config['checkpoint']!r} not found (expected "
+                        f"{config['checkpoint']}.index, or a directory with a 'checkpoint' "
+                        f"file)")
+    if _real(config["val_data"]) == _real(config["test_data"]):
+        raise UserError(f"val_data {config['val_data']!r} is the test data: the search "
+                        f"needs held-out validation records, and the test records judge "
+                        f"the result")
+    if _real(config["val_data"]) == _real(config["train_data"]):
+        raise UserError(f"val_data {config['val_data']!r} is the training data: give "
+                        f"held-out validation records")
+
+
+def _inputs(config):
+    files = {key: [config[key]] for key in PATH_KEYS
+             if key != "checkpoint" and config[key] is not None}
+    files["checkpoint"] = input_checkpoint_files(config["checkpoint"])
+    return files
+
+
+def _check_run_dir(config):
+    run_dir = config["run_dir"]
+    root = _real(run_dir)
+    for key, paths in _inputs(config).items():
+        for path in paths:
+            if _real(path) == root or _real(path).startswith(root + os.sep):
+                raise UserError(f"run_dir {run_dir!r} holds the input {key} {path!r}: "
+                                f"give another run_dir")
+    outputs.check_outputs({"run_dir": [os.path.join(run_dir, RUN_FILE)]}, _inputs(config))
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+        return
+    run_file = os.path.join(run_dir, RUN_FILE)
+    if not os.path.isfile(run_file):
+        raise UserError(f"run_dir {run_dir!r} is not empty and holds no {RUN_FILE}: give a "
+                        f"new or empty directory, or an earlier compress.py run to resume")
+    saved = _read_json(run_file)
+    current = run_identity(config)
+    for key in RUN_KEYS:
+        if saved.get(key) != current[key]:
+            raise UserError(f"run_dir {run_dir!r} holds a run with {key} {saved.get(key)!r}, "
+                            f"this one has {current[key]!r}: use a new run_dir to change it")
+
+
+def run_identity(config):
+    identity = {key: config[key] for key in RUN_KEYS}
+    for key in PATH_KEYS:
+        if identity[key] is not None:
+            identity[key] = _real(identity[key])
+    return identity
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def _write_json(path, data):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1)
+    replace_atomically(path, write)
+
+
+def _write_lines(path, lines):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+    replace_atomically(path, write)
+
+
+def finished_rows(config):
+    """Rows of the finished stages, consecutive from stage 0."""
+    rows, stage = [], 0
+    while os.path.isfile(os.path.join(_stage_dir(config["run_dir"], stage), ROW_FILE)):
+        rows.append(_read_json(os.path.join(_stage_dir(config["run_dir"], stage), ROW_FILE)))
+        stage += 1
+    return rows
+
+
+# ---- the run --------------------------------------------------------------------
+
+def stop_reason(config, rows):
+    """Why no further stage runs, or None."""
+    stage = len(rows) - 1
+    if stage < 0:
+        return None
+    if stage >= config["stages"]:
+        return f"{config['stages']} stage(s) done"
+    if stage > 0:
+        last = rows[-1]
+        target = config["target_parameter_reduction"]
+        if target > 0 and parameter_reduction(rows, last) >= target:
+            return f"parameters down by {parameter_reduction(rows, last):.1f} % " \
+                   f"(target {target:g} %)"
+        target = config["target_macs_reduction"]
+        if target > 0 and macs_reduction(rows, last) >= target:
+            return f"MACs down by {macs_reduction(rows, last):.1f} % (target {target:g} %)"
+    return None
+
+
+def parameter_reduction(rows, row):
+    return 100.0 * (1 - row["parameters"] / rows[0]["parameters"])
+
+
+def macs_reduction(rows, row):
+    return 100.0 * (1 - row["macs"] / rows[0]["macs"])
+
+
+def model_config(config, model_def, mask, checkpoint=None):
+    """A config of the evaluation kind for one stage's model."""
+    result = {key: config[key] for key in ("gpu_id", "model", "num_classes", "batch_size",
+                                           "skip_step", "height", "width", "atrous_path")}
+    result.update(model_def=model_def, mask=mask, checkpoint=checkpoint)
+    return result
+
+
+def _stage_model(config, row):
+    """(model_def, mask, checkpoint) paths of a finished stage."""
+    if row["stage"] == 0:
+        return config["model_def"], config["mask"], config["checkpoint"]
+
+    def absolute(path):
+        return None if path is None else os.path.join(config["run_dir"], path)
+    return absolute(row["model_def"]), absolute(row["mask"]), absolute(row["checkpoint"])
+
+
+def run(config, args=None, rows=None, log=print, progress=True):
+    """Run the stages still to do, then measure latency of every stage, write
+    stages.csv and compression.png and log the summary table. Returns the rows."""
+    run_dir = config["run_dir"]
+    rows = list(rows if rows is not None else finished_rows(config))
+    make_directory(run_dir)
+    _write_json(os.path.join(run_dir, RUN_FILE), run_identity(config))
+    if rows:
+        log(f"resuming {run_dir}: stage(s) 0..{len(rows) - 1} done")
+    durations = []
+    while True:
+        reason = stop_reason(config, rows)
+        if reason is not None:
+            break
+        stage = len(rows)
+        directory = _stage_dir(run_dir, stage)
+        if os.path.exists(directory):
+            log(f"clearing the unfinished {directory}")
+            shutil.rmtree(directory)
+        _announce(config, stage, durations, log)
+        started = time.perf_counter()
+        row, reason = (_stage_zero if stage == 0 else _stage)(config, rows, directory, log,
+                                                               progress)
+        if row is None:  # nothing to remove: the stage leaves no trace
+            shutil.rmtree(directory, ignore_errors=True)
+            break
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        _write_json(os.path.join(directory, ROW_FILE), row)  # last: the stage is done
+        rows.append(row)
+        if stage > 0:
+            durations.append(row["seconds"])
+        write_csv(rows, {}, os.path.join(run_dir, CSV_FILE))
+    log(f"stopped: {reason}")
+    latencies = measure_latency(config, rows, log, progress)
+    write_csv(rows, latencies, os.path.join(run_dir, CSV_FILE))
+    write_plot(config, rows, os.path.join(run_dir, PLOT_FILE))
+    for line in table(rows, latencies):
+        log(line)
+    log(f"saved {os.path.join(run_dir, CSV_FILE)} and {os.path.join(run_dir, PLOT_FILE)}")
+    return rows
+
+
+def _announce(config, stage, durations, log):
+    if stage == 0:
+        log(f"== stage 0: the model to compress ({config['checkpoint']})")
+        return
+    note = ""
+    if durations:
+        per_stage = statistics.mean(durations)
+        note = (f"; about {_duration(per_stage)} per stage, at most "
+                f"{_duration(per_stage * (config['stages'] - stage + 1))} left")
+    log(f"== stage {stage} of at most {config['stages']}{note}")
+
+
+def _duration(seconds):
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
+def _set_step(name):
+    global current_step
+    current_step = name
+
+
+def _evaluate_test(config, model, directory, log, progress):
+    """Test mIoU of a stage's model; the report goes to directory/eval.txt."""
+    from netcompress.evaluation import evaluate
+
+    _set_step("evaluate")
+    lines = []
+    matrix = evaluate(dict(model, test_data=config["test_data"]), log=lines.append,
+                      progress=progress)
+    _write_lines(os.path.join(directory, "eval.txt"), lines)
+    miou = 100.0 * float(np.nan_to_num(matrix.mean_iou()))
+    log(f"test mIoU: {miou:.2f}")
+    return miou
+
+
+def _costs(config, model_def_path, mask_path):
+    from models.model_def import load_masks, load_model_def
+    from netcompress.costs import inference_macs, total_parameters
+
+    model_def = load_model_def(model_def_path)
+    masks = load_masks(mask_path)
+    return (total_parameters(model_def, config["num_classes"]),
+            inference_macs(model_def, config["num_classes"], config["height"],
+                           config["width"], masks))
+
+
+def _stage_zero(config, rows, directory, log, progress):
+    from netcompress.checkpoint_paths import resolve_checkpoint
+
+    make_directory(directory)
+    model = model_config(config, config["model_def"], config["mask"],
+                         resolve_checkpoint(config["checkpoint"]))
+    miou = _evaluate_test(config, model, directory, log, progress)
+    parameters, macs = _costs(config, config["model_def"], config["mask"])
+    return {"stage": 0, "model_def": None, "mask": None, "checkpoint": None,
+            "parameters": parameters, "macs": macs, "test_miou": miou,
+            "val_miou_start": None, "val_miou_pruned": None, "thresholds": {},
+            "removed_channels": 0, "candidates": 0, "candidates_per_s": None}, None
+
+
+def _stage(config, rows, directory, log, progress):
+    """One stage: (its row, None), or (None, why) when nothing can be removed."""
+    from netcompress.checkpoint_paths import resolve_checkpoint
+
+    stage = len(rows)
+    model_def, mask, checkpoint = _stage_model(config, rows[-1])
+    model = model_config(config, model_def, mask, resolve_checkpoint(checkpoint))
+    make_directory(directory)
+    rank_path = os.path.join(directory, "rank.npz")
+    _rank(config, model, rank_path, log, progress)
+    found, groups, scores = _search(config, model, rank_path, log, progress)
+    _write_json(os.path.join(directory, "search.json"), _search_record(found))
+    if not found.removed:
+        return None, (f"no channel can go within the budget (validation mIoU "
+                      f"{found.start_miou:.2f}, goal >= {found.goal:.2f})")
+    pruned = _prune(config, model, rank_path, groups, scores, found, directory, log)
+    retrained = _retrain(config, pruned, directory, stage, log, progress)
+    final = dict(pruned, checkpoint=retrained)
+    miou = _evaluate_test(config, final, directory, log, progress)
+    parameters, macs = _costs(config, pruned["model_def"], pruned["mask"])
+
+    def relative(path):
+        return None if path is None else os.path.relpath(path, config["run_dir"])
+    return {"stage": stage, "model_def": relative(pruned["model_def"]),
+            "mask": relative(pruned["mask"]), "checkpoint": relative(retrained),
+            "parameters": parameters, "macs": macs, "test_miou": miou,
+            "val_miou_start": found.start_miou, "val_miou_pruned": found.miou,
+            "thresholds": found.thresholds, "removed_channels": found.removed_count,
+            "candidates": found.evaluations,
+            "candidates_per_s": round(found.per_second, 2)}, None
+
+
+def _rank(config, model, rank_path, log, progress):
+    from netcompress.ranking import rank
+
+    _set_step("rank")
+    sums = rank(dict(model, test_data=config["train_data"]), progress=progress)
+    sums.save(rank_path)
+    log(f"ranked {sums.count} training examples -> {rank_path}")
+
+
+def _search(config, model, rank_path, log, progress):
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from models.model_def import load_model_def
+    from netcompress.evaluation import GatedGraph
+    from netcompress.scores import load_normalised_scores
+    from netcompress.search import max_evaluations, search
+
+    _set_step("search")
+    scores = load_normalised_scores(rank_path, load_model_def(model["model_def"]),
+                                    config["num_classes"], config["criterion"],
+                                    config["normalisation"])
+    groups = search_groups(config["search"])
+    gated = GatedGraph(model, config["val_data"])
+    floor = config["miou_floor"] or None
+    with tf.compat.v1.Session(graph=gated.graph) as session, \
+            tqdm(total=max_evaluations(groups, config["search_steps"]), desc="search",
+                 unit="cand", disable=not progress, dynamic_ncols=True) as bar:
+        gated.restore(session, model["checkpoint"], model["model_def"])
+
+        def evaluate(removed):
+            matrix, _ = gated.evaluate(session, removed, config["num_classes"])
+            return 100.0 * float(np.nan_to_num(matrix.mean_iou()))
+
+        def advance(skipped):
+            if skipped:
+                bar.total -= skipped
+                bar.refresh()
+            else:
+                bar.update(1)
+
+        found = search(evaluate, scores, groups, config["budget"], floor,
+                       config["search_steps"], config["min_channels"], config["round_to"],
+                       advance)
+    shown = ", ".join(f"{name} {value:.3f}" for name, value in found.thresholds.items())
+    log(f"search: validation mIoU {found.start_miou:.2f} -> {found.miou:.2f} (goal >= "
+        f"{found.goal:.2f}), {found.removed_count} channels; thresholds {shown}; "
+        f"{found.evaluations} candidates, {found.per_second:.1f} candidates/s")
+    return found, groups, scores
+
+
+def _search_record(found):
+    return {"start_miou": found.start_miou, "goal": found.goal, "miou": found.miou,
+            "thresholds": found.thresholds, "evaluations": found.evaluations,
+            "seconds": round(found.seconds, 3), "candidates_per_s": round(found.per_second, 2),
+            "removed": {layer: [int(i) for i in indices]
+                        for layer, indices in found.removed.items()},
+            "history": [list(entry) for entry in found.history]}
+
+
+def _prune(config, model, rank_path, groups, scores, found, directory, log):
+    """Remove what the search chose through pruning.execute (staged, verified
+    writes, as prun_model.py). Returns the pruned model's paths."""
+    from models.model_def import check_masks, load_masks, load_model_def
+    from netcompress.plan import plan_pruning
+    from netcompress.pruning import PruneJob, PruneSettings, execute, planned_files
+    from netcompress.search import plan_scores
+
+    _set_step("prune")
+    pruned_dir = os.path.join(directory, "pruned")
+    settings = PruneSettings(
+        rank_file=rank_path, threshold=1.0, checkpoint_name=model["checkpoint"],
+        new_checkpoint_save=os.path.join(pruned_dir, "model.ckpt"),
+        mask_load=model["mask"], mask_save=os.path.join(pruned_dir, "mask.npy"),
+        num_classes=config["num_classes"], height=config["height"], width=config["width"],
+        model_def=model["model_def"], new_model_def=os.path.join(pruned_dir, "model_def.json"),
+        criterion=config["criterion"], normalisation=config["normalisation"],
+        min_channels=config["min_channels"], round_to=config["round_to"],
+        gpu_id=config["gpu_id"])
+    outputs.check_outputs(*planned_files(settings))
+    model_def = load_model_def(model["model_def"])
+    masks = load_masks(model["mask"])
+    check_masks(model_def, masks, source=model["mask"] or "mask")
+    layers, scaled_scores = plan_scores(scores, groups, found.thresholds)
+    plan = plan_pruning(model_def, masks, config["num_classes"], scaled_scores, layers, 1.0,
+                        config["min_channels"], config["round_to"])
+    planned = {cut.layer: list(cut.removed) for cut in plan.pruned_layers}
+    searched = {layer: [int(i) for i in indices] for layer, indices in found.removed.items()}
+    if planned != searched:
+        raise RuntimeError("the pruning plan differs from the searched removal")
+    lines = []
+    execute(PruneJob(settings, model_def, masks, layers, scaled_scores, plan), log=lines.append)
+    _write_lines(os.path.join(directory, "prune.txt"), lines)
+    mask = settings.mask_save if plan.masks_after else None
+    log(f"pruned {found.removed_count} channels of {len(planned)} layers -> {pruned_dir}")
+    return dict(model, model_def=settings.new_model_def, mask=mask,
+                checkpoint=settings.new_checkpoint_save)
+
+
+def _retrain(config, pruned, directory, stage, log, progress):
+    """Train the pruned model retrain_iterations steps; its checkpoint prefix."""
+    from netcompress.training import train
+
+    _set_step("retrain")
+    train_config = dict(pruned, initialize=pruned["checkpoint"],
+                        checkpoint=os.path.join(directory, "retrain", "model.ckpt"),
+                        train_data=config["train_data"],
+                        max_iteration=config["retrain_iterations"],
+                        save_step=config["retrain_iterations"],
+                        learning_rate=config["learning_rate"], power=config["power"],
+                        flip=config["flip"], max_to_keep=1,
+                        end_learning_rate=min(1e-4, config["learning_rate"]))
+    seed = None if config["seed"] is None else config["seed"] + stage
+    lines = []
+    result = train(train_config, log=lines.append, seed=seed, progress=progress)
+    losses = result["losses"]
+    log(f"retrained {result['step']} steps (loss {losses[0]:.4f} -> {losses[-1]:.4f})"
+        if losses else f"retrained: {lines[-1] if lines else ''}")
+    return result["checkpoint"]
+
+
+# ---- latency, table, CSV, plot ----------------------------------------------------
+
+def measure_latency(config, rows, log=print, progress=True):
+    """{stage: median ms} of one batch-1 inference on the CPU, every stage in
+    this process, runs interleaved across stages so that drift hits all alike."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from netcompress.checkpoint_paths import resolve_checkpoint
+    from netcompress.serving import ServingGraph
+
+    _set_step("latency")
+    tf1 = tf.compat.v1
+    image = np.random.default_rng(0).integers(
+        0, 256, (1, config["height"], config["width"], 3), dtype=np.uint8)
+    sessions, times = {}, {}
+    try:
+        for row in rows:
+            model_def, mask, checkpoint = _stage_model(config, row)
+            graph = ServingGraph(model_config(config, model_def, mask,
+                                              resolve_checkpoint(checkpoint)))
+            session = tf1.Session(graph=graph.graph,
+                                  config=tf1.ConfigProto(device_count={"GPU": 0}))
+            sessions[row["stage"]] = (graph, session)
+            graph.restore(session)
+            for _ in range(2):  # warm-up
+                session.run(graph.class_map, {graph.images: image})
+            times[row["stage"]] = []
+        with tqdm(total=config["latency_runs"] * len(rows), desc="latency", unit="run",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for _ in range(config["latency_runs"]):
+                for stage, (graph, session) in sessions.items():
+                    started = time.perf_counter()
+                    session.run(graph.class_map, {graph.images: image})
+                    times[stage].append(1000.0 * (time.perf_counter() - started))
+                    bar.update(1)
+    finally:
+        for _, session in sessions.values():
+            session.close()
+    return {stage: statistics.median(values) for stage, values in times.items()}
+
+
+def csv_rows(rows, latencies):
+    """The stage table as dicts of CSV_COLUMNS (numbers rounded for reading)."""
+    table_rows = []
+    for row in rows:
+        latency = latencies.get(row["stage"])
+        table_rows.append({
+            "stage": row["stage"], "parameters": row["parameters"],
+            "parameter_reduction_pct": round(parameter_reduction(rows, row), 2),
+            "gmacs": round(row["macs"] / 1e9, 4),
+            "macs_reduction_pct": round(macs_reduction(rows, row), 2),
+            "latency_ms": "" if latency is None else round(latency, 2),
+            "test_miou": round(row["test_miou"], 2),
+            "miou_change": round(row["test_miou"] - rows[0]["test_miou"], 2),
+            "val_miou_start": _rounded(row["val_miou_start"]),
+            "val_miou_pruned": _rounded(row["val_miou_pruned"]),
+            "removed_channels": row["removed_channels"], "candidates": row["candidates"],
+            "candidates_per_s": _rounded(row["candidates_per_s"]),
+            "thresholds": " ".join(f"{name}={value:.3f}"
+                                   for name, value in row["thresholds"].items()),
+        })
+    return table_rows
+
+
+def _rounded(value):
+    return "" if value is None else round(value, 2)
+
+
+def write_csv(rows, latencies, path):
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(csv_rows(rows, latencies))
+    replace_atomically(path, write)
+
+
+def table(rows, latencies):
+    """The summary table, one line per stage."""
+    lines = [f"{'stage':>5} {'parameters':>11} {'params %':>9} {'GMACs':>8} {'MACs %':>7} "
+             f"{'latency ms':>10} {'test mIoU':>9} {'change':>7} {'val mIoU':>15}  thresholds"]
+    for row in csv_rows(rows, latencies):
+        latency = "-" if row["latency_ms"] == "" else f"{row['latency_ms']:.2f}"
+        val = "-" if row["val_miou_start"] == "" else \
+            f"{row['val_miou_start']:.2f}->{row['val_miou_pruned']:.2f}"
+        lines.append(f"{row['stage']:>5} {row['parameters']:>11} "
+                     f"{0.0 - row['parameter_reduction_pct']:>+9.1f} {row['gmacs']:>8.4f} "
+                     f"{0.0 - row['macs_reduction_pct']:>+7.1f} {latency:>10} "
+                     f"{row['test_miou']:>9.2f} {row['miou_change']:>+7.2f} {val:>15}  "
+                     f"{row['thresholds'] or '-'}")
+    return lines
+
+
+def layer_widths(config, rows):
+    """(layers, original widths, kept widths of the last stage)."""
+    from models.architecture import adapnet_pp, resolve_widths
+    from models.model_def import load_model_def
+
+    architecture = adapnet_pp()
+    layers = [g.name for g in architecture.prunable_groups()]
+    first = resolve_widths(load_model_def(_stage_model(config, rows[0])[0]),
+                           config["num_classes"], architecture)
+    last = resolve_widths(load_model_def(_stage_model(config, rows[-1])[0]),
+                          config["num_classes"], architecture)
+    return layers, [first[name] for name in layers], [last[name] for name in layers]
+
+
+def write_plot(config, rows, path):
+    """Parameter reduction and mIoU change per stage, as the original figure,
+    and the last stage's width of every prunable layer against the original."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    stages = [row["stage"] for row in rows]
+    reduction = [0.0 - parameter_reduction(rows, row) for row in rows]
+    change = [row["test_miou"] - rows[0]["test_miou"] for row in rows]
+    layers, original, kept = layer_widths(config, rows)
+    figure = plt.figure(figsize=(9, 7))
+    grid = figure.add_gridspec(2, 2, height_ratios=[1, 1.1])
+    panels = ((figure.add_subplot(grid[0, 0]), reduction, "parameters (%)", "tab:blue",
+               "{:.1f}"),
+              (figure.add_subplot(grid[0, 1]), change, "test mIoU change (points)",
+               "tab:red", "{:+.2f}"))
+    for axes, values, label, colour, style in panels:
+        bars = axes.bar(stages, values, color=colour, alpha=0.75, width=0.6)
+        for bar, value in zip(bars, values):
+            axes.annotate(style.format(value), (bar.get_x() + bar.get_width() / 2, value),
+                          ha="center", va="top" if value < 0 else "bottom", fontsize=8,
+                          xytext=(0, -2 if value < 0 else 2), textcoords="offset points")
+        axes.axhline(0, color="black", linewidth=0.8)
+        low, high = min(values + [0.0]), max(values + [0.0])
+        margin = 0.15 * max(high - low, 1.0)
+        axes.set_ylim(low - margin, high + margin)
+        axes.set_xticks(stages)
+        axes.set_xlabel("stage")
+        axes.set_title(label, fontsize=10)
+        axes.grid(axis="y", alpha=0.3)
+    figure.suptitle(f"staged compression: {config['criterion']}, budget {config['budget']:g} "
+                    f"mIoU per stage, {config['search']} search", fontsize=11)
+    bottom = figure.add_subplot(grid[1, :])
+    positions = np.arange(len(layers))
+    bottom.bar(positions, original, color="lightgray", label="original")
+    bottom.bar(positions, kept, color="tab:blue", label=f"stage {stages[-1]}")
+    bottom.set_xlim(-1, len(layers))
+    sections = [_section_of(name) for name in layers]
+    starts = [i for i in range(len(layers)) if i == 0 or sections[i] != sections[i - 1]]
+    for begin, end in zip(starts, starts[1:] + [len(layers)]):
+        if begin:
+            bottom.axvline(begin - 0.5, color="gray", linewidth=0.6, linestyle=":")
+        bottom.annotate(sections[begin], ((begin + end - 1) / 2, 1.0),
+                        xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                        fontsize=7)
+    bottom.set_xticks([])
+    bottom.set_xlabel("prunable layers, network order")
+    bottom.set_ylabel("channels")
+    bottom.set_title("width of every prunable layer: kept vs original", fontsize=10, pad=14)
+    bottom.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    replace_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+    plt.close(figure)
+
+
+def _section_of(layer):
+    from models.architecture import adapnet_pp
+    from netcompress.search import search_section
+
+    return search_section(adapnet_pp().group_by_name[layer].section)
