@@ -27,13 +27,13 @@ demo: data
 	bash demo.sh $(PY)
 
 # TensorFlow turns oneDNN on by default only on some CPUs; the suite runs with
-# it off and on, so that neither setting can break unnoticed (docs/atrous.md).
-# The second pass leaves out the tests that run no network (configs, records,
-# metrics, damaged files).
-NO_NETWORK_TESTS := test_config test_dataset test_metrics test_faults
+# it off, then the tests that train, rank or prune (and the atrous-conv paths,
+# where the two settings differ) run again with it on (docs/atrous.md).
+ONEDNN_TESTS := test_atrous test_training test_original_training test_ranking \
+	test_criteria test_pruning test_pipeline test_compress
 test: setup
 	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q tests
-	TF_ENABLE_ONEDNN_OPTS=1 $(PY) -m pytest -q tests $(NO_NETWORK_TESTS:%=--ignore=tests/%.py)
+	TF_ENABLE_ONEDNN_OPTS=1 $(PY) -m pytest -q $(ONEDNN_TESTS:%=tests/%.py)
 
 bench: setup
 	$(PY) bench/train_throughput.py --model_def models/small.json
