@@ -515,6 +515,12 @@ def _check_optional(key, value, default, source):
     ok = isinstance(value, expected)
     if expected is float and _is_int(value):
         return float(value)
+    if expected is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-6` (no dot) as text, as for the required floats.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if expected is int and isinstance(value, bool):
         ok = False
     if not ok:

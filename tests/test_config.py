@@ -396,3 +396,15 @@ def test_prune_help_and_readme_table_come_from_the_declaration():
     shown = {({v: k for k, v in KEY_ALIASES["prune"].items()}).get(s.name, s.name)
              for s in PRUNE_SETTINGS}
     assert named == shown
+
+
+def test_optional_float_written_without_a_dot(workdir):
+    """YAML 1.1 reads 1e-6 as text; an optional float key takes it as the
+    required float keys do, and still refuses words."""
+    from netcompress.config import TRAIN_OPTIONAL
+    path = train_config(workdir)
+    config = load_config(path, "train", ["end_learning_rate=1e-6"],
+                         optional=TRAIN_OPTIONAL)
+    assert config["end_learning_rate"] == 1e-6
+    with pytest.raises(UserError, match="'end_learning_rate' must be of type float"):
+        load_config(path, "train", ["end_learning_rate=small"], optional=TRAIN_OPTIONAL)
