@@ -96,8 +96,10 @@ def test_taylor_out_is_the_derivative_of_the_loss_by_the_channel_gate(tiny):
     value equals that derivative taken in the gated graph (another graph:
     gates as inputs, the gradient by the gate), to float32 rounding. (2) For
     layer kinds after the first block, central differences of the loss
-    agree: step 1e-3, tolerance 2 % of the layer's largest value (measured
-    worst 0.8 %). In the stem and block1 a gate step of 1e-3 already flips
+    agree: step 1e-3, tolerance 5 % of the layer's largest value (measured
+    worst 0.8 % with oneDNN off, 3.3 % on, where training gives another
+    model; a mean instead of a sum over positions would be off by the
+    position count, 32 or more here). In the stem and block1 a gate step of 1e-3 already flips
     enough ReLUs that differences of the piecewise-linear network wander
     around the derivative (measured: off by up to 40 %), so (1) alone checks
     those."""
@@ -127,7 +129,7 @@ def test_taylor_out_is_the_derivative_of_the_loss_by_the_channel_gate(tiny):
                                              gate_values={layer: gate})
                     losses.append(loss)
                 finite_difference = (losses[0] - losses[1]) / (2 * step)
-                assert abs(abs(finite_difference) - t_out[k]) <= 0.02 * t_out.max(), \
+                assert abs(abs(finite_difference) - t_out[k]) <= 0.05 * t_out.max(), \
                     (layer, k, finite_difference, t_out[k])
 
 
