@@ -82,7 +82,8 @@ def _prune(config, model, rank_path, removed, directory):
     from models.architecture import adapnet_pp, resolve_widths
     from models.model_def import load_masks, load_model_def
     from netcompress.plan import plan_pruning
-    from netcompress.pruning import PruneJob, PruneSettings, execute
+    from netcompress.compress import prune_settings
+    from netcompress.pruning import PruneJob, execute
 
     model_def = load_model_def(model["model_def"])
     masks = load_masks(model["mask"])
@@ -91,13 +92,7 @@ def _prune(config, model, rank_path, removed, directory):
     scores = {layer: np.where(np.isin(np.arange(widths[layer]), indices), 0.0, 1.0)
               for layer, indices in removed.items()}
     plan = plan_pruning(model_def, masks, config["num_classes"], scores, list(scores), 0.5)
-    settings = PruneSettings(
-        rank_file=rank_path, threshold=0.5, checkpoint_name=model["checkpoint"],
-        new_checkpoint_save=os.path.join(directory, "pruned", "model.ckpt"),
-        mask_load=model["mask"], mask_save=os.path.join(directory, "pruned", "mask.npy"),
-        num_classes=config["num_classes"], height=config["height"], width=config["width"],
-        model_def=model["model_def"],
-        new_model_def=os.path.join(directory, "pruned", "model_def.json"))
+    settings = prune_settings(config, model, rank_path, directory, threshold=0.5)
     execute(PruneJob(settings, model_def, masks, list(scores), scores, plan),
             log=lambda line: None)
     return dict(model, model_def=settings.new_model_def,
@@ -119,14 +114,7 @@ def _work(config, args, out):
         return _miou(evaluate(dict(model, test_data=data), log=lambda line: None))
 
     def retrain(model, directory, stage):
-        result = train(dict(model, initialize=model["checkpoint"],
-                            checkpoint=os.path.join(directory, "retrain", "model.ckpt"),
-                            train_data=config["train_data"],
-                            max_iteration=config["retrain_iterations"],
-                            save_step=config["retrain_iterations"],
-                            learning_rate=config["learning_rate"], power=config["power"],
-                            flip=config["flip"], max_to_keep=1,
-                            end_learning_rate=min(1e-4, config["learning_rate"])),
+        result = train(staged.retrain_config(config, model, directory),
                        log=lambda line: None,
                        seed=None if config["seed"] is None else config["seed"] + stage)
         return dict(model, checkpoint=result["checkpoint"])

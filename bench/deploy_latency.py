@@ -70,14 +70,10 @@ def exported_forms(model_def, masks, num_classes, height, width, directory, thre
 
 
 def main():
+    from pruned_latency import add_timing_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_def", default="models/default.json")
-    parser.add_argument("--num_classes", type=int, default=12)
-    parser.add_argument("--height", type=int, default=192)
-    parser.add_argument("--width", type=int, default=384)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=7)
+    add_timing_arguments(parser)
     parser.add_argument("--fraction", type=float, default=0.5,
                         help="share of each prunable layer's channels removed in the pruned model")
     parser.add_argument("--round_to", type=int, default=8,

@@ -81,8 +81,8 @@ class InferenceSession:
         return time.perf_counter() - start
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_timing_arguments(parser):
+    """Model, input size and timing runs (shared with bench/deploy_latency.py)."""
     parser.add_argument("--model_def", default="models/default.json")
     parser.add_argument("--num_classes", type=int, default=12)
     parser.add_argument("--height", type=int, default=192)
@@ -90,6 +90,11 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=7)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_timing_arguments(parser)
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.5])
     parser.add_argument("--round_to", type=int, default=8,
                         help="kept channel counts rounded up to a multiple of this")

@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from models.architecture import OUTER_SCOPE
+from models.architecture import OUTER_SCOPE, adapnet_pp
 from common.errors import UserError
 from common.files import staged
 from netcompress.checkpoint_paths import CHECKPOINT_SUFFIXES, checkpoint_files, \
@@ -133,6 +133,13 @@ def restore_strict(session, path, variables, model_name="model_def", optional_sc
     check_matches(path, variables, model_name, optional_scopes)
     values = read_checkpoint(path)
     assign_values(session, {v: values[checkpoint_key(v.name)] for v in variables})
+
+
+def restore_model(session, path, variables, model_def_path):
+    """restore_strict for a graph of a model_def, whose checkpoint may hold
+    auxiliary heads the graph does not build (inference)."""
+    restore_strict(session, path, variables, model_name=f"model_def {model_def_path}",
+                   optional_scopes=adapnet_pp().aux_scopes())
 
 
 def restore_matching(session, path, variables):

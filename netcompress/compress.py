@@ -415,20 +415,12 @@ def _prune(config, model, rank_path, groups, scores, found, directory, log):
     writes, as prun_model.py). Returns the pruned model's paths."""
     from models.model_def import check_masks, load_masks, load_model_def
     from netcompress.plan import plan_pruning
-    from netcompress.pruning import PruneJob, PruneSettings, execute, planned_files
+    from netcompress.pruning import PruneJob, execute, planned_files
     from netcompress.search import plan_scores
 
     _set_step("prune")
     pruned_dir = os.path.join(directory, "pruned")
-    settings = PruneSettings(
-        rank_file=rank_path, threshold=1.0, checkpoint_name=model["checkpoint"],
-        new_checkpoint_save=os.path.join(pruned_dir, "model.ckpt"),
-        mask_load=model["mask"], mask_save=os.path.join(pruned_dir, "mask.npy"),
-        num_classes=config["num_classes"], height=config["height"], width=config["width"],
-        model_def=model["model_def"], new_model_def=os.path.join(pruned_dir, "model_def.json"),
-        criterion=config["criterion"], normalisation=config["normalisation"],
-        min_channels=config["min_channels"], round_to=config["round_to"],
-        gpu_id=config["gpu_id"])
+    settings = prune_settings(config, model, rank_path, directory, threshold=1.0)
     outputs.check_outputs(*planned_files(settings))
     model_def = load_model_def(model["model_def"])
     masks = load_masks(model["mask"])
@@ -449,19 +441,38 @@ def _prune(config, model, rank_path, groups, scores, found, directory, log):
                 checkpoint=settings.new_checkpoint_save)
 
 
+def prune_settings(config, model, rank_path, directory, threshold):
+    """prun_model.py's settings for pruning ``model`` into directory/pruned/."""
+    from netcompress.pruning import PruneSettings
+
+    pruned_dir = os.path.join(directory, "pruned")
+    return PruneSettings(
+        rank_file=rank_path, threshold=threshold, checkpoint_name=model["checkpoint"],
+        new_checkpoint_save=os.path.join(pruned_dir, "model.ckpt"),
+        mask_load=model["mask"], mask_save=os.path.join(pruned_dir, "mask.npy"),
+        num_classes=config["num_classes"], height=config["height"], width=config["width"],
+        model_def=model["model_def"], new_model_def=os.path.join(pruned_dir, "model_def.json"),
+        criterion=config["criterion"], normalisation=config["normalisation"],
+        min_channels=config["min_channels"], round_to=config["round_to"],
+        gpu_id=config["gpu_id"])
+
+
+def retrain_config(config, pruned, directory):
+    """The training config that retrains ``pruned`` into directory/retrain/."""
+    return dict(pruned, initialize=pruned["checkpoint"],
+                checkpoint=os.path.join(directory, "retrain", "model.ckpt"),
+                train_data=config["train_data"], max_iteration=config["retrain_iterations"],
+                save_step=config["retrain_iterations"], learning_rate=config["learning_rate"],
+                power=config["power"], flip=config["flip"], max_to_keep=1,
+                end_learning_rate=min(1e-4, config["learning_rate"]))
+
+
 def _retrain(config, pruned, directory, stage, log, progress):
     """Train the pruned model retrain_iterations steps; its checkpoint prefix."""
     from netcompress.training import train
 
     _set_step("retrain")
-    train_config = dict(pruned, initialize=pruned["checkpoint"],
-                        checkpoint=os.path.join(directory, "retrain", "model.ckpt"),
-                        train_data=config["train_data"],
-                        max_iteration=config["retrain_iterations"],
-                        save_step=config["retrain_iterations"],
-                        learning_rate=config["learning_rate"], power=config["power"],
-                        flip=config["flip"], max_to_keep=1,
-                        end_learning_rate=min(1e-4, config["learning_rate"]))
+    train_config = retrain_config(config, pruned, directory)
     seed = None if config["seed"] is None else config["seed"] + stage
     lines = []
     result = train(train_config, log=lines.append, seed=seed, progress=progress)

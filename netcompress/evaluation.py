@@ -7,7 +7,6 @@ from tqdm import tqdm
 
 from dataset.pipeline import eval_dataset
 from dataset.records import count_records
-from models.architecture import adapnet_pp
 from netcompress import checkpoints, op_errors
 from netcompress.metrics import ConfusionMatrix
 from netcompress.models import model_from_config
@@ -48,9 +47,7 @@ class InferenceGraph:
                         bar.set_postfix_str(note)
 
     def restore(self, session, checkpoint, model_def_path):
-        checkpoints.restore_strict(session, checkpoint, self.model_variables,
-                                   model_name=f"model_def {model_def_path}",
-                                   optional_scopes=adapnet_pp().aux_scopes())
+        checkpoints.restore_model(session, checkpoint, self.model_variables, model_def_path)
 
 
 class GatedGraph:
@@ -82,9 +79,7 @@ class GatedGraph:
             self.model_variables = checkpoints.model_variables(self.graph)
 
     def restore(self, session, checkpoint, model_def_path):
-        checkpoints.restore_strict(session, checkpoint, self.model_variables,
-                                   model_name=f"model_def {model_def_path}",
-                                   optional_scopes=self.model.architecture.aux_scopes())
+        checkpoints.restore_model(session, checkpoint, self.model_variables, model_def_path)
 
     def evaluate(self, session, removed, num_classes, bar=None, gate_values=None):
         """(ConfusionMatrix, mean per-example loss) with the channels

@@ -11,7 +11,6 @@ checkpoint.
 import tensorflow as tf
 
 from models import atrous
-from models.architecture import adapnet_pp
 from netcompress import checkpoints
 from netcompress.checkpoint_paths import resolve_checkpoint
 from netcompress.models import model_from_config
@@ -55,11 +54,8 @@ class ServingGraph:
 
     def restore(self, session):
         """Restore the config's checkpoint; its aux heads (absent here) may be there."""
-        aux_heads = [c.scope for c in adapnet_pp().convs if c.aux]
         prefix = resolve_checkpoint(self.config["checkpoint"])
-        checkpoints.restore_strict(session, prefix, self.variables,
-                                   model_name=f"model_def {self.config['model_def']}",
-                                   optional_scopes=aux_heads)
+        checkpoints.restore_model(session, prefix, self.variables, self.config["model_def"])
         return prefix
 
     def session(self, threads=0):
