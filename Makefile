@@ -30,7 +30,7 @@ demo: data
 # it off, then the tests that train, rank or prune (and the atrous-conv paths,
 # where the two settings differ) run again with it on (docs/atrous.md).
 ONEDNN_TESTS := test_atrous test_training test_original_training test_ranking \
-	test_criteria test_pruning test_pipeline test_compress
+	test_criteria test_pruning test_pipeline test_compress test_replicas
 test: setup
 	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q tests
 	TF_ENABLE_ONEDNN_OPTS=1 $(PY) -m pytest -q $(ONEDNN_TESTS:%=tests/%.py)

@@ -69,11 +69,16 @@ def train_dataset(path, batch_size, height, width, num_classes, flip=False,
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def eval_dataset(path, batch_size, height, width, num_classes, shard=None):
+def eval_dataset(path, batch_size, height, width, num_classes, shard=None,
+                 whole_batches=False):
     """One ordered pass; the last batch may be smaller than batch_size.
 
     shard=(index, count) keeps every count-th record starting at index, so
     the count shards together cover every record exactly once.
+    whole_batches: the last batch is filled up with padding examples whose
+    image and labels are all zero (no class, not even void), so every batch
+    has batch_size examples: a pass split across replicas needs that, and a
+    padding example adds nothing to a sum of per-example losses.
     """
     _check_common(path, batch_size, height, width, num_classes)
     dataset = tf.data.TFRecordDataset(path)
@@ -82,7 +87,11 @@ def eval_dataset(path, batch_size, height, width, num_classes, shard=None):
         dataset = dataset.shard(count, index)
     dataset = dataset.map(_parser(height, width, num_classes),
                           num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.batch(batch_size, drop_remainder=False)
+    if whole_batches:
+        padding = (tf.zeros([height, width, 3]), tf.zeros([height, width, num_classes]))
+        dataset = dataset.concatenate(
+            tf.data.Dataset.from_tensors(padding).repeat(batch_size - 1))
+    dataset = dataset.batch(batch_size, drop_remainder=whole_batches)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 

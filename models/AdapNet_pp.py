@@ -39,6 +39,8 @@ class AdapNet_pp:
         self.architecture = adapnet_pp()
         self.widths = resolve_widths(model_def, num_classes, self.architecture)
         self.kept_channels = check_masks(model_def, masks or {})
+        # Tests switch dropout off to compare replica counts step for step.
+        self.dropout = True
 
     # ---- graph -------------------------------------------------------------
     def build(self, images, training=False, aux=False, gates=None):
@@ -96,7 +98,7 @@ class AdapNet_pp:
                 scatter = (self.kept_channels[unit.name],
                            architecture.residual_width(self.model_def, unit))
             branch = self._apply(convs["conv3"], tensors, pre_norm, training, scatter=scatter)
-            if training and unit.dropout_keep < 1.0:
+            if training and self.dropout and unit.dropout_keep < 1.0:
                 branch = tf1.nn.dropout(branch, rate=1.0 - unit.dropout_keep)
             if unit.shortcut is Shortcut.NONE:
                 residual_sum = branch + residual_sum

@@ -123,8 +123,10 @@ def assign_values(session, values_by_variable):
         return
     ops, feed = [], {}
     for variable, value in values_by_variable.items():
-        ops.append(variable.initializer)
-        feed[variable.initializer.inputs[1]] = value
+        # A tf.distribute variable holds one copy per replica: set each.
+        for copy in getattr(variable, "values", None) or (variable,):
+            ops.append(copy.initializer)
+            feed[copy.initializer.inputs[1]] = value
     session.run(ops, feed)
 
 

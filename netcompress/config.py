@@ -12,8 +12,9 @@ current working directory of the process, as the original scripts did (not
 against the directory of the config file). ``~`` is expanded.
 
 Defaults: ``gpu_id`` ('' = all devices / CPU), ``mask`` (None),
-``atrous_path`` (auto) and, for training, ``initialize`` (None = train from
-scratch) may be left out. Every
+``atrous_path`` (auto), ``replicas`` (None: one per GPU listed in gpu_id,
+else 1) and, for training, ``initialize`` (None = train from scratch) may be
+left out. Every
 other key of a kind is required.
 """
 
@@ -33,13 +34,16 @@ TRAIN_KEYS = (
     "gpu_id", "model", "num_classes", "intialize", "checkpoint", "train_data",
     "batch_size", "skip_step", "height", "width", "max_iteration",
     "learning_rate", "save_step", "power", "mask", "model_def", "atrous_path",
+    "replicas",
 )
 EVALUATE_KEYS = (
     "gpu_id", "model", "num_classes", "checkpoint", "test_data", "batch_size",
     "skip_step", "height", "width", "mask", "model_def", "atrous_path",
 )
 # val_data: held-out records for --compare (never the test records).
-ORACLE_RANK_KEYS = EVALUATE_KEYS + ("rank_save", "val_data")
+ORACLE_RANK_KEYS = EVALUATE_KEYS + ("rank_save", "val_data", "replicas")
+# Kinds whose step runs on several devices (netcompress/replicas.py).
+REPLICATED_KINDS = ("train", "oracle_rank")
 
 # The key names as users write them, per config kind (original spelling).
 CONFIG_KEYS = {
@@ -192,7 +196,7 @@ KEY_ALIASES = {
 }
 
 OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_path": "auto",
-                     "val_data": None}
+                     "val_data": None, "replicas": None}
 
 # Keys a train config may add, with their defaults (train.py's `optional`).
 # flip: random horizontal flips (the original had no augmentation);
@@ -311,8 +315,39 @@ def load_config(path, kind, overrides=(), optional=None, defaults=None):
         else:
             result[key] = default
 
-    _check_paths(result, kind, {k: s for k, (_, s) in config.items()}, path)
+    sources = {k: s for k, (_, s) in config.items()}
+    _check_paths(result, kind, sources, path)
+    if kind in REPLICATED_KINDS:
+        result["replicas"] = replica_count(result, sources.get("replicas") or
+                                           sources.get("gpu_id") or path)
     return result
+
+
+def listed_gpus(gpu_id):
+    """The GPU ids a normalised gpu_id lists ('' and -1 list none)."""
+    return [] if gpu_id in ("", "-1") else gpu_id.split(",")
+
+
+def replica_count(config, source):
+    """How many replicas a config's step runs: one per GPU of a gpu_id list,
+    else ``replicas`` (CPU devices), else 1; the batch splits evenly."""
+    gpus, wanted = listed_gpus(config["gpu_id"]), config["replicas"]
+    if len(gpus) > 1:
+        if wanted is not None and wanted != len(gpus):
+            raise UserError("%s: replicas: %d but gpu_id %r lists %d GPUs (one replica "
+                            "per GPU): drop replicas or make them agree"
+                            % (source, wanted, config["gpu_id"], len(gpus)))
+        count = len(gpus)
+    else:
+        count = wanted or 1
+        if count > 1 and gpus:
+            raise UserError("%s: replicas: %d but gpu_id %r names one GPU: list one GPU "
+                            "per replica (e.g. '0,1'), or set gpu_id: -1 for replicas on "
+                            "CPU devices" % (source, count, config["gpu_id"]))
+    if config["batch_size"] % count:
+        raise UserError("%s: batch_size %d (the global batch) must be a multiple of the "
+                        "%d replicas" % (source, config["batch_size"], count))
+    return count
 
 
 def _declared_settings(kind, config, path):
@@ -458,6 +493,14 @@ def _check_value(key, value, source, name=None):
         if not all(part.isascii() and part.isdigit() for part in ids):
             fail(expected)
         return ",".join(str(int(part)) for part in ids)
+
+    if key == "replicas":
+        if value is None or (isinstance(value, str)
+                             and value.strip().lower() in NONE_STRINGS):
+            return None
+        if not _is_int(value) or value < 1:
+            fail("a positive integer (replicas on CPU devices) or None")
+        return value
 
     if key == "atrous_path":
         if value not in ATROUS_PATHS:

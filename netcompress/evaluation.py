@@ -10,24 +10,41 @@ from dataset.records import count_records
 from netcompress import checkpoints, op_errors
 from netcompress.metrics import ConfusionMatrix
 from netcompress.models import model_from_config
+from netcompress.replicas import Replicas
 
 tf1 = tf.compat.v1
 
 
 class InferenceGraph:
-    """Model in inference mode over a single pass of ``data_path``."""
+    """Model in inference mode over a single pass of ``data_path``.
 
-    def __init__(self, config, data_path, aux=False, shard=None):
+    ``per_replica(model, images, labels)`` -> {name: tensor}: instead of the
+    plain outputs, the graph computes these on every replica's share of each
+    batch (netcompress/replicas.py; the config's replicas), summed over the
+    replicas into ``results``. A replicated pass pads the last batch with
+    all-zero examples, which must add nothing to those sums."""
+
+    def __init__(self, config, data_path, aux=False, shard=None, per_replica=None):
         self.data_path = data_path
+        self.replicas = Replicas(config if per_replica else {})
+        self.data_initializer = None
         self.graph = tf.Graph()
-        with self.graph.as_default():
+        with self.graph.as_default(), self.replicas.scope():
             self.model = model_from_config(config)
             dataset = eval_dataset(data_path, config["batch_size"], config["height"],
-                                   config["width"], config["num_classes"], shard=shard)
-            self.images, self.labels = tf1.data.make_one_shot_iterator(dataset).get_next()
-            self.outputs = self.model.build(self.images, training=False, aux=aux)
-            self.predictions = tf.argmax(self.outputs.logits, axis=3, output_type=tf.int32)
-            self.label_ids = tf.argmax(self.labels, axis=3, output_type=tf.int32)
+                                   config["width"], config["num_classes"], shard=shard,
+                                   whole_batches=self.replicas.count > 1)
+            if per_replica is None:
+                self.images, self.labels = \
+                    tf1.data.make_one_shot_iterator(dataset).get_next()
+                self.outputs = self.model.build(self.images, training=False, aux=aux)
+                self.predictions = tf.argmax(self.outputs.logits, axis=3,
+                                             output_type=tf.int32)
+                self.label_ids = tf.argmax(self.labels, axis=3, output_type=tf.int32)
+            else:
+                def step(images, labels):
+                    return per_replica(self.model, images, labels)
+                self.data_initializer, self.results = self.replicas.run(dataset, step)
             self.model_variables = checkpoints.model_variables(self.graph)
 
     def run_pass(self, config, fetches, handle, total, desc, progress=True):
@@ -35,8 +52,10 @@ class InferenceGraph:
         of the single pass, with a progress bar of ``total`` images.
         ``handle(fetched)`` returns the batch's image count and a progress
         note (or None)."""
-        with tf1.Session(graph=self.graph) as session:
+        with tf1.Session(graph=self.graph, config=self.replicas.session_config()) as session:
             self.restore(session, config["checkpoint"], config["model_def"])
+            if self.data_initializer is not None:
+                session.run(self.data_initializer)
             bar = tqdm(total=total, desc=desc, unit="img", disable=not progress,
                        dynamic_ncols=True)
             with bar:  # closed (newline written) before any error message

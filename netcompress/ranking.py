@@ -107,7 +107,10 @@ class BatchTaylorSums:
         self._conv_order = list(t_by_conv)
         self._conv_widths = [int(t.shape[1]) for t in t_by_conv.values()]
         self.packed = tf.stack([tf.concat(rows[kind], 0) for kind in SUMS])
-        self.batch_size = tf.shape(labels)[0]
+        # Examples counted: a padding example (all-zero labels, not even
+        # void; dataset/pipeline.py) adds zero to every sum and is not one.
+        self.batch_size = tf.reduce_sum(tf.cast(tf.reduce_any(labels > 0, axis=[1, 2, 3]),
+                                                tf.int32))
         self._slices = self._layer_slices(architecture, model.widths)
 
     def _layer_slices(self, architecture, widths):
@@ -179,16 +182,24 @@ def rank(config, shard=None, progress=True):
     total = records_in_shard(count_records(data_path), shard)
     if total == 0:
         raise UserError(f"shard {shard_label(shard)} of {data_path} holds no examples")
-    inference = InferenceGraph(config, data_path, aux=True, shard=shard)
-    with inference.graph.as_default():
-        batch_sums = BatchTaylorSums(inference.model, inference.outputs, inference.labels)
+    made = []  # one BatchTaylorSums per replica, all alike
+
+    def per_replica(model, images, labels):
+        made.append(BatchTaylorSums(model, model.build(images, training=False, aux=True),
+                                    labels))
+        return {"packed": made[-1].packed, "count": made[-1].batch_size}
+
+    # Several replicas: each ranks its share of a batch; the sums add.
+    inference = InferenceGraph(config, data_path, shard=shard, per_replica=per_replica)
+    batch_sums = made[0]
     sums = RankSums(batch_sums.layers, batch_sums.widths)
 
     def handle(fetched):
         batch_sums.accumulate(sums, fetched)
         return int(fetched[1]), None
 
-    inference.run_pass(config, batch_sums.fetches, handle, total, "rank", progress)
+    fetches = (inference.results["packed"], inference.results["count"])
+    inference.run_pass(config, fetches, handle, total, "rank", progress)
     for name in sums.layers:
         if not np.isfinite(sums.sums["taylor"][name]).all():
             raise UserError(f"the Taylor values of {name} are not finite: the loss of "

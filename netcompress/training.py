@@ -14,6 +14,7 @@ from netcompress.checkpoint_paths import STATE_FILE, checkpoint_prefix, \
     input_checkpoint_files, latest_of_run
 from common.errors import UserError
 from netcompress.models import model_from_config
+from netcompress.replicas import Replicas
 
 tf1 = tf.compat.v1
 
@@ -57,29 +58,37 @@ def _end_learning_rate(config):
 
 
 class TrainGraph:
-    """The training graph: data, model, loss, optimizer, saver, summaries."""
+    """The training graph: data, model, loss, optimizer, saver, summaries;
+    on one device, or replicated (netcompress/replicas.py)."""
 
-    def __init__(self, config, seed=None):
+    def __init__(self, config, seed=None, dropout=True):
+        """``dropout``: False only for tests comparing replica counts step
+        for step."""
         end_learning_rate = _end_learning_rate(config)
+        self.replicas = Replicas(config)
         self.graph = tf.Graph()
-        with self.graph.as_default():
+        with self.graph.as_default(), self.replicas.scope():
             if seed is not None:
                 tf1.set_random_seed(seed)
             self.model = model_from_config(config)
+            self.model.dropout = dropout
             dataset = train_dataset(config["train_data"], config["batch_size"],
                                     config["height"], config["width"], config["num_classes"],
                                     flip=config.get("flip", False), seed=seed)
-            images, labels = tf1.data.make_one_shot_iterator(dataset).get_next()
-            outputs = self.model.build(images, training=True, aux=True)
-            self.data_loss = tf.reduce_mean(self.model.per_example_loss(outputs, labels))
-            self.loss = self.data_loss + self.model.weight_decay()
             self.global_step = tf1.train.get_or_create_global_step()
             self.learning_rate = tf1.train.polynomial_decay(
                 config["learning_rate"], self.global_step, config["max_iteration"],
                 end_learning_rate=end_learning_rate, power=config["power"])
             optimizer = tf1.train.AdamOptimizer(self.learning_rate)
-            with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
-                self.train_op = optimizer.minimize(self.loss, self.global_step)
+            self.data_initializer, step = self.replicas.run(
+                dataset, replica_step(self.model, optimizer, self.global_step,
+                                      config["batch_size"], self.replicas.count),
+                train_ops=("train_op",))
+            self.loss, self.data_loss = step["loss"], step["data_loss"]
+            # Several replicas: the batch-norm updates are merged ops made in
+            # every replica's build; run them all (docs/distribute.md).
+            self.train_op = tf.group(step["train_op"],
+                                     *tf1.get_collection(tf1.GraphKeys.UPDATE_OPS))
             self.model_variables = checkpoints.model_variables(self.graph)
             self.saved_variables = tf1.global_variables()
             # One op telling whether a checkpoint would be worth keeping (a
@@ -96,6 +105,22 @@ class TrainGraph:
             self.summaries = tf1.summary.merge_all()
             self.initializer = tf1.global_variables_initializer()
         self.graph.finalize()
+
+def replica_step(model, optimizer, global_step, global_batch, count):
+    """One replica's training step on its share of the batch. Its loss is its
+    part of the global batch mean plus 1/count of the weight decay, and
+    gradients are summed over replicas: the loss, weight decay and learning
+    rate mean the same at any replica count (for one replica both factors
+    are exactly 1)."""
+    def step(images, labels):
+        outputs = model.build(images, training=True, aux=True)
+        share = tf.cast(tf.shape(images)[0], tf.float32) / global_batch
+        data_loss = tf.reduce_mean(model.per_example_loss(outputs, labels)) * share
+        loss = data_loss + model.weight_decay() * (1.0 / count)
+        with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
+            train_op = optimizer.minimize(loss, global_step)
+        return {"loss": loss, "data_loss": data_loss, "train_op": train_op}
+    return step
 
 
 def _initialise(session, graph, config, directory, prefix, log):
@@ -136,16 +161,19 @@ def _save_if_finite(session, graph, directory, prefix, step):
     graph.saver.save(session, prefix, global_step=step)
 
 
-def train(config, log=print, seed=None, progress=True):
-    """Train per config; returns a dict with the final step and loss history."""
+def train(config, log=print, seed=None, progress=True, dropout=True):
+    """Train per config; returns a dict with the final step and loss history.
+    ``dropout``: False only for tests (TrainGraph)."""
     directory, prefix = checkpoint_prefix(config["checkpoint"])
     check_paths(config, directory)
-    graph = TrainGraph(config, seed=seed)
+    graph = TrainGraph(config, seed=seed, dropout=dropout)
     os.makedirs(directory, exist_ok=True)
     max_iteration, save_step = config["max_iteration"], config["save_step"]
     history, data_history = [], []
-    with tf1.Session(graph=graph.graph) as session:
+    with tf1.Session(graph=graph.graph, config=graph.replicas.session_config()) as session:
         step = _initialise(session, graph, config, directory, prefix, log)
+        if graph.data_initializer is not None:
+            session.run(graph.data_initializer)
         if step >= max_iteration:
             log(f"nothing to do: step {step} >= max_iteration {max_iteration}")
             return {"step": step, "losses": history, "data_losses": data_history,

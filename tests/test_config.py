@@ -99,6 +99,7 @@ def test_train_config_loads_with_normalised_types(workdir):
         "mask": None,
         "model_def": "models/default.json",
         "atrous_path": "auto",
+        "replicas": 1,
     }
     assert isinstance(config["power"], float)
     assert isinstance(config["learning_rate"], float)
