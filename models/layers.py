@@ -56,7 +56,7 @@ def batch_norm(x, training):
     """Batch norm in scope ``BatchNorm``: batch statistics when training (and
     moving-average updates in UPDATE_OPS), moving statistics otherwise."""
     channels = x.shape[-1]
-    with tf1.variable_scope("BatchNorm"):
+    with tf1.variable_scope("BatchNorm", dtype=x.dtype):
         gamma = tf1.get_variable("gamma", [channels], initializer=tf1.ones_initializer())
         beta = tf1.get_variable("beta", [channels], initializer=tf1.zeros_initializer())
         # Several replicas compute the same synchronised statistics: the
