@@ -29,6 +29,18 @@ def time_runs(session, fetches, feed, steps, warmup=2):
     return (time.perf_counter() - start) / steps
 
 
+def random_batch(args):
+    """Random BGR images and one-hot labels of the benchmark's batch."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shape = [args.batch, args.height, args.width]
+    images = rng.uniform(0, 255, shape + [3]).astype(np.float32)
+    labels = np.eye(args.num_classes, dtype=np.float32)[
+        rng.integers(0, args.num_classes, shape)]
+    return images, labels
+
+
 def step_fetch(model, images, labels, mode):
     """What one session run fetches for a ``mode`` ('train': an Adam step
     with aux losses and weight decay; 'inference': the probabilities)."""
@@ -60,7 +72,6 @@ def main():
     graph_mode()
     if args.replicas:
         return replica_scaling(args)
-    import numpy as np
     import tensorflow as tf
 
     from models.AdapNet_pp import AdapNet_pp
@@ -70,11 +81,8 @@ def main():
     tf1 = tf.compat.v1
     model_def = load_model_def(args.model_def)
     masks = load_masks(args.mask)
-    rng = np.random.default_rng(0)
-    shape = [args.batch, args.height, args.width]
-    images = rng.uniform(0, 255, shape + [3]).astype(np.float32)
-    labels = np.eye(args.num_classes, dtype=np.float32)[
-        rng.integers(0, args.num_classes, shape)]
+    images, labels = random_batch(args)
+    shape = list(images.shape[:3])
     results = {}
     for mode in ("train", "inference"):
         graph = tf.Graph()
@@ -97,7 +105,6 @@ def main():
 def replica_scaling(args):
     """Images/s of a replicated training step (netcompress/replicas.py) per
     replica count, all measured in this run."""
-    import numpy as np
     import tensorflow as tf
 
     from models.model_def import load_masks, load_model_def
@@ -105,11 +112,7 @@ def replica_scaling(args):
     from netcompress.training import replica_step
 
     tf1 = tf.compat.v1
-    rng = np.random.default_rng(0)
-    shape = [args.batch, args.height, args.width]
-    images = rng.uniform(0, 255, shape + [3]).astype(np.float32)
-    labels = np.eye(args.num_classes, dtype=np.float32)[
-        rng.integers(0, args.num_classes, shape)]
+    images, labels = random_batch(args)
     rates = {}
     for count in args.replicas:
         if args.batch % count:
