@@ -66,7 +66,12 @@ def train_dataset(path, batch_size, height, width, num_classes, flip=False,
         dataset = dataset.map(_random_horizontal_flip(seed),
                               num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    # Several worker processes (docs/distribute.md) read the one record file
+    # alike and each keeps its share of the elements; one process: no effect.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = \
+        tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(path, batch_size, height, width, num_classes, shard=None,

@@ -3,12 +3,18 @@
 A config's ``gpu_id: '0,1'`` runs one replica per listed GPU, ``replicas: N``
 (with no GPU listed) N replicas on CPU logical devices; ``batch_size`` is the
 global batch, split evenly. One replica is the plain single-device graph: no
-strategy at all.
+strategy at all. Several machines: each worker process is started with its
+``TF_CONFIG`` (cluster and task, as TensorFlow defines it) and runs
+MultiWorkerMirroredStrategy, one replica per worker (or per listed GPU of it);
+the first worker (index 0) is the chief, the only one that writes.
 
 The step function of a replicated graph returns per-replica values: losses
 and rank sums are summed over the replicas (a replica's share of a mean is
 already divided by the global batch), operations grouped.
 """
+
+import json
+import os
 
 import tensorflow as tf
 
@@ -24,13 +30,40 @@ def _visible_gpus():
     return [d.name for d in device_lib.list_local_devices() if d.device_type == "GPU"]
 
 
-class Replicas:
-    """How a config's step runs: ``count`` replicas, on GPUs or CPU devices."""
+def cluster_task():
+    """(cluster, task index) from TF_CONFIG when it names several workers,
+    else None."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        return None
+    try:
+        spec = json.loads(text)
+        workers, task = spec["cluster"]["worker"], spec["task"]
+        index = int(task["index"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError("TF_CONFIG is not {\"cluster\": {\"worker\": [HOST:PORT, ...]}, "
+                        "\"task\": {\"type\": \"worker\", \"index\": I}}") from None
+    if task.get("type") != "worker" or not 0 <= index < len(workers):
+        raise UserError(f"TF_CONFIG task {task!r} is not one of the "
+                        f"{len(workers)} workers")
+    return (spec["cluster"], index) if len(workers) > 1 else None
 
-    def __init__(self, config):
+
+class Replicas:
+    """How a config's step runs: ``count`` replicas, on GPUs or CPU devices,
+    in this process or (TF_CONFIG) over several worker processes."""
+
+    def __init__(self, config, workers=False):
+        """``workers``: run over the worker processes TF_CONFIG names
+        (training only; ranking on several machines is --shard/--merge)."""
         self.count = config.get("replicas") or 1
         self.on_gpus = len(listed_gpus(config.get("gpu_id", ""))) > 1
         self.strategy = None
+        self.target, self.chief, self._config = "", True, None
+        cluster = cluster_task() if workers else None
+        if cluster is not None:
+            self._start_worker(config, *cluster)
+            return
         if self.count == 1:
             return
         if self.on_gpus:
@@ -51,6 +84,22 @@ class Replicas:
         self.strategy = tf1.distribute.MirroredStrategy(devices,
                                                         cross_device_ops=cross_device_ops)
 
+    def _start_worker(self, config, cluster, index):
+        """This process as worker ``index`` of ``cluster``: a server for the
+        others to reach, and the Session on it (docs/distribute.md)."""
+        if config.get("replicas") and config["replicas"] > 1 and not self.on_gpus:
+            raise UserError("with TF_CONFIG each worker runs one replica (or one per GPU "
+                            "listed in gpu_id): drop replicas")
+        self.strategy = tf1.distribute.experimental.MultiWorkerMirroredStrategy()
+        self.count = self.strategy.num_replicas_in_sync
+        if config["batch_size"] % self.count:
+            raise UserError(f"batch_size {config['batch_size']} (the global batch) must be "
+                            f"a multiple of the {self.count} replicas of the cluster")
+        self._config = self.strategy.update_config_proto(tf1.ConfigProto())
+        server = tf.distribute.Server(tf.train.ClusterSpec(cluster), job_name="worker",
+                                      task_index=index, config=self._config, start=True)
+        self.target, self.chief = server.target, index == 0
+
     def scope(self):
         """Variables created under it are mirrored (a no-op for one replica)."""
         if self.strategy is None:
@@ -59,6 +108,8 @@ class Replicas:
 
     def session_config(self):
         """The Session's devices: N CPU devices for CPU replicas."""
+        if self._config is not None:
+            return self._config
         if self.strategy is None or self.on_gpus:
             return None
         return tf1.ConfigProto(device_count={"CPU": self.count}, allow_soft_placement=True)

@@ -65,7 +65,7 @@ class TrainGraph:
         """``dropout``: False only for tests comparing replica counts step
         for step."""
         end_learning_rate = _end_learning_rate(config)
-        self.replicas = Replicas(config)
+        self.replicas = Replicas(config, workers=True)
         self.graph = tf.Graph()
         with self.graph.as_default(), self.replicas.scope():
             if seed is not None:
@@ -152,13 +152,14 @@ def _diverged(what, directory, prefix):
                      f"{last or 'none saved yet'} (lower learning_rate?)")
 
 
-def _save_if_finite(session, graph, directory, prefix, step):
+def _save_if_finite(session, graph, directory, prefix, step, write=True):
     """Save only finite variables (batch-norm statistics included): the
     newest checkpoint is then always a good one, whatever max_to_keep
     rotates away."""
     if not session.run(graph.all_finite):
         raise _diverged(f"variables are not finite after step {step}", directory, prefix)
-    graph.saver.save(session, prefix, global_step=step)
+    if write:
+        graph.saver.save(session, prefix, global_step=step)
 
 
 def train(config, log=print, seed=None, progress=True, dropout=True):
@@ -170,7 +171,9 @@ def train(config, log=print, seed=None, progress=True, dropout=True):
     os.makedirs(directory, exist_ok=True)
     max_iteration, save_step = config["max_iteration"], config["save_step"]
     history, data_history = [], []
-    with tf1.Session(graph=graph.graph, config=graph.replicas.session_config()) as session:
+    replicas = graph.replicas
+    with tf1.Session(replicas.target, graph=graph.graph,
+                     config=replicas.session_config()) as session:
         step = _initialise(session, graph, config, directory, prefix, log)
         if graph.data_initializer is not None:
             session.run(graph.data_initializer)
@@ -178,7 +181,8 @@ def train(config, log=print, seed=None, progress=True, dropout=True):
             log(f"nothing to do: step {step} >= max_iteration {max_iteration}")
             return {"step": step, "losses": history, "data_losses": data_history,
                     "checkpoint": tf1.train.latest_checkpoint(directory)}
-        writer = tf1.summary.FileWriter(directory, graph.graph)
+        # Several workers: only the chief writes (they share the directory).
+        writer = tf1.summary.FileWriter(directory, graph.graph) if replicas.chief else None
         bar = tqdm(total=max_iteration, initial=step, desc="train", unit="step", mininterval=2,
                    disable=not progress, dynamic_ncols=True)
         try:
@@ -198,12 +202,15 @@ def train(config, log=print, seed=None, progress=True, dropout=True):
                     bar.set_postfix(loss=f"{np.mean(history[recent]):.4f}",
                                     data_loss=f"{np.mean(data_history[recent]):.4f}",
                                     lr=f"{learning_rate:.2e}")
-                    writer.add_summary(summary, step)
+                    if writer is not None:
+                        writer.add_summary(summary, step)
                 if step % save_step == 0 or step == max_iteration:
-                    _save_if_finite(session, graph, directory, prefix, step)
+                    _save_if_finite(session, graph, directory, prefix, step,
+                                    write=replicas.chief)
         finally:
             bar.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
     log(f"saved {prefix}-{step}")
     return {"step": step, "losses": history, "data_losses": data_history,
             "checkpoint": f"{prefix}-{step}"}

@@ -1,0 +1,24 @@
+"""One worker process of tests/test_replicas.py's two-worker run: trains
+with the TF_CONFIG of its environment and prints its losses as JSON."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common.runtime import graph_mode  # noqa: E402
+
+
+def main(config_path, *overrides):
+    graph_mode()
+    from netcompress.config import TRAIN_OPTIONAL, load_config
+    from netcompress.training import train
+
+    config = load_config(config_path, "train", overrides, optional=TRAIN_OPTIONAL)
+    result = train(config, log=lambda _: None, progress=False, seed=7, dropout=False)
+    print(json.dumps(result["losses"]))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
