@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   train -> evaluate -> rank -> prune -> retrain -> evaluate on synthetic data
-#   make test   the test suite
+#   make test   the test suite (make test-fast: without the slowest group)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ DEMO_DATA := data/demo
 # A GPU machine gets the CUDA build of TensorFlow; everything else the CPU one.
 REQUIREMENTS := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo requirements-gpu.txt || echo requirements.txt)
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,13 +27,17 @@ demo: data
 	bash demo.sh $(PY)
 
 # TensorFlow turns oneDNN on by default only on some CPUs; the suite runs with
-# it off, then the tests that train, rank or prune (and the atrous-conv paths,
-# where the two settings differ) run again with it on (docs/atrous.md).
-ONEDNN_TESTS := test_atrous test_training test_original_training test_ranking \
-	test_criteria test_pruning test_pipeline test_compress test_replicas
+# it off, then the tests whose results can differ between the settings (marked
+# onednn: atrous kernels, a training step, a rank pass, the replica layer) run
+# again with it on (docs/atrous.md). Two worker processes, one test file each.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 test: setup
-	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q tests
-	TF_ENABLE_ONEDNN_OPTS=1 $(PY) -m pytest -q $(ONEDNN_TESTS:%=tests/%.py)
+	TF_ENABLE_ONEDNN_OPTS=0 $(PYTEST) --durations=15 tests
+	TF_ENABLE_ONEDNN_OPTS=1 $(PYTEST) --durations=15 -m onednn tests
+
+# The edit loop: everything but the slowest group, oneDNN off.
+test-fast: setup
+	TF_ENABLE_ONEDNN_OPTS=0 $(PYTEST) -m "not slow" tests
 
 bench: setup
 	$(PY) bench/train_throughput.py --model_def models/small.json

@@ -24,6 +24,14 @@ from netcompress.config import listed_gpus
 tf1 = tf.compat.v1
 
 
+def _with_process_options(config):
+    """``config`` with the process's tf.config Grappler switch, which a Session
+    made without a config takes by itself (the tests turn Grappler off)."""
+    if tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer"):
+        config.graph_options.rewrite_options.disable_meta_optimizer = True
+    return config
+
+
 def _visible_gpus():
     from tensorflow.python.client import device_lib
 
@@ -95,7 +103,7 @@ class Replicas:
         if config["batch_size"] % self.count:
             raise UserError(f"batch_size {config['batch_size']} (the global batch) must be "
                             f"a multiple of the {self.count} replicas of the cluster")
-        self._config = self.strategy.update_config_proto(tf1.ConfigProto())
+        self._config = self.strategy.update_config_proto(_with_process_options(tf1.ConfigProto()))
         server = tf.distribute.Server(tf.train.ClusterSpec(cluster), job_name="worker",
                                       task_index=index, config=self._config, start=True)
         self.target, self.chief = server.target, index == 0
@@ -112,7 +120,8 @@ class Replicas:
             return self._config
         if self.strategy is None or self.on_gpus:
             return None
-        return tf1.ConfigProto(device_count={"CPU": self.count}, allow_soft_placement=True)
+        return _with_process_options(
+            tf1.ConfigProto(device_count={"CPU": self.count}, allow_soft_placement=True))
 
     def run(self, dataset, step, train_ops=()):
         """``step(images, labels)`` -> {name: tensor or op} on each replica's

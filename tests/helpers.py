@@ -91,3 +91,35 @@ def randomise_variables(session, variables, seed=0):
     values = random_values(variables, np.random.default_rng(seed))
     assign_values(session, {v: values[v.name[:-2]] for v in variables})
     return values
+
+
+def run_script_in_process(script, *arguments, env=None):
+    """``python SCRIPT ARGUMENTS`` (SCRIPT a path from the repository root) in
+    this process, as the script's __main__ runs it: its main(argv) under
+    run_main. For tests of a script's messages and exit status, where a new
+    process (TensorFlow imported again, Grappler on) is not the point.
+    ``env``: variables set for the call only; the environment is restored.
+    Returns (returncode, stdout, stderr, the stderr lines `error: ...`)."""
+    import contextlib
+    import importlib
+    import io
+    import types
+
+    from netcompress.cli import run_main
+
+    module = importlib.import_module(os.path.splitext(str(script))[0].replace(os.sep, "."))
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            result = run_main(lambda: module.main([str(a) for a in arguments]))
+        code = result if isinstance(result, int) else 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    errors = [line for line in stderr.getvalue().splitlines() if line.startswith("error:")]
+    return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(),
+                                 stderr=stderr.getvalue(), errors=errors)

@@ -17,6 +17,8 @@ from models.AdapNet_pp import AdapNet_pp
 from netcompress import checkpoints
 
 tf1 = tf.compat.v1
+# Which kernels exist depends on oneDNN: every test here runs in both passes.
+pytestmark = pytest.mark.onednn
 UNIT_ROUNDOFF = 2.0 ** -24
 RATES = (2, 3, 6, 12)  # every rate AdapNet++ uses
 SIZES = ((9, 13), (14, 26))  # odd and even maps

@@ -21,7 +21,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from helpers import REPO, random_values, scaled_model_def, write_config, write_json
+from helpers import REPO, random_values, run_script_in_process, scaled_model_def, write_config, \
+    write_json
 from dataset import synthetic
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, resolve_widths
@@ -91,9 +92,9 @@ def hash_tree(*paths):
     return digests
 
 
-def run_script(script, *arguments, timeout=180):
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, arguments)],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run_script(script, *arguments):
+    """The script's main in this process: its messages and exit status."""
+    return run_script_in_process(script, *arguments)
 
 
 def assert_one_line_error(result, *patterns):

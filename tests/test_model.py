@@ -263,7 +263,7 @@ def test_checkpoint_with_colon_zero_keys_restores_by_name(tmp_path):
         session.run(tf1.global_variables_initializer())
         variables = checkpoints.model_variables()
         restored, missing = checkpoints.restore_matching(session, path, variables)
-        values = {v.name[:-2]: session.run(v) for v in variables}
+        values = session.run({v.name[:-2]: v for v in variables})
     assert len(restored) == len(stored) - 1
     assert any(m.startswith("resnet_v2_50/conv1/weights (shape [3, 3, 3, 3]") for m in missing)
     for key, value in stored.items():

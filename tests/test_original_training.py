@@ -38,6 +38,7 @@ def bn_training_step(data, static_shape):
             return (output,) + tuple(session.run([moving_mean, moving_variance]))
 
 
+@pytest.mark.onednn
 @pytest.mark.parametrize("shape, static_shape", [
     ((4, 1, 1, 3), True),     # the image-pooling BN at batch 4: n = 4
     ((4, 1, 1, 3), False),    # the same with the batch size known only at run time

@@ -42,6 +42,7 @@ def stage_configs(root, files, stage, model_def, mask, initialize):
     return train_config, test_config, rank_config
 
 
+@pytest.mark.slow
 def test_two_stages_of_train_rank_prune_then_retrain(workspace):
     root, files = workspace
     model_def = write_json(root / "stage0.json", scaled_model_def(16))

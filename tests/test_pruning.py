@@ -240,6 +240,7 @@ EXACTNESS_CASES = {
 }
 
 
+@pytest.mark.onednn
 @pytest.mark.parametrize("layers", EXACTNESS_CASES.values(), ids=EXACTNESS_CASES.keys())
 def test_removal_equals_try_zeros(source, layers):
     check_removal_equals_zeroing(source, layers)

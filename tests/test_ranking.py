@@ -190,6 +190,7 @@ def test_default_layer_widths_follow_the_model_def():
 
 # ---- exactness -------------------------------------------------------------------
 
+@pytest.mark.onednn
 def test_rank_pass_equals_numpy_reference(full_pass, tiny, examples):
     architecture = adapnet_pp()
     abs_sums = {scope: 0.0 for scope in tiny.z}

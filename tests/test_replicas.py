@@ -2,10 +2,8 @@
 N replicas x B/N images step like 1 x B; checkpoints and rank files are the
 same whatever the replica count (docs/distribute.md)."""
 
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -177,51 +175,6 @@ def test_two_replicas_run_resumes_on_one(workspace, one_and_two):
                                rtol=LOSS_TOLERANCE)
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for handle in sockets:
-        handle.bind(("localhost", 0))
-    ports = [handle.getsockname()[1] for handle in sockets]
-    for handle in sockets:
-        handle.close()
-    return ports
-
-
-def test_two_worker_processes_train_like_two_replicas(workspace, one_and_two):
-    """MultiWorkerMirroredStrategy over two processes on loopback (TF_CONFIG
-    each), resuming the same step-1 checkpoint: the step equals the
-    in-process two-replica one; only the chief writes."""
-    root, two = workspace["root"], one_and_two[1]
-    shutil.copytree(root / "init", root / "workers")
-    cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
-    processes = []
-    for index in range(2):
-        task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-        processes.append(subprocess.Popen(
-            [sys.executable, os.path.join(REPO, "tests", "worker_train.py"),
-             workspace["train_config"], f"checkpoint={root / 'workers' / 'model.ckpt'}",
-             "max_iteration=2", "max_to_keep=5"],
-            env=dict(os.environ, TF_CONFIG=json.dumps(task)), cwd=REPO, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    try:
-        outputs = [process.communicate(timeout=900) for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-    for process, (_, errors) in zip(processes, outputs):
-        assert process.returncode == 0, errors[-3000:]
-    losses = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-    print("workers:", losses, "in-process:", two["losses"][:1])
-    assert losses[0] == losses[1]
-    np.testing.assert_allclose(losses[0], two["losses"][:1], rtol=1e-5)
-    gradients = step_gradients(root / "two", 2), step_gradients(root / "workers", 2)
-    difference = relative_l2(*gradients, list(gradients[0]))
-    print("gradient of step 2, workers against in-process:", difference)
-    assert difference < GRADIENT_TOLERANCE
-    assert len([name for name in os.listdir(root / "workers")
-                if name.startswith("events.")]) == 2  # the init run's and the chief's
-
-
 def rank_config(workspace, checkpoint, replicas, batch_size):
     base = dict(workspace["base"], batch_size=batch_size)
     path = write_config(workspace["root"] / f"rank{replicas}.config", dict(
@@ -247,6 +200,7 @@ def test_rank_files_equal_for_one_and_two_replicas(workspace, one_and_two):
     assert RankSums.load(path).count == 10
 
 
+@pytest.mark.onednn
 def test_synchronised_batch_norm_is_batch_norm_of_the_whole_batch():
     """In float64, where rounding cannot hide an error: 2 replicas x 4
     examples through layers.batch_norm give the outputs, input gradients

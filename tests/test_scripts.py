@@ -48,6 +48,8 @@ def workspace(tmp_path_factory):
     return root, model_def, train_config, test_config, rank_config
 
 
+@pytest.mark.onednn
+@pytest.mark.slow
 def test_the_procedure_through_the_scripts_is_quiet(workspace):
     root, model_def, train_config, test_config, rank_config = workspace
     assert "saved" in run("train.py", "-c", train_config)

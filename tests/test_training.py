@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO, scaled_model_def, write_config, write_json
+from helpers import REPO, run_script_in_process, scaled_model_def, write_config, write_json
 from dataset import synthetic
 from dataset.records import encode_example, record_writer
 from netcompress.config import load_config
@@ -36,9 +36,29 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def quick_checkpoint(demo):
+def tiny(tmp_path_factory):
+    """The smallest setting that shows a training behaviour: widths / 16,
+    32x64 images, batch 2 (the learning tests use ``demo``)."""
+    root = tmp_path_factory.mktemp("tiny")
+    files = synthetic.generate(str(root / "data"), num_train=8, num_test=4, height=32,
+                               width=64, seed=3)
+    model_def = write_json(root / "tiny.json", scaled_model_def(16))
+    base = dict(gpu_id="", model="AdapNet_pp", num_classes=synthetic.NUM_CLASSES,
+                batch_size=2, skip_step=10, height=32, width=64, mask=None,
+                model_def=model_def)
+    train_config = write_config(root / "train.config", dict(
+        base, intialize=None, checkpoint=root / "run" / "model.ckpt",
+        train_data=files["train"], max_iteration=600, learning_rate=0.005, save_step=600,
+        power=0.9))
+    test_config = write_config(root / "test.config", dict(
+        base, checkpoint=root / "run", test_data=files["test"]))
+    return root, files, train_config, test_config
+
+
+@pytest.fixture(scope="module")
+def quick_checkpoint(tiny):
     """A 1-step checkpoint, for tests that only need one to exist."""
-    root, _, train_config, _ = demo
+    root, _, train_config, _ = tiny
     result = train(load_config(train_config, "train", [f"checkpoint={root}/quick/model.ckpt",
                                                        "max_iteration=1", "save_step=1"]),
                    progress=False)
@@ -68,6 +88,7 @@ def trained(demo):
     return train(load_config(train_config, "train"), progress=False, seed=0)
 
 
+@pytest.mark.slow
 def test_small_model_learns_the_synthetic_shapes(demo, trained):
     _, _, train_config, test_config = demo
     result = trained
@@ -82,6 +103,7 @@ def test_small_model_learns_the_synthetic_shapes(demo, trained):
     assert matrix.num_images == 48
 
 
+@pytest.mark.slow
 def test_default_criterion_beats_random_on_the_trained_model(demo, trained):
     """Criteria judged as users judge them (get_oracle_rank.py --compare):
     validation mIoU after removing a fraction of every prunable layer."""
@@ -103,20 +125,27 @@ def test_default_criterion_beats_random_on_the_trained_model(demo, trained):
         assert miou[(default, fraction)] <= result["baseline"] + 1.0
 
 
-def test_resume_continues_from_saved_step(demo, tmp_path):
-    _, files, train_config, _ = demo
-    overrides = [f"checkpoint={tmp_path}/model.ckpt", "max_iteration=4", "save_step=2"]
-    first = train(load_config(train_config, "train", overrides), progress=False)
+@pytest.mark.onednn
+def test_resume_continues_from_saved_step_in_a_copied_directory(tiny, tmp_path):
+    """A checkpoint directory that does not exist is made; the state file
+    names checkpoints relatively, so a copy of the folder resumes from
+    itself, step count included."""
+    _, _, train_config, _ = tiny
+    first = train(load_config(train_config, "train", [f"checkpoint={tmp_path}/run",
+                                                      "max_iteration=4", "save_step=2"]),
+                  progress=False)
     assert first["step"] == 4 and len(first["losses"]) == 4
-    assert os.path.exists(f"{tmp_path}/model.ckpt-2.index")
+    assert first["checkpoint"] == f"{tmp_path}/run/model.ckpt-4"
+    assert os.path.isfile(f"{tmp_path}/run/model.ckpt-2.index")
+    assert str(tmp_path) not in open(f"{tmp_path}/run/checkpoint").read()
+    shutil.copytree(f"{tmp_path}/run", f"{tmp_path}/copy")
     messages = []
-    second = train(load_config(train_config, "train", overrides[:1] + ["max_iteration=7",
-                                                                       "save_step=100"]),
+    second = train(load_config(train_config, "train", [f"checkpoint={tmp_path}/copy",
+                                                       "max_iteration=7", "save_step=100"]),
                    log=messages.append, progress=False)
-    assert any("resuming from" in m and "model.ckpt-4" in m and "step 4" in m
-               for m in messages)
+    assert f"resuming from {tmp_path}/copy/model.ckpt-4 at step 4" in messages
     assert second["step"] == 7 and len(second["losses"]) == 3
-    assert second["checkpoint"].endswith("model.ckpt-7")
+    assert second["checkpoint"] == f"{tmp_path}/copy/model.ckpt-7"
 
 
 def checkpoint_tensors(prefix):
@@ -125,11 +154,12 @@ def checkpoint_tensors(prefix):
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
-def test_divergence_never_leaves_a_non_finite_checkpoint(demo, tmp_path):
+@pytest.mark.slow
+def test_divergence_never_leaves_a_non_finite_checkpoint(tiny, tmp_path):
     """An absurd learning rate overflows variables (Adam slots, batch-norm
     statistics, weights) within a few steps; with a save every step and
     max_to_keep 1, every checkpoint left must be finite in every variable."""
-    _, _, train_config, _ = demo
+    _, _, train_config, _ = tiny
     prefix = f"checkpoint={tmp_path}/model.ckpt"
     train(load_config(train_config, "train", [prefix, "max_iteration=2", "save_step=2"]),
           progress=False)
@@ -155,33 +185,16 @@ def test_divergence_never_leaves_a_non_finite_checkpoint(demo, tmp_path):
                 assert np.isfinite(value).all(), (path, name)
 
 
-def test_checkpoint_that_does_not_exist_is_a_directory(demo, tmp_path):
-    _, _, train_config, _ = demo
-    result = train(load_config(train_config, "train", [f"checkpoint={tmp_path}/run",
-                                                       "max_iteration=1", "save_step=1"]),
-                   progress=False)
-    assert result["checkpoint"] == f"{tmp_path}/run/model.ckpt-1"
-    assert os.path.isfile(f"{tmp_path}/run/model.ckpt-1.index")
-    # Relative paths in the state file: a copy of the folder resumes from itself.
-    assert str(tmp_path) not in open(f"{tmp_path}/run/checkpoint").read()
-    shutil.copytree(f"{tmp_path}/run", f"{tmp_path}/copy")
-    messages = []
-    train(load_config(train_config, "train", [f"checkpoint={tmp_path}/copy",
-                                              "max_iteration=2", "save_step=1"]),
-          log=messages.append, progress=False)
-    assert f"resuming from {tmp_path}/copy/model.ckpt-1 at step 1" in messages
-
-
 def directory_digest(directory):
     return {name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
             for name in sorted(os.listdir(directory))}
 
 
-def test_resume_only_a_training_checkpoint_of_this_model(demo, tmp_path):
-    _, _, train_config, _ = demo
+def test_resume_only_a_training_checkpoint_of_this_model(tiny, tmp_path):
+    _, _, train_config, _ = tiny
     one_step = ["max_iteration=1", "save_step=1"]
     # A folder holding another model's training checkpoint.
-    other = write_json(tmp_path / "other.json", scaled_model_def(16))
+    other = write_json(tmp_path / "other.json", scaled_model_def(32))
     train(load_config(train_config, "train", [f"checkpoint={tmp_path}/a", f"model_def={other}",
                                               *one_step]), progress=False)
     before = directory_digest(tmp_path / "a")
@@ -206,7 +219,14 @@ def test_resume_only_a_training_checkpoint_of_this_model(demo, tmp_path):
     assert directory_digest(tmp_path / "pruned") == before
 
 
+def in_process(script, *args):
+    result = run_script_in_process(script, *args)
+    return result.returncode, result.errors, result.stderr
+
+
 def run_script(script, *args, env=None):
+    """A script in a new process: for what only a new process shows (the
+    oneDNN setting is read when TensorFlow is imported)."""
     process = subprocess.run([sys.executable, os.path.join(REPO, script), *args],
                              capture_output=True, text=True, cwd=REPO, timeout=300,
                              env=None if env is None else dict(os.environ, **env))
@@ -214,48 +234,47 @@ def run_script(script, *args, env=None):
     return process.returncode, errors, process.stderr
 
 
-def test_scripts_report_bad_config_in_one_line(demo, tmp_path):
-    _, _, train_config, test_config = demo
-    code, errors, stderr = run_script("train.py", "-c", train_config, "--set", "batchsize=4")
+def test_scripts_report_bad_config_in_one_line(tiny, tmp_path):
+    _, _, train_config, test_config = tiny
+    code, errors, stderr = in_process("train.py", "-c", train_config,
+                                                 "--set", "batchsize=4")
     assert code == 2 and len(errors) == 1, stderr
     assert "batchsize" in errors[0] and "batch_size" in errors[0]
     assert "Traceback" not in stderr
-    code, errors, stderr = run_script("evaluate.py", "-c", test_config, "--height", "40")
+    code, errors, stderr = in_process("evaluate.py", "-c", test_config,
+                                                 "--height", "40")
     assert code == 2 and len(errors) == 1 and "height" in errors[0], stderr
 
 
-def test_evaluate_rejects_mismatched_model_def(demo, quick_checkpoint, tmp_path):
-    _, _, _, test_config = demo
-    other = write_json(tmp_path / "other.json", scaled_model_def(16))
-    code, errors, stderr = run_script("evaluate.py", "-c", test_config, "--checkpoint",
+def test_evaluate_rejects_mismatched_model_def(tiny, quick_checkpoint, tmp_path):
+    _, _, _, test_config = tiny
+    other = write_json(tmp_path / "other.json", scaled_model_def(32))
+    code, errors, stderr = in_process("evaluate.py", "-c", test_config, "--checkpoint",
                                       quick_checkpoint, "--model_def", other)
     assert code == 2 and len(errors) == 1, stderr
     assert "does not match" in errors[0] and "in the checkpoint but" in errors[0]
 
 
-def test_bad_label_in_records_is_a_one_line_error(demo, quick_checkpoint, tmp_path):
-    _, _, _, test_config = demo
+def test_bad_label_in_records_is_a_one_line_error(tiny, quick_checkpoint, tmp_path):
+    _, _, _, test_config = tiny
     record = str(tmp_path / "bad.tfrecords")
-    label = np.ones((64, 128), np.uint8)
+    label = np.ones((32, 64), np.uint8)
     label[5, 5] = 9
     with record_writer(record) as writer:
-        writer.write(encode_example(np.zeros((64, 128, 3), np.uint8), label))
-    code, errors, stderr = run_script("evaluate.py", "-c", test_config, "--test_data", record,
+        writer.write(encode_example(np.zeros((32, 64, 3), np.uint8), label))
+    code, errors, stderr = in_process("evaluate.py", "-c", test_config, "--test_data", record,
                                       "--checkpoint", quick_checkpoint)
     assert code == 2 and len(errors) == 1, stderr
     assert "label id 9 >= num_classes (6)" in errors[0] and record in errors[0]
 
 
-def test_initialize_restores_matching_variables_by_name(demo, tmp_path):
-    _, _, train_config, _ = demo
-    source = train(load_config(train_config, "train", [f"checkpoint={tmp_path}/a/model.ckpt",
-                                                       "max_iteration=1", "save_step=1"]),
-                   progress=False)
+def test_initialize_restores_matching_variables_by_name(tiny, quick_checkpoint, tmp_path):
+    _, _, train_config, _ = tiny
     messages = []
     # Another class count: the class-count layers cannot be restored.
     train(load_config(train_config, "train", [f"checkpoint={tmp_path}/b/model.ckpt",
                                               "max_iteration=1", "save_step=1",
-                                              f"intialize={source['checkpoint']}",
+                                              f"intialize={quick_checkpoint}",
                                               "num_classes=7"]),
           log=messages.append, progress=False)
     import tensorflow as tf
@@ -268,38 +287,47 @@ def test_initialize_restores_matching_variables_by_name(demo, tmp_path):
                for m in messages)
 
 
-def test_truncated_record_file_is_a_one_line_error(demo, quick_checkpoint, tmp_path):
-    _, files, _, test_config = demo
+def test_truncated_record_file_is_a_one_line_error(tiny, quick_checkpoint, tmp_path):
+    _, files, _, test_config = tiny
     record = str(tmp_path / "truncated.tfrecords")
     with open(files["test"], "rb") as source, open(record, "wb") as target:
-        target.write(source.read()[:50000])  # cut inside the third example
-    code, errors, stderr = run_script("evaluate.py", "-c", test_config, "--test_data", record,
+        data = source.read()
+        target.write(data[:len(data) // 2 + 100])  # cut inside the third of 4
+    code, errors, stderr = in_process("evaluate.py", "-c", test_config, "--test_data", record,
                                       "--checkpoint", quick_checkpoint)
     assert code == 2 and len(errors) == 1, stderr
     assert record in errors[0] and "Traceback" not in stderr
 
 
-def test_failed_op_is_reported_as_the_op_not_as_bad_data(demo, tmp_path):
+def train_with_onednn_off(*args):
+    """train.py with oneDNN off and no GPU: in this process where that is
+    already so (make test's first pass), else in a new one."""
+    import tensorflow as tf
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0" and \
+            not tf.config.list_physical_devices("GPU"):
+        return in_process("train.py", *args)
+    return run_script("train.py", *args, env={"TF_ENABLE_ONEDNN_OPTS": "0"})
+
+
+def test_failed_op_is_reported_as_the_op_not_as_bad_data(tiny, tmp_path):
     """The issue's AMD failure, forced on any machine: native dilated convs
     with oneDNN off have no gradient kernel on the CPU (GPUs hidden)."""
-    _, _, train_config, _ = demo
-    code, errors, stderr = run_script(
-        "train.py", "-c", train_config, "--atrous_path", "native", "--gpu_id", "-1",
-        "--checkpoint", str(tmp_path / "native" / "model.ckpt"), "--max_iteration", "1",
-        env={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    _, _, train_config, _ = tiny
+    code, errors, stderr = train_with_onednn_off(
+        "-c", train_config, "--atrous_path", "native", "--gpu_id", "-1",
+        "--checkpoint", str(tmp_path / "native" / "model.ckpt"), "--max_iteration", "1")
     assert code == 1 and len(errors) == 1, stderr
     assert "Traceback" not in stderr and "bad data" not in errors[0]
     assert "Conv2DBackprop" in errors[0] and "dilation rates larger than 1" in errors[0]
     # The default path trains in the same setting.
-    code, errors, stderr = run_script(
-        "train.py", "-c", train_config, "--gpu_id", "-1", "--max_iteration", "1",
-        "--checkpoint", str(tmp_path / "auto" / "model.ckpt"),
-        env={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    code, errors, stderr = train_with_onednn_off(
+        "-c", train_config, "--gpu_id", "-1", "--max_iteration", "1",
+        "--checkpoint", str(tmp_path / "auto" / "model.ckpt"))
     assert code == 0 and not errors, stderr
 
 
-def test_checkpoint_over_an_input_is_refused_before_training(demo, tmp_path):
-    _, files, train_config, _ = demo
+def test_checkpoint_over_an_input_is_refused_before_training(tiny, tmp_path):
+    _, files, train_config, _ = tiny
     before = directory_digest(os.path.dirname(files["train"]))
     with pytest.raises(UserError, match=r"is a file, not a directory"):
         train(load_config(train_config, "train", [f"checkpoint={files['train']}"]),

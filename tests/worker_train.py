@@ -11,7 +11,10 @@ from common.runtime import graph_mode  # noqa: E402
 
 
 def main(config_path, *overrides):
+    # As the suite's own process (tests/conftest.py): Grappler off.
     graph_mode()
+    import tensorflow as tf
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     from netcompress.config import TRAIN_OPTIONAL, load_config
     from netcompress.training import train
 

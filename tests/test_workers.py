@@ -1,0 +1,70 @@
+"""Training on two worker processes (MultiWorkerMirroredStrategy, TF_CONFIG
+each, on loopback) steps like one replica of the whole batch. Its own module,
+so that the suite's second worker process runs it beside test_replicas.py."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import test_replicas
+from helpers import REPO
+from test_replicas import GRADIENT_TOLERANCE, relative_l2, step_gradients, train_run
+
+# test_replicas.py's module fixture (records, configs, the step-1 checkpoint),
+# built again for this module.
+workspace = test_replicas.workspace
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for handle in sockets:
+        handle.bind(("localhost", 0))
+    ports = [handle.getsockname()[1] for handle in sockets]
+    for handle in sockets:
+        handle.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_two_worker_processes_train_like_one_replica_of_the_whole_batch(workspace):
+    """Both resume the same step-1 checkpoint and take one step: two worker
+    processes of 4 images each, and one replica of 8 in this process. The
+    first loss is the same (synchronised batch norm is batch norm), the
+    step's gradient within the tolerance of two in-process replicas against
+    one (test_replicas.py); only the chief writes."""
+    root = workspace["root"]
+    shutil.copytree(root / "init", root / "single")
+    one = train_run(workspace, "single", 1, 2)
+    shutil.copytree(root / "init", root / "workers")
+    cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
+    processes = []
+    for index in range(2):
+        task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        processes.append(subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "tests", "worker_train.py"),
+             workspace["train_config"], f"checkpoint={root / 'workers' / 'model.ckpt'}",
+             "max_iteration=2", "max_to_keep=5"],
+            env=dict(os.environ, TF_CONFIG=json.dumps(task)), cwd=REPO, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        outputs = [process.communicate(timeout=900) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (_, errors) in zip(processes, outputs):
+        assert process.returncode == 0, errors[-3000:]
+    losses = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    print("workers:", losses, "one replica:", one["losses"])
+    assert losses[0] == losses[1]
+    assert abs(losses[0][0] - one["losses"][0]) <= 1e-5 * one["losses"][0]
+    gradients = step_gradients(root / "single", 2), step_gradients(root / "workers", 2)
+    difference = relative_l2(*gradients, list(gradients[0]))
+    print("gradient of step 2, workers against one replica:", difference)
+    assert difference < GRADIENT_TOLERANCE
+    assert len([name for name in os.listdir(root / "workers")
+                if name.startswith("events.")]) == 2  # the init run's and the chief's
