@@ -43,7 +43,7 @@ KIND = "compress"
 RUN_KEYS = ("model", "num_classes", "model_def", "mask", "checkpoint", "train_data",
             "val_data", "test_data", "batch_size", "height", "width", "retrain_iterations",
             "learning_rate", "power", "flip", "seed", "criterion", "normalisation",
-            "stage_rule", "target", "tolerance", "reference_iterations", "step_percent",
+            "stage_rule", "target", "tolerance", "reference", "step_percent",
             "min_step_percent", "search", "budget", "search_steps", "miou_floor",
             "min_channels", "round_to")
 PATH_KEYS = ("model_def", "mask", "checkpoint", "train_data", "val_data", "test_data")
@@ -54,8 +54,8 @@ PLOT_FILE = "compression.png"
 STOP_FILE = "stopped.json"
 CSV_COLUMNS = ("stage", "parameters", "parameter_reduction_pct", "gmacs",
                "macs_reduction_pct", "latency_ms", "test_miou", "miou_change",
-               "val_miou_start", "val_miou_pruned", "val_miou_retrained", "tries",
-               "step_pct", "removed_channels", "candidates", "candidates_per_s",
+               "val_miou_start", "val_miou_pruned", "val_miou_retrained", "reference",
+               "tries", "step_pct", "removed_channels", "candidates", "candidates_per_s",
                "allocation", "thresholds")
 AFTER_RETRAINING = "after_retraining"
 
@@ -99,10 +99,6 @@ def check_inputs(config):
     if not 0 < config["min_step_percent"] <= config["step_percent"]:
         raise UserError(f"'min_step_percent' must be above 0 and at most step_percent "
                         f"({config['step_percent']}), got {config['min_step_percent']}")
-    if config["reference_iterations"] != int(config["reference_iterations"]):
-        raise UserError(f"'reference_iterations' must be a whole number, got "
-                        f"{config['reference_iterations']}")
-    config["reference_iterations"] = int(config["reference_iterations"])
     for key in ("model_def", "train_data", "val_data", "test_data", "mask"):
         if config[key] is not None and not os.path.isfile(config[key]):
             raise UserError(f"{key!r} file {config[key]!r} does not exist (relative paths "
@@ -371,26 +367,16 @@ def _given_model(config):
 
 
 def _stage_zero(config, rows, directory, log, progress):
-    """The given model: its validation mIoU, the reference (that of the
-    given model retrained reference_iterations steps, when set), its test mIoU."""
+    """The given model: its validation mIoU (stage 0's reference) and test mIoU."""
     make_directory(directory)
     model = _given_model(config)
     val = _validate(config, model, directory, log, progress, what="of the given model")
-    reference = val
-    if config["reference_iterations"] and config["stage_rule"] == AFTER_RETRAINING:
-        reference_dir = os.path.join(directory, "reference")
-        make_directory(reference_dir)
-        retrained = _retrain(config, model, reference_dir, 0, log, progress,
-                             iterations=config["reference_iterations"], step="reference")
-        reference = _validate(config, dict(model, checkpoint=retrained), reference_dir, log,
-                              progress)
-    log(f"reference: validation mIoU {reference:.2f}")
     miou = _evaluate_test(config, model, directory, log, progress)
     parameters, macs = _costs(config, config["model_def"], config["mask"])
     return {"stage": 0, "model_def": None, "mask": None, "checkpoint": None,
             "parameters": parameters, "macs": macs, "test_miou": miou,
-            "resource_percent": 100.0, "val_miou_given": val, "reference": reference,
-            "val_miou_start": None, "val_miou_pruned": None, "val_miou_retrained": reference,
+            "resource_percent": 100.0, "reference": val, "reference_checkpoint": None,
+            "val_miou_start": None, "val_miou_pruned": None, "val_miou_retrained": val,
             "tries": 0, "step_pct": None, "allocation": None, "failed_tries": [],
             "thresholds": {}, "removed_channels": 0, "candidates": 0,
             "candidates_per_s": None}, None
@@ -430,10 +416,29 @@ def _stage_budget(config, rows, directory, log, progress):
                                                   progress),
             "val_miou_start": found.start_miou, "val_miou_pruned": found.miou,
             "val_miou_retrained": val, "tries": 1, "step_pct": None,
+            "reference": rows[0]["reference"], "reference_checkpoint": None,
             "allocation": "thresholds", "failed_tries": [],
             "thresholds": found.thresholds, "removed_channels": found.removed_count,
             "candidates": found.evaluations,
             "candidates_per_s": round(found.per_second, 2)}, None
+
+
+def _reference(config, rows, directory, stage, log, progress):
+    """(reference validation mIoU, its checkpoint relative to run_dir or
+    None). ``retrained``: the previous stage's reference model (stage 0: the
+    given model) retrained as each try is, so that stage N is judged against
+    the given model after as many retraining steps, on the same schedule."""
+    if config["reference"] != "retrained":
+        return rows[0]["reference"], None
+    model = _given_model(config)
+    if rows[-1].get("reference_checkpoint"):
+        model["checkpoint"] = os.path.join(config["run_dir"], rows[-1]["reference_checkpoint"])
+    reference_dir = os.path.join(directory, "reference")
+    make_directory(reference_dir)
+    checkpoint = _retrain(config, model, reference_dir, stage, log, progress, step="reference")
+    miou = _validate(config, dict(model, checkpoint=checkpoint), reference_dir, log, progress,
+                     what="of the reference (the given model, retrained as long)")
+    return miou, _relative(config, checkpoint)
 
 
 class _GatedCandidates:
@@ -504,7 +509,8 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     orders = orderings(raw, normalised, costs, config["min_channels"])
     given = rows[0][sized]
     current_sized = 100.0 * rows[-1][sized] / given
-    reference = rows[0]["reference"]
+    reference, reference_checkpoint = _reference(config, rows, directory, stage, log,
+                                                 progress)
     floor = reference - config["tolerance"]
     candidates = _GatedCandidates(config, model)
     records = []
@@ -570,6 +576,7 @@ def _stage_after_retraining(config, rows, directory, log, progress):
             "val_miou_start": chosen["val_miou_start"],
             "val_miou_pruned": chosen["allocations"][chosen["allocation"]],
             "val_miou_retrained": chosen["val_miou_retrained"], "tries": len(tries),
+            "reference": reference, "reference_checkpoint": reference_checkpoint,
             "step_pct": accepted.step, "allocation": chosen["allocation"],
             "failed_tries": [{"step_pct": r["step_pct"], "resource_pct": r.get("resource_pct"),
                               "val_miou_retrained": r.get("val_miou_retrained")}
@@ -817,6 +824,7 @@ def csv_rows(rows, latencies):
             "val_miou_start": _rounded(row["val_miou_start"]),
             "val_miou_pruned": _rounded(row["val_miou_pruned"]),
             "val_miou_retrained": _rounded(row.get("val_miou_retrained")),
+            "reference": _rounded(row.get("reference")),
             "tries": row.get("tries", 1 if row["stage"] else 0),
             "step_pct": _rounded(row.get("step_pct")),
             "removed_channels": row["removed_channels"], "candidates": row["candidates"],
@@ -842,21 +850,22 @@ def write_csv(rows, latencies, path):
 
 
 def table(rows, latencies):
-    """The summary table, one line per stage; stage 0's "val retrained" is
-    the reference."""
+    """The summary table, one line per stage (validation mIoU: the stage's
+    model -> pruned, gated; after retraining; the reference it was judged by)."""
     lines = [f"{'stage':>5} {'parameters':>11} {'params %':>9} {'GMACs':>8} {'MACs %':>7} "
-             f"{'latency ms':>10} {'val pruned':>13} {'val retrained':>13} {'tries':>5} "
-             f"{'test mIoU':>9} {'change':>7}  how"]
+             f"{'latency ms':>10} {'val pruned':>13} {'val retrained':>13} {'reference':>9} "
+             f"{'tries':>5} {'test mIoU':>9} {'change':>7}  how"]
     for row, full in zip(csv_rows(rows, latencies), rows):
         latency = "-" if row["latency_ms"] == "" else f"{row['latency_ms']:.2f}"
         val = "-" if row["val_miou_start"] == "" else \
             f"{row['val_miou_start']:.2f}->{row['val_miou_pruned']:.2f}"
-        retrained = "-" if row["val_miou_retrained"] == "" else \
-            f"{row['val_miou_retrained']:.2f}"
+        retrained, reference = ("-" if row[key] == "" else f"{row[key]:.2f}"
+                                for key in ("val_miou_retrained", "reference"))
         lines.append(f"{row['stage']:>5} {row['parameters']:>11} "
                      f"{0.0 - row['parameter_reduction_pct']:>+9.1f} {row['gmacs']:>8.4f} "
                      f"{0.0 - row['macs_reduction_pct']:>+7.1f} {latency:>10} {val:>13} "
-                     f"{retrained:>13} {row['tries']:>5} {row['test_miou']:>9.2f} "
+                     f"{retrained:>13} {reference:>9} {row['tries']:>5} "
+                     f"{row['test_miou']:>9.2f} "
                      f"{row['miou_change']:>+7.2f}  {_how(full, row)}")
     return lines
 
@@ -865,7 +874,7 @@ def _how(full, row):
     """What a stage removed: thresholds, or its step and allocation (and
     the steps of the tries redone)."""
     if full["stage"] == 0:
-        return "reference (validation)" if full.get("reference") is not None else "-"
+        return "the given model"
     if row["thresholds"]:
         return row["thresholds"]
     failed = full.get("failed_tries") or []
@@ -967,12 +976,14 @@ def _plot_curve(axes, config, rows):
         axes.plot([t["resource_pct"] for t in failed],
                   [t["val_miou_retrained"] for t in failed], "x", color="black",
                   label="tries redone")
-    reference = rows[0].get("reference")
-    if reference is not None:
-        axes.axhline(reference, color="black", linewidth=0.8, label="reference")
+    references = [(x, row["reference"]) for x, row in zip(resource, rows)
+                  if row.get("reference") is not None]
+    if references:
+        xs, ys = zip(*references)
+        axes.plot(xs, ys, "-", color="black", linewidth=0.8, label="reference")
         if config.get("stage_rule") == AFTER_RETRAINING:
-            axes.axhline(reference - config["tolerance"], color="black", linewidth=0.8,
-                         linestyle="--", label="tolerance")
+            axes.plot(xs, [y - config["tolerance"] for y in ys], "--", color="black",
+                      linewidth=0.8, label="reference - tolerance")
     axes.set_xlim(105, min(resource + [config.get("target_percent", 100)]) - 5)
     axes.set_xlabel(f"{config.get('target', 'parameters')} (% of the given model)")
     axes.set_ylabel("mIoU")

@@ -175,9 +175,11 @@ COMPRESS_SETTINGS = (
             "stop once the target resource is at this percentage of the given model"),
     Setting("tolerance", "threshold", 1.0,
             "after_retraining: validation mIoU points a stage may end below the reference"),
-    Setting("reference_iterations", "threshold", 0,
-            "after_retraining: the reference is the given model's validation mIoU after "
-            "this many retraining steps (0 = as given)"),
+    Setting("reference", "choice", "given",
+            "after_retraining: given (the given model's validation mIoU) or retrained "
+            "(the given model retrained alongside, as many steps as each stage's model "
+            "has had: fairer to a model that was not converged)",
+            choices=("given", "retrained")),
     Setting("step_percent", "threshold", 20.0,
             "after_retraining: percentage points of the given model's resource the first "
             "stage removes; a later stage starts from the last step kept"),
