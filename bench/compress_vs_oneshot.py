@@ -87,6 +87,19 @@ def _saved(out, name):
     return None
 
 
+def _tries(run_dir, rows):
+    """Every retraining compress.py ran: the tries of its kept stages and of
+    a stage that failed (its stageN/tries.json; the reference's retraining
+    is a control, not counted)."""
+    count = sum(row["tries"] for row in rows[1:])
+    failed = os.path.join(run_dir, f"stage{len(rows)}", "tries.json")
+    if os.path.isfile(failed):
+        with open(failed, encoding="utf-8") as handle:
+            count += sum(1 for entry in json.load(handle)["tries"]
+                         if entry.get("val_miou_retrained") is not None)
+    return count
+
+
 def _retrained(config, model, directory, steps):
     from netcompress import compress as staged
     from netcompress.training import train
@@ -106,12 +119,13 @@ def _work(config, args, out):
     make_directory(out)
     print(f"== compress.py into {config['run_dir']}")
     rows = staged.run(config, progress=False)
-    steps = sum(row["tries"] for row in rows[1:]) * config["retrain_iterations"]
+    tries = _tries(config["run_dir"], rows)
+    steps = tries * config["retrain_iterations"]
     compressed = rows[-1]
     results = [{"name": "compress", "steps": steps, "parameters": compressed["parameters"],
                 "macs": compressed["macs"], "val_miou": compressed["val_miou_retrained"],
                 "test_miou": compressed["test_miou"],
-                "note": f"{len(rows) - 1} stages, {sum(r['tries'] for r in rows[1:])} tries"}]
+                "note": f"{len(rows) - 1} stages kept, {tries} tries in all"}]
     given = staged._given_model(config)
     print(f"== {steps} retraining steps for every other arm")
     control = _saved(out, "control")
