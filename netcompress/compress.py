@@ -289,9 +289,8 @@ def _announce(config, stage, durations, log):
     note = ""
     if durations:
         per_stage = statistics.mean(durations)
-        note = (f"; about {_duration(per_stage)} per try, at most "
-                f"{_duration(per_stage * (config['stages'] - stage + 1))} left without "
-                f"redos")
+        note = (f"; about {_duration(per_stage)} per stage, at most "
+                f"{_duration(per_stage * (config['stages'] - stage + 1))} left")
     log(f"== stage {stage} of at most {config['stages']}{note}")
 
 
