@@ -430,8 +430,25 @@ def test_rerun_with_other_settings_is_refused(runs, workspace):
             staged.check(config)
 
 
+def test_latency_target_is_measured_against_the_given_model(workspace):
+    """A latency target's percentage: the model against the given one, timed
+    in one process (here the given model against itself)."""
+    config = load_config(workspace["config"], "compress", ["target=latency"])
+    logged = []
+    percent = staged._resource_percent(config, [{"parameters": 1, "macs": 1}],
+                                       staged._given_model(config), 1, 1, logged.append,
+                                       False)
+    assert 25 < percent < 400 and logged[0].startswith("latency ")
+
+
 def test_bad_inputs_are_one_line_errors(workspace, tmp_path):
     files = workspace["files"]
+    for change, message in (("target_percent=100", "target_percent"),
+                            ("min_step_percent=40", "min_step_percent")):
+        config = load_config(workspace["config"], "compress",
+                             [change, f"run_dir={tmp_path / 'r'}"])
+        with pytest.raises(UserError, match=message):
+            staged.check(config)
     config = load_config(workspace["config"], "compress",
                          [f"val_data={files['test']}", f"run_dir={tmp_path / 'r'}"])
     with pytest.raises(UserError, match="test data"):
