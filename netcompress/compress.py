@@ -524,6 +524,10 @@ def _stage_after_retraining(config, rows, directory, log, progress):
                                           width, sized, config["min_channels"],
                                           config["round_to"])
                    for name, order in orders.items()}
+        if all(after > aim for _, after in options.values()):
+            reachable = 100.0 * min(after for _, after in options.values()) / given
+            log(f"the goal is out of reach: removing every removable channel leaves "
+                f"{reachable:.1f} % (min_channels per layer); trying that")
         start = candidates.miou({})
         mious = {name: candidates.miou(removed) for name, (removed, _) in options.items()}
         chosen = max(mious, key=lambda name: mious[name])  # ties: the first
