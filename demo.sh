@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One pass of the whole procedure on the synthetic demo data (make demo):
 # train -> evaluate -> rank -> try a threshold with zeros -> prune -> retrain -> evaluate,
-# then two stages of compress.py (threshold search, prune, retrain, evaluate).
+# then two stages of compress.py (a step toward the target, prune, retrain, judged on validation).
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 RUN=runs/demo
@@ -34,8 +34,8 @@ $PY train.py -c config/train.config --intialize $RUN/pruned/model.ckpt \
     --checkpoint $RUN/retrain/model.ckpt --max_iteration 600 --learning_rate 0.001 $PRUNED
 echo "== 7. evaluate the retrained pruned model"
 $PY evaluate.py -c config/test.config --checkpoint $RUN/retrain $PRUNED | tee $RUN/eval_after.txt
-echo "== 8. the same in one command: two stages of search -> prune -> retrain -> evaluate"
-$PY compress.py -c config/compress.config --stages 2 --retrain_iterations 200 --search_steps 4
+echo "== 8. the same in one command: two stages of step -> prune -> retrain -> validate -> evaluate"
+$PY compress.py -c config/compress.config --stages 2 --retrain_iterations 200
 
 params() { $PY -c "import sys; from models.model_def import load_model_def; from netcompress.costs import total_parameters; print(total_parameters(load_model_def(sys.argv[1]), 6))" "$1"; }
 echo

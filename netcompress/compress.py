@@ -1,13 +1,22 @@
 """compress.py's job (docs/compress.md): staged compression in one command.
 
-Stage 0 is the model given. Each stage then: rank it on the training
-records -> search thresholds on the validation records (netcompress/search.py,
-channel gates fed to one inference graph) -> prune (netcompress/pruning.py's
-execute, so files are written as prun_model.py writes them) -> retrain ->
-evaluate on the test records, which nothing else reads. Every stage's files
-live in run_dir/stageN/, its row (stageN/row.json) is written last, and a
-rerun continues after the last stage with a row. Latency is measured at the
-end of every run, for all stages in one process.
+Stage 0 is the model given (its validation mIoU, or that of the given model
+retrained, is the reference). Each stage then ranks the current model on the
+training records and, by ``stage_rule``:
+
+- after_retraining (default): removes a step of the target resource, the
+  allocation across layers chosen by gated passes over the validation
+  records (netcompress/schedule.py) -> prune -> retrain -> validate; a try
+  that ends below reference - tolerance is redone with half the step
+  (stageN/tryK/ holds each try);
+- budget_before_retraining: threshold search within ``budget`` before
+  retraining (netcompress/search.py) -> prune -> retrain -> validate.
+
+Only then is the stage's model evaluated on the test records, which nothing
+else reads. Every stage's files live in run_dir/stageN/, its row
+(stageN/row.json) is written last, and a rerun continues after the last
+stage with a row. Latency is measured at the end of every run, for all
+stages in one process.
 
 Its settings are the config kind 'compress' (COMPRESS_SETTINGS in
 netcompress/config.py). No TensorFlow at import.
@@ -34,19 +43,24 @@ KIND = "compress"
 RUN_KEYS = ("model", "num_classes", "model_def", "mask", "checkpoint", "train_data",
             "val_data", "test_data", "batch_size", "height", "width", "retrain_iterations",
             "learning_rate", "power", "flip", "seed", "criterion", "normalisation",
-            "search", "budget", "search_steps", "miou_floor", "min_channels", "round_to")
+            "stage_rule", "target", "tolerance", "reference", "step_percent",
+            "min_step_percent", "search", "budget", "search_steps", "miou_floor",
+            "min_channels", "round_to")
 PATH_KEYS = ("model_def", "mask", "checkpoint", "train_data", "val_data", "test_data")
 RUN_FILE = "run.json"
 ROW_FILE = "row.json"
 CSV_FILE = "stages.csv"
 PLOT_FILE = "compression.png"
+STOP_FILE = "stopped.json"
 CSV_COLUMNS = ("stage", "parameters", "parameter_reduction_pct", "gmacs",
                "macs_reduction_pct", "latency_ms", "test_miou", "miou_change",
-               "val_miou_start", "val_miou_pruned", "removed_channels", "candidates",
-               "candidates_per_s", "thresholds")
+               "val_miou_start", "val_miou_pruned", "val_miou_retrained", "reference",
+               "tries", "step_pct", "removed_channels", "candidates", "candidates_per_s",
+               "allocation", "thresholds")
+AFTER_RETRAINING = "after_retraining"
 
-# Which step runs now (rank, search, prune, retrain, evaluate, latency): the
-# tests check which records each step reads.
+# Which step runs now (reference, rank, search, prune, retrain, validate,
+# evaluate, latency): the tests check which records each step reads.
 current_step = None
 
 
@@ -79,9 +93,12 @@ def check_inputs(config):
     for key in ("learning_rate", "power"):
         if not config[key] > 0:
             raise UserError(f"{key!r} must be a positive number, got {config[key]}")
-    for key in ("target_parameter_reduction", "target_macs_reduction"):
-        if config[key] >= 100:
-            raise UserError(f"{key!r} is a percentage below 100, got {config[key]}")
+    if not 0 < config["target_percent"] < 100:
+        raise UserError(f"'target_percent' is the percentage of the given model to reach, "
+                        f"above 0 and below 100; got {config['target_percent']}")
+    if not 0 < config["min_step_percent"] <= config["step_percent"]:
+        raise UserError(f"'min_step_percent' must be above 0 and at most step_percent "
+                        f"({config['step_percent']}), got {config['min_step_percent']}")
     for key in ("model_def", "train_data", "val_data", "test_data", "mask"):
         if config[key] is not None and not os.path.isfile(config[key]):
             raise UserError(f"{key!r} file {config[key]!r} does not exist (relative paths "
@@ -178,14 +195,17 @@ def stop_reason(config, rows):
     if stage >= config["stages"]:
         return f"{config['stages']} stage(s) done"
     if stage > 0:
-        last = rows[-1]
-        target = config["target_parameter_reduction"]
-        if target > 0 and parameter_reduction(rows, last) >= target:
-            return f"parameters down by {parameter_reduction(rows, last):.1f} % " \
-                   f"(target {target:g} %)"
-        target = config["target_macs_reduction"]
-        if target > 0 and macs_reduction(rows, last) >= target:
-            return f"MACs down by {macs_reduction(rows, last):.1f} % (target {target:g} %)"
+        from netcompress.schedule import target_reached
+
+        percent = rows[-1]["resource_percent"]
+        if target_reached(percent, config["target_percent"]):
+            return (f"{config['target']} at {percent:.1f} % of the given model (target "
+                    f"{config['target_percent']:g} %)")
+    stopped = os.path.join(config["run_dir"], STOP_FILE)
+    if os.path.isfile(stopped):
+        record = _read_json(stopped)
+        if record.get("stage") == stage + 1:
+            return record["reason"]
     return None
 
 
@@ -236,10 +256,15 @@ def run(config, args=None, rows=None, log=print, progress=True):
             shutil.rmtree(directory)
         _announce(config, stage, durations, log)
         started = time.perf_counter()
-        row, reason = (_stage_zero if stage == 0 else _stage)(config, rows, directory, log,
-                                                               progress)
-        if row is None:  # nothing to remove: the stage leaves no trace
-            shutil.rmtree(directory, ignore_errors=True)
+        if stage == 0:
+            work = _stage_zero
+        elif config["stage_rule"] == AFTER_RETRAINING:
+            work = _stage_after_retraining
+        else:
+            work = _stage_budget
+        row, reason = work(config, rows, directory, log, progress)
+        if row is None:  # the stage failed: its tries stay, the run stops here
+            _write_json(os.path.join(run_dir, STOP_FILE), {"stage": stage, "reason": reason})
             break
         row["seconds"] = round(time.perf_counter() - started, 1)
         _write_json(os.path.join(directory, ROW_FILE), row)  # last: the stage is done
@@ -293,6 +318,21 @@ def _evaluate_test(config, model, directory, log, progress):
     return miou
 
 
+def _validate(config, model, directory, log, progress, what="after retraining"):
+    """Validation mIoU of a model (one plain pass over val_data); the report
+    goes to directory/val.txt."""
+    from netcompress.evaluation import evaluate
+
+    _set_step("validate")
+    lines = []
+    matrix = evaluate(dict(model, test_data=config["val_data"]), log=lines.append,
+                      progress=progress)
+    _write_lines(os.path.join(directory, "val.txt"), lines)
+    miou = 100.0 * float(np.nan_to_num(matrix.mean_iou()))
+    log(f"validation mIoU {what}: {miou:.2f}")
+    return miou
+
+
 def _costs(config, model_def_path, mask_path):
     from models.model_def import load_masks, load_model_def
     from netcompress.costs import inference_macs, total_parameters
@@ -304,22 +344,50 @@ def _costs(config, model_def_path, mask_path):
                            config["width"], masks))
 
 
-def _stage_zero(config, rows, directory, log, progress):
+def _resource_percent(config, rows, model, parameters, macs, log, progress):
+    """The target resource of ``model`` as a percentage of the given model's;
+    latency is measured against stage 0 in this process."""
+    if config["target"] == "parameters":
+        return 100.0 * parameters / rows[0]["parameters"]
+    if config["target"] == "macs":
+        return 100.0 * macs / rows[0]["macs"]
+    latencies = latency_of(config, {"given": _given_model(config), "new": model}, progress)
+    percent = 100.0 * latencies["new"] / latencies["given"]
+    log(f"latency {latencies['new']:.2f} ms, {percent:.1f} % of the given model's "
+        f"{latencies['given']:.2f} ms")
+    return percent
+
+
+def _given_model(config):
     from netcompress.checkpoint_paths import resolve_checkpoint
 
+    return model_config(config, config["model_def"], config["mask"],
+                        resolve_checkpoint(config["checkpoint"]))
+
+
+def _stage_zero(config, rows, directory, log, progress):
+    """The given model: its validation mIoU (stage 0's reference) and test mIoU."""
     make_directory(directory)
-    model = model_config(config, config["model_def"], config["mask"],
-                         resolve_checkpoint(config["checkpoint"]))
+    model = _given_model(config)
+    val = _validate(config, model, directory, log, progress, what="of the given model")
     miou = _evaluate_test(config, model, directory, log, progress)
     parameters, macs = _costs(config, config["model_def"], config["mask"])
     return {"stage": 0, "model_def": None, "mask": None, "checkpoint": None,
             "parameters": parameters, "macs": macs, "test_miou": miou,
-            "val_miou_start": None, "val_miou_pruned": None, "thresholds": {},
-            "removed_channels": 0, "candidates": 0, "candidates_per_s": None}, None
+            "resource_percent": 100.0, "reference": val, "reference_checkpoint": None,
+            "val_miou_start": None, "val_miou_pruned": None, "val_miou_retrained": val,
+            "tries": 0, "step_pct": None, "allocation": None, "failed_tries": [],
+            "thresholds": {}, "removed_channels": 0, "candidates": 0,
+            "candidates_per_s": None}, None
 
 
-def _stage(config, rows, directory, log, progress):
-    """One stage: (its row, None), or (None, why) when nothing can be removed."""
+def _relative(config, path):
+    return None if path is None else os.path.relpath(path, config["run_dir"])
+
+
+def _stage_budget(config, rows, directory, log, progress):
+    """budget_before_retraining: (its row, None), or (None, why) when nothing
+    can be removed within the budget."""
     from netcompress.checkpoint_paths import resolve_checkpoint
 
     stage = len(rows)
@@ -336,18 +404,190 @@ def _stage(config, rows, directory, log, progress):
     pruned = _prune(config, model, rank_path, groups, scores, found, directory, log)
     retrained = _retrain(config, pruned, directory, stage, log, progress)
     final = dict(pruned, checkpoint=retrained)
+    val = _validate(config, final, directory, log, progress)
     miou = _evaluate_test(config, final, directory, log, progress)
     parameters, macs = _costs(config, pruned["model_def"], pruned["mask"])
-
-    def relative(path):
-        return None if path is None else os.path.relpath(path, config["run_dir"])
-    return {"stage": stage, "model_def": relative(pruned["model_def"]),
-            "mask": relative(pruned["mask"]), "checkpoint": relative(retrained),
+    return {"stage": stage, "model_def": _relative(config, pruned["model_def"]),
+            "mask": _relative(config, pruned["mask"]),
+            "checkpoint": _relative(config, retrained),
             "parameters": parameters, "macs": macs, "test_miou": miou,
+            "resource_percent": _resource_percent(config, rows, final, parameters, macs, log,
+                                                  progress),
             "val_miou_start": found.start_miou, "val_miou_pruned": found.miou,
+            "val_miou_retrained": val, "tries": 1, "step_pct": None,
+            "reference": rows[0]["reference"], "reference_checkpoint": None,
+            "allocation": "thresholds", "failed_tries": [],
             "thresholds": found.thresholds, "removed_channels": found.removed_count,
             "candidates": found.evaluations,
             "candidates_per_s": round(found.per_second, 2)}, None
+
+
+def _reference(config, rows, directory, stage, log, progress):
+    """(reference validation mIoU, its checkpoint relative to run_dir or
+    None). ``retrained``: the previous stage's reference model (stage 0: the
+    given model) retrained as each try is, so that stage N is judged against
+    the given model after as many retraining steps, on the same schedule."""
+    if config["reference"] != "retrained":
+        return rows[0]["reference"], None
+    model = _given_model(config)
+    if rows[-1].get("reference_checkpoint"):
+        model["checkpoint"] = os.path.join(config["run_dir"], rows[-1]["reference_checkpoint"])
+    reference_dir = os.path.join(directory, "reference")
+    make_directory(reference_dir)
+    checkpoint = _retrain(config, model, reference_dir, stage, log, progress, step="reference")
+    miou = _validate(config, dict(model, checkpoint=checkpoint), reference_dir, log, progress,
+                     what="of the reference (the given model, retrained as long)")
+    return miou, _relative(config, checkpoint)
+
+
+class _GatedCandidates:
+    """Validation mIoU of removals from one model, by gated passes (one
+    graph and session for all of a stage's tries; identical removals are
+    evaluated once)."""
+
+    def __init__(self, config, model):
+        self.config, self.model = config, model
+        self.session = self.gated = None
+        self.cache, self.evaluations, self.seconds = {}, 0, 0.0
+
+    def miou(self, removed):
+        import tensorflow as tf
+
+        from netcompress.evaluation import GatedGraph
+
+        key = tuple(sorted((layer, tuple(int(i) for i in indices))
+                           for layer, indices in removed.items() if len(indices)))
+        if key in self.cache:
+            return self.cache[key]
+        _set_step("search")
+        started = time.perf_counter()
+        if self.session is None:
+            self.gated = GatedGraph(self.model, self.config["val_data"])
+            self.session = tf.compat.v1.Session(graph=self.gated.graph)
+            self.gated.restore(self.session, self.model["checkpoint"],
+                               self.model["model_def"])
+        matrix, _ = self.gated.evaluate(self.session, dict(key), self.config["num_classes"])
+        self.cache[key] = 100.0 * float(np.nan_to_num(matrix.mean_iou()))
+        self.seconds += time.perf_counter() - started
+        self.evaluations += 1
+        return self.cache[key]
+
+    def close(self):
+        if self.session is not None:
+            self.session.close()
+
+
+def _stage_after_retraining(config, rows, directory, log, progress):
+    """after_retraining: (its row, None), or (None, why) when its smallest
+    step fails or nothing is left to remove. Each try lives in
+    directory/tryK/."""
+    from models.architecture import adapnet_pp
+    from models.model_def import load_masks, load_model_def
+    from netcompress.checkpoint_paths import resolve_checkpoint
+    from netcompress.rankfile import RankSums
+    from netcompress.schedule import Attempt, channel_costs, orderings, removal_for_goal, \
+        run_stage
+    from netcompress.scores import load_normalised_scores
+
+    stage = len(rows)
+    num_classes, height, width = config["num_classes"], config["height"], config["width"]
+    model_def_path, mask_path, checkpoint = _stage_model(config, rows[-1])
+    model = model_config(config, model_def_path, mask_path, resolve_checkpoint(checkpoint))
+    make_directory(directory)
+    rank_path = os.path.join(directory, "rank.npz")
+    _rank(config, model, rank_path, log, progress)
+    _set_step("allocate")
+    model_def, masks = load_model_def(model_def_path), load_masks(mask_path)
+    normalised = load_normalised_scores(rank_path, model_def, num_classes,
+                                        config["criterion"], config["normalisation"])
+    raw = RankSums.load(rank_path).scores(config["criterion"])
+    # A latency target sizes its steps in MACs (docs/compress.md).
+    sized = "macs" if config["target"] == "latency" else config["target"]
+    layers = [group.name for group in adapnet_pp().prunable_groups()]
+    costs = channel_costs(model_def, masks, num_classes, height, width, sized, layers)
+    orders = orderings(raw, normalised, costs, config["min_channels"])
+    given = rows[0][sized]
+    current_sized = 100.0 * rows[-1][sized] / given
+    reference, reference_checkpoint = _reference(config, rows, directory, stage, log,
+                                                 progress)
+    floor = reference - config["tolerance"]
+    candidates = _GatedCandidates(config, model)
+    records = []
+
+    def attempt(step, goal):
+        try_dir = os.path.join(directory, f"try{len(records) + 1}")
+        make_directory(try_dir)
+        aim = (current_sized - step) * given / 100.0
+        log(f"try {len(records) + 1}: remove {step:g} points of {config['target']} "
+            f"(to {goal:.1f} % of the given model)")
+        options = {name: removal_for_goal(order, aim, model_def, masks, num_classes, height,
+                                          width, sized, config["min_channels"],
+                                          config["round_to"])
+                   for name, order in orders.items()}
+        if all(after > aim for _, after in options.values()):
+            reachable = 100.0 * min(after for _, after in options.values()) / given
+            log(f"the goal is out of reach: removing every removable channel leaves "
+                f"{reachable:.1f} % (min_channels per layer); trying that")
+        start = candidates.miou({})
+        mious = {name: candidates.miou(removed) for name, (removed, _) in options.items()}
+        chosen = max(mious, key=lambda name: mious[name])  # ties: the first
+        removed, _ = options[chosen]
+        count = sum(len(indices) for indices in removed.values())
+        record = {"try": len(records) + 1, "step_pct": step, "goal_pct": goal,
+                  "allocations": mious, "allocation": chosen, "val_miou_start": start,
+                  "removed_channels": count}
+        records.append(record)
+        log("allocation on validation data (gated, before retraining): " +
+            ", ".join(f"{name} {value:.2f}" for name, value in mious.items()) +
+            f" -> {chosen}")
+        if not count:
+            return Attempt(step, goal, removed=0)
+        pruned = prune_removal(config, model, rank_path, removed, try_dir, log)
+        parameters, macs = _costs(config, pruned["model_def"], pruned["mask"])
+        retrained = _retrain(config, pruned, try_dir, stage, log, progress)
+        final = dict(pruned, checkpoint=retrained)
+        reached = _resource_percent(config, rows, final, parameters, macs, log, progress)
+        val = _validate(config, final, try_dir, log, progress)
+        record.update(resource_pct=reached, val_miou_retrained=val, parameters=parameters,
+                      macs=macs, model_def=_relative(config, pruned["model_def"]),
+                      mask=_relative(config, pruned["mask"]),
+                      checkpoint=_relative(config, retrained))
+        return Attempt(step, goal, reached=reached, removed=count, val_miou=val,
+                       details=record)
+
+    try:
+        accepted, tries = run_stage(rows[-1]["resource_percent"] if sized == config["target"]
+                                    else current_sized, config["target_percent"],
+                                    rows[-1]["step_pct"] or config["step_percent"],
+                                    config["min_step_percent"], floor, attempt, log)
+    finally:
+        candidates.close()
+    for record, result in zip(records, tries):
+        record.update(accepted=result.accepted, note=result.note)
+    _write_json(os.path.join(directory, "tries.json"),
+                {"reference": reference, "floor": floor, "tries": records})
+    if accepted is None:
+        return None, f"stage {stage}: {tries[-1].note}"
+    chosen = accepted.details
+    log(f"stage {stage} kept after {len(tries)} tr{'y' if len(tries) == 1 else 'ies'}: "
+        f"validation mIoU {chosen['val_miou_retrained']:.2f} >= {floor:.2f}")
+    final = model_config(config, *_stage_model(config, dict(chosen, stage=stage)))
+    miou = _evaluate_test(config, final, directory, log, progress)
+    return {"stage": stage, "model_def": chosen["model_def"], "mask": chosen["mask"],
+            "checkpoint": chosen["checkpoint"], "parameters": chosen["parameters"],
+            "macs": chosen["macs"], "test_miou": miou, "resource_percent": accepted.reached,
+            "val_miou_start": chosen["val_miou_start"],
+            "val_miou_pruned": chosen["allocations"][chosen["allocation"]],
+            "val_miou_retrained": chosen["val_miou_retrained"], "tries": len(tries),
+            "reference": reference, "reference_checkpoint": reference_checkpoint,
+            "step_pct": accepted.step, "allocation": chosen["allocation"],
+            "failed_tries": [{"step_pct": r["step_pct"], "resource_pct": r.get("resource_pct"),
+                              "val_miou_retrained": r.get("val_miou_retrained")}
+                             for r in records if not r["accepted"]],
+            "thresholds": {}, "removed_channels": chosen["removed_channels"],
+            "candidates": candidates.evaluations,
+            "candidates_per_s": round(candidates.evaluations / candidates.seconds, 2)
+            if candidates.seconds else None}, None
 
 
 def _rank(config, model, rank_path, log, progress):
@@ -457,22 +697,56 @@ def prune_settings(config, model, rank_path, directory, threshold):
         gpu_id=config["gpu_id"])
 
 
-def retrain_config(config, pruned, directory):
-    """The training config that retrains ``pruned`` into directory/retrain/."""
+def prune_removal(config, model, rank_path, removed, directory, log=None):
+    """Remove exactly ``removed`` ({layer: indices}; round_to may give some
+    back, as netcompress/schedule.py counted) through pruning.execute into
+    directory/pruned/. Returns the pruned model's paths."""
+    from models.model_def import load_masks, load_model_def
+    from netcompress.pruning import PruneJob, execute, planned_files
+    from netcompress.schedule import removal_plan
+
+    _set_step("prune")
+    model_def = load_model_def(model["model_def"])
+    masks = load_masks(model["mask"])
+    plan = removal_plan(model_def, masks, config["num_classes"], removed,
+                        config.get("min_channels", 1), config.get("round_to", 1))
+    layers = [cut.layer for cut in plan.layers]
+    scores = {cut.layer: np.where(np.isin(np.arange(cut.width), cut.kept), 1.0, 0.0)
+              for cut in plan.layers}
+    settings = prune_settings(config, model, rank_path, directory, threshold=0.5)
+    outputs.check_outputs(*planned_files(settings))
+    lines = []
+    execute(PruneJob(settings, model_def, masks, layers, scores, plan), log=lines.append)
+    _write_lines(os.path.join(directory, "prune.txt"), lines)
+    count = sum(len(cut.removed) for cut in plan.layers)
+    if log is not None:
+        log(f"pruned {count} channels of {len(plan.pruned_layers)} layers -> "
+            f"{os.path.join(directory, 'pruned')}")
+    return dict(model, model_def=settings.new_model_def,
+                mask=settings.mask_save if plan.masks_after else None,
+                checkpoint=settings.new_checkpoint_save)
+
+
+def retrain_config(config, pruned, directory, iterations=None):
+    """The training config that retrains ``pruned`` into directory/retrain/
+    (retrain_iterations steps unless ``iterations``)."""
+    iterations = iterations or config["retrain_iterations"]
     return dict(pruned, initialize=pruned["checkpoint"],
                 checkpoint=os.path.join(directory, "retrain", "model.ckpt"),
-                train_data=config["train_data"], max_iteration=config["retrain_iterations"],
-                save_step=config["retrain_iterations"], learning_rate=config["learning_rate"],
+                train_data=config["train_data"], max_iteration=iterations,
+                save_step=iterations, learning_rate=config["learning_rate"],
                 power=config["power"], flip=config["flip"], max_to_keep=1,
                 end_learning_rate=min(1e-4, config["learning_rate"]))
 
 
-def _retrain(config, pruned, directory, stage, log, progress):
-    """Train the pruned model retrain_iterations steps; its checkpoint prefix."""
+def _retrain(config, pruned, directory, stage, log, progress, iterations=None,
+             step="retrain"):
+    """Train the pruned model retrain_iterations (or ``iterations``) steps;
+    its checkpoint prefix."""
     from netcompress.training import train
 
-    _set_step("retrain")
-    train_config = retrain_config(config, pruned, directory)
+    _set_step(step)
+    train_config = retrain_config(config, pruned, directory, iterations)
     seed = None if config["seed"] is None else config["seed"] + stage
     lines = []
     result = train(train_config, log=lines.append, seed=seed, progress=progress)
@@ -486,42 +760,55 @@ def _retrain(config, pruned, directory, stage, log, progress):
 
 def measure_latency(config, rows, log=print, progress=True):
     """{stage: median ms} of one batch-1 inference on the CPU, every stage in
-    this process, runs interleaved across stages so that drift hits all alike."""
+    this process."""
+    from netcompress.checkpoint_paths import resolve_checkpoint
+
+    models = {}
+    for row in rows:
+        model_def, mask, checkpoint = _stage_model(config, row)
+        models[row["stage"]] = model_config(config, model_def, mask,
+                                            resolve_checkpoint(checkpoint))
+    return latency_of(config, models, progress)
+
+
+def latency_of(config, models, progress=True):
+    """{key: median ms} of one batch-1 CPU inference of each of ``models``
+    ({key: model config}), runs interleaved across models so that machine
+    drift hits all alike."""
     import tensorflow as tf
     from tqdm import tqdm
 
-    from netcompress.checkpoint_paths import resolve_checkpoint
     from netcompress.serving import ServingGraph
 
+    step = current_step
     _set_step("latency")
     tf1 = tf.compat.v1
     image = np.random.default_rng(0).integers(
         0, 256, (1, config["height"], config["width"], 3), dtype=np.uint8)
     sessions, times = {}, {}
     try:
-        for row in rows:
-            model_def, mask, checkpoint = _stage_model(config, row)
-            graph = ServingGraph(model_config(config, model_def, mask,
-                                              resolve_checkpoint(checkpoint)))
+        for key, model in models.items():
+            graph = ServingGraph(model)
             session = tf1.Session(graph=graph.graph,
                                   config=tf1.ConfigProto(device_count={"GPU": 0}))
-            sessions[row["stage"]] = (graph, session)
+            sessions[key] = (graph, session)
             graph.restore(session)
             for _ in range(2):  # warm-up
                 session.run(graph.class_map, {graph.images: image})
-            times[row["stage"]] = []
-        with tqdm(total=config["latency_runs"] * len(rows), desc="latency", unit="run",
+            times[key] = []
+        with tqdm(total=config["latency_runs"] * len(models), desc="latency", unit="run",
                   disable=not progress, dynamic_ncols=True) as bar:
             for _ in range(config["latency_runs"]):
-                for stage, (graph, session) in sessions.items():
+                for key, (graph, session) in sessions.items():
                     started = time.perf_counter()
                     session.run(graph.class_map, {graph.images: image})
-                    times[stage].append(1000.0 * (time.perf_counter() - started))
+                    times[key].append(1000.0 * (time.perf_counter() - started))
                     bar.update(1)
     finally:
         for _, session in sessions.values():
             session.close()
-    return {stage: statistics.median(values) for stage, values in times.items()}
+        _set_step(step)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def csv_rows(rows, latencies):
@@ -539,8 +826,13 @@ def csv_rows(rows, latencies):
             "miou_change": round(row["test_miou"] - rows[0]["test_miou"], 2),
             "val_miou_start": _rounded(row["val_miou_start"]),
             "val_miou_pruned": _rounded(row["val_miou_pruned"]),
+            "val_miou_retrained": _rounded(row.get("val_miou_retrained")),
+            "reference": _rounded(row.get("reference")),
+            "tries": row.get("tries", 1 if row["stage"] else 0),
+            "step_pct": _rounded(row.get("step_pct")),
             "removed_channels": row["removed_channels"], "candidates": row["candidates"],
             "candidates_per_s": _rounded(row["candidates_per_s"]),
+            "allocation": row.get("allocation") or "",
             "thresholds": " ".join(f"{name}={value:.3f}"
                                    for name, value in row["thresholds"].items()),
         })
@@ -561,19 +853,41 @@ def write_csv(rows, latencies, path):
 
 
 def table(rows, latencies):
-    """The summary table, one line per stage."""
+    """The summary table, one line per stage (validation mIoU: the stage's
+    model -> pruned, gated; after retraining; the reference it was judged by)."""
     lines = [f"{'stage':>5} {'parameters':>11} {'params %':>9} {'GMACs':>8} {'MACs %':>7} "
-             f"{'latency ms':>10} {'test mIoU':>9} {'change':>7} {'val mIoU':>15}  thresholds"]
-    for row in csv_rows(rows, latencies):
+             f"{'latency ms':>10} {'val pruned':>13} {'val retrained':>13} {'reference':>9} "
+             f"{'tries':>5} {'test mIoU':>9} {'change':>7}  how"]
+    for row, full in zip(csv_rows(rows, latencies), rows):
         latency = "-" if row["latency_ms"] == "" else f"{row['latency_ms']:.2f}"
         val = "-" if row["val_miou_start"] == "" else \
             f"{row['val_miou_start']:.2f}->{row['val_miou_pruned']:.2f}"
+        retrained, reference = ("-" if row[key] == "" else f"{row[key]:.2f}"
+                                for key in ("val_miou_retrained", "reference"))
         lines.append(f"{row['stage']:>5} {row['parameters']:>11} "
                      f"{0.0 - row['parameter_reduction_pct']:>+9.1f} {row['gmacs']:>8.4f} "
-                     f"{0.0 - row['macs_reduction_pct']:>+7.1f} {latency:>10} "
-                     f"{row['test_miou']:>9.2f} {row['miou_change']:>+7.2f} {val:>15}  "
-                     f"{row['thresholds'] or '-'}")
+                     f"{0.0 - row['macs_reduction_pct']:>+7.1f} {latency:>10} {val:>13} "
+                     f"{retrained:>13} {reference:>9} {row['tries']:>5} "
+                     f"{row['test_miou']:>9.2f} "
+                     f"{row['miou_change']:>+7.2f}  {_how(full, row)}")
     return lines
+
+
+def _how(full, row):
+    """What a stage removed: thresholds, or its step and allocation (and
+    the steps of the tries redone)."""
+    if full["stage"] == 0:
+        return "the given model"
+    if row["thresholds"]:
+        return row["thresholds"]
+    failed = full.get("failed_tries") or []
+    redone = ""
+    if failed:
+        redone = " (redone: " + ", ".join(
+            f"step {t['step_pct']:g} -> val {t['val_miou_retrained']:.2f}"
+            if t.get("val_miou_retrained") is not None else f"step {t['step_pct']:g}"
+            for t in failed) + ")"
+    return f"step {full['step_pct']:g}, {full['allocation']}{redone}"
 
 
 def layer_widths(config, rows):
@@ -591,38 +905,40 @@ def layer_widths(config, rows):
 
 
 def write_plot(config, rows, path):
-    """Parameter reduction and mIoU change per stage, as the original figure,
-    and the last stage's width of every prunable layer against the original."""
+    """Parameter reduction per stage; validation mIoU after retraining
+    against the target resource and the reference; the last stage's width
+    of every prunable layer against the original."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     stages = [row["stage"] for row in rows]
     reduction = [0.0 - parameter_reduction(rows, row) for row in rows]
-    change = [row["test_miou"] - rows[0]["test_miou"] for row in rows]
     layers, original, kept = layer_widths(config, rows)
     figure = plt.figure(figsize=(9, 7))
     grid = figure.add_gridspec(2, 2, height_ratios=[1, 1.1])
-    panels = ((figure.add_subplot(grid[0, 0]), reduction, "parameters (%)", "tab:blue",
-               "{:.1f}"),
-              (figure.add_subplot(grid[0, 1]), change, "test mIoU change (points)",
-               "tab:red", "{:+.2f}"))
-    for axes, values, label, colour, style in panels:
-        bars = axes.bar(stages, values, color=colour, alpha=0.75, width=0.6)
-        for bar, value in zip(bars, values):
-            axes.annotate(style.format(value), (bar.get_x() + bar.get_width() / 2, value),
-                          ha="center", va="top" if value < 0 else "bottom", fontsize=8,
-                          xytext=(0, -2 if value < 0 else 2), textcoords="offset points")
-        axes.axhline(0, color="black", linewidth=0.8)
-        low, high = min(values + [0.0]), max(values + [0.0])
-        margin = 0.15 * max(high - low, 1.0)
-        axes.set_ylim(low - margin, high + margin)
-        axes.set_xticks(stages)
-        axes.set_xlabel("stage")
-        axes.set_title(label, fontsize=10)
-        axes.grid(axis="y", alpha=0.3)
-    figure.suptitle(f"staged compression: {config['criterion']}, budget {config['budget']:g} "
-                    f"mIoU per stage, {config['search']} search", fontsize=11)
+    axes = figure.add_subplot(grid[0, 0])
+    bars = axes.bar(stages, reduction, color="tab:blue", alpha=0.75, width=0.6)
+    for bar, value in zip(bars, reduction):
+        axes.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value),
+                      ha="center", va="top" if value < 0 else "bottom", fontsize=8,
+                      xytext=(0, -2 if value < 0 else 2), textcoords="offset points")
+    axes.axhline(0, color="black", linewidth=0.8)
+    low = min(reduction + [0.0])
+    axes.set_ylim(low - 0.15 * max(-low, 1.0), 0.15 * max(-low, 1.0))
+    axes.set_xticks(stages)
+    axes.set_xlabel("stage")
+    axes.set_title("parameters (%)", fontsize=10)
+    axes.grid(axis="y", alpha=0.3)
+    _plot_curve(figure.add_subplot(grid[0, 1]), config, rows)
+    if config.get("stage_rule") == AFTER_RETRAINING:
+        title = (f"staged compression: {config['criterion']}, {config['target']} toward "
+                 f"{config['target_percent']:g} %, tolerance {config['tolerance']:g} mIoU "
+                 f"after retraining")
+    else:
+        title = (f"staged compression: {config['criterion']}, budget {config['budget']:g} "
+                 f"mIoU per stage before retraining, {config['search']} search")
+    figure.suptitle(title, fontsize=11)
     bottom = figure.add_subplot(grid[1, :])
     positions = np.arange(len(layers))
     bottom.bar(positions, original, color="lightgray", label="original")
@@ -644,6 +960,39 @@ def write_plot(config, rows, path):
     figure.tight_layout()
     replace_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
     plt.close(figure)
+
+
+def _plot_curve(axes, config, rows):
+    """Validation mIoU after retraining against the target resource, with
+    the reference, the tolerance and the tries that fell below it."""
+    resource = [row.get("resource_percent", 100.0) for row in rows]
+    val = [row.get("val_miou_retrained") for row in rows]
+    axes.plot(resource, [row["test_miou"] for row in rows], "s--", color="gray",
+              markersize=4, linewidth=0.8, label="test")
+    axes.plot(resource, val, "o-", color="tab:red", label="validation, retrained")
+    for row, x, y in zip(rows, resource, val):
+        axes.annotate(str(row["stage"]), (x, y), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")
+    failed = [t for row in rows for t in row.get("failed_tries") or []
+              if t.get("val_miou_retrained") is not None]
+    if failed:
+        axes.plot([t["resource_pct"] for t in failed],
+                  [t["val_miou_retrained"] for t in failed], "x", color="black",
+                  label="tries redone")
+    references = [(x, row["reference"]) for x, row in zip(resource, rows)
+                  if row.get("reference") is not None]
+    if references:
+        xs, ys = zip(*references)
+        axes.plot(xs, ys, "-", color="black", linewidth=0.8, label="reference")
+        if config.get("stage_rule") == AFTER_RETRAINING:
+            axes.plot(xs, [y - config["tolerance"] for y in ys], "--", color="black",
+                      linewidth=0.8, label="reference - tolerance")
+    axes.set_xlim(105, min(resource + [config.get("target_percent", 100)]) - 5)
+    axes.set_xlabel(f"{config.get('target', 'parameters')} (% of the given model)")
+    axes.set_ylabel("mIoU")
+    axes.set_title("mIoU after retraining", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
 
 
 def _section_of(layer):

@@ -125,6 +125,8 @@ PRUNE_SETTINGS = (
 
 PRUNE_DEFAULT_CRITERION = next(s.default for s in PRUNE_SETTINGS if s.name == "criterion")
 SEARCH_MODES = ("section", "all")  # netcompress/search.py
+STAGE_RULES = ("after_retraining", "budget_before_retraining")  # netcompress/compress.py
+TARGET_RESOURCES = ("parameters", "macs", "latency")  # netcompress/schedule.py
 
 # compress.py's settings (docs/compress.md).
 COMPRESS_SETTINGS = (
@@ -160,20 +162,41 @@ COMPRESS_SETTINGS = (
             "how ranks become scores: " + ", ".join(CRITERIA), choices=tuple(CRITERIA)),
     Setting("normalisation", "choice", "max",
             "max (divide by the layer maximum) or l2", choices=tuple(NORMALISATIONS)),
+    Setting("stage_rule", "choice", "after_retraining",
+            "after_retraining: each stage removes a step toward the target and is kept "
+            "if its validation mIoU after retraining stays within tolerance of the "
+            "reference (else redone with half the step); budget_before_retraining: "
+            "threshold search within `budget` before retraining (the original's manual "
+            "procedure)", choices=STAGE_RULES),
+    Setting("target", "choice", "parameters",
+            "the resource to reduce: parameters, macs (inference) or latency (measured; "
+            "its steps are sized in MACs)", choices=TARGET_RESOURCES),
+    Setting("target_percent", "threshold", 50.0,
+            "stop once the target resource is at this percentage of the given model"),
+    Setting("tolerance", "threshold", 1.0,
+            "after_retraining: validation mIoU points a stage may end below the reference"),
+    Setting("reference", "choice", "given",
+            "after_retraining: given (the given model's validation mIoU) or retrained "
+            "(the given model retrained alongside, as many steps as each stage's model "
+            "has had: fairer to a model that was not converged)",
+            choices=("given", "retrained")),
+    Setting("step_percent", "threshold", 20.0,
+            "after_retraining: percentage points of the given model's resource the first "
+            "stage removes; a later stage starts from the last step kept"),
+    Setting("min_step_percent", "threshold", 2.5,
+            "after_retraining: a stage that fails at a smaller step than this stops the run"),
     Setting("search", "choice", "section",
-            "section: a threshold per section (conv1, block1..block4, easpp, decoder); "
-            "all: one threshold for every layer", choices=SEARCH_MODES),
+            "budget_before_retraining: a threshold per section (conv1, block1..block4, "
+            "easpp, decoder), or all: one threshold for every layer", choices=SEARCH_MODES),
     Setting("budget", "threshold", 1.0,
-            "mIoU points (validation) a stage may lose before retraining"),
+            "budget_before_retraining: mIoU points (validation) a stage may lose before "
+            "retraining"),
     Setting("search_steps", "positive_int", 6,
-            "bisection steps per threshold (resolution 2^-steps)"),
-    Setting("target_parameter_reduction", "threshold", 0.0,
-            "stop once parameters are down by this percentage (0 = no target)"),
-    Setting("target_macs_reduction", "threshold", 0.0,
-            "stop once inference MACs are down by this percentage (0 = no target)"),
+            "budget_before_retraining: bisection steps per threshold (resolution "
+            "2^-steps)"),
     Setting("miou_floor", "threshold", 0.0,
-            "validation mIoU no pruning may go below; the run stops when no channel can "
-            "go without (0 = none)"),
+            "budget_before_retraining: validation mIoU no pruning may go below; the run "
+            "stops when no channel can go without (0 = none)"),
     Setting("min_channels", "positive_int", 1, "a layer keeps at least this many channels"),
     Setting("round_to", "positive_int", 1, "round kept counts up to a multiple of this"),
     Setting("latency_runs", "positive_int", 5,

@@ -1,12 +1,16 @@
-"""compress.py (docs/compress.md): the threshold search on its own, then a
-two-stage run on a tiny model (default.json / 16, 32x64 synthetic shapes):
-run one stage, resume to two, and check the run directory (checkpoints
-restore with their model_def + mask, parameters fall, the CSV matches the
-evaluations), which records each step reads, and the one-line errors.
+"""compress.py (docs/compress.md): the step/acceptance/redo logic and the
+threshold search on their own (stand-in evaluations, no TensorFlow), then
+runs on a tiny model (default.json / 16, 32x64 synthetic shapes): the
+default rule for one stage whose first try is redone, resumed to two, and
+one stage of budget_before_retraining; checked: the run directory
+(checkpoints restore with their model_def + mask, parameters fall, the CSV
+matches the evaluations), which records each step reads, that the test
+records are read only after a stage is decided, and the one-line errors.
 
-The search's mIoU is replaced by a function of the channels removed (50 -
-0.1 per channel) after the real gated pass has run: a tiny model's mIoU
-does not reliably leave something to remove at every stage."""
+Real passes run, but their mIoU is replaced: the gated passes report 50 -
+0.1 per removed channel, the validation after retraining 40 for stage 1's
+first try and 49.5 otherwise (50 for the given model), so that the tiny
+model's noisy mIoU cannot decide what the tests check."""
 
 import contextlib
 import csv
@@ -24,11 +28,14 @@ import compress
 from common.errors import UserError
 from dataset import synthetic
 from helpers import REPO, scaled_model_def, write_config
+from models.architecture import adapnet_pp, resolve_widths
 from models.model_def import load_masks, load_model_def, save_model_def
 from netcompress import compress as staged
 from netcompress import evaluation, ranking, training
 from netcompress.config import load_config
 from netcompress.costs import total_parameters
+from netcompress.schedule import Attempt, channel_costs, orderings, prefix_removal, \
+    removal_for_goal, removal_plan, resource_of, run_stage
 from netcompress.search import removed_channels, search, search_groups
 
 HEIGHT, WIDTH = 32, 64
@@ -80,7 +87,88 @@ def test_search_all_and_floor():
     assert found.thresholds == {"all": 0.0} and not found.removed
 
 
-# ---- a two-stage run ------------------------------------------------------------
+# ---- the step, acceptance and redo logic alone -------------------------------------
+
+def _attempts(outcomes):
+    """A stand-in attempt: the validation mIoU after retraining is
+    outcomes(step); it reaches its goal exactly."""
+    calls = []
+
+    def attempt(step, goal):
+        calls.append((step, goal))
+        return Attempt(step, goal, reached=goal, removed=10, val_miou=outcomes(step))
+    return attempt, calls
+
+
+def test_stage_kept_at_its_first_step():
+    attempt, calls = _attempts(lambda step: 49.5)
+    kept, tries = run_stage(100.0, 20.0, 30.0, 5.0, 49.0, attempt, log=lambda line: None)
+    assert calls == [(30.0, 70.0)] and kept is tries[0] and kept.accepted
+
+
+def test_stage_redone_with_half_the_step():
+    attempt, calls = _attempts(lambda step: 48.0 if step > 10 else 49.2)
+    logged = []
+    kept, tries = run_stage(70.0, 20.0, 30.0, 5.0, 49.0, attempt, log=logged.append)
+    assert calls == [(30.0, 40.0), (15.0, 55.0), (7.5, 62.5)]
+    assert [t.accepted for t in tries] == [False, False, True] and kept is tries[-1]
+    assert "redo with a step of 15 points" in logged[0]
+    assert "redo with a step of 7.5 points" in logged[1]
+
+
+def test_run_stops_when_the_smallest_step_fails():
+    attempt, calls = _attempts(lambda step: 10.0)
+    logged = []
+    kept, tries = run_stage(100.0, 20.0, 20.0, 5.0, 49.0, attempt, log=logged.append)
+    assert kept is None and [step for step, _ in calls] == [20.0, 10.0, 5.0]
+    assert "smallest step (5 points) failed" in tries[-1].note and logged[-1].endswith("failed")
+
+
+def test_last_step_stops_at_the_target_and_may_be_small():
+    attempt, calls = _attempts(lambda step: 50.0)
+    kept, _ = run_stage(22.0, 20.0, 30.0, 5.0, 49.0, attempt, log=lambda line: None)
+    assert calls == [(2.0, 20.0)] and kept.accepted
+
+
+def test_nothing_left_to_remove_stops():
+    def attempt(step, goal):
+        return Attempt(step, goal, removed=0)
+    kept, tries = run_stage(50.0, 20.0, 10.0, 5.0, 49.0, attempt, log=lambda line: None)
+    assert kept is None and len(tries) == 1 and "no channel left" in tries[0].note
+
+
+def test_removal_meets_the_step_with_the_shortest_prefix():
+    """The chosen removal is the shortest prefix of the order that reaches the
+    goal, its layers keep their best channel, and the plan counts it."""
+    model_def = scaled_model_def(8)
+    groups = search_groups("all")["all"]
+    rng = np.random.default_rng(0)
+    widths = resolve_widths(model_def, NUM_CLASSES, adapnet_pp())
+    raw = {layer: rng.random(widths[layer]) for layer in groups}
+    normalised = {layer: values / values.max() for layer, values in raw.items()}
+    costs = channel_costs(model_def, {}, NUM_CLASSES, HEIGHT, WIDTH, "parameters", groups)
+    assert all(cost > 0 for cost in costs.values())
+    orders = orderings(raw, normalised, costs)
+    assert set(orders) == {"global", "global_per_cost", "per_layer"}
+    first = orders["global"]
+    assert [raw[layer][index] for layer, index in first] == \
+        sorted(raw[layer][index] for layer, index in first)
+    for layer in groups:  # the best channel of every layer never goes
+        assert (layer, int(np.argmax(raw[layer]))) not in first
+    base = resource_of(model_def, {}, NUM_CLASSES, HEIGHT, WIDTH, "parameters")
+    goal = 0.6 * base
+    for order in orders.values():
+        removed, after = removal_for_goal(order, goal, model_def, {}, NUM_CLASSES, HEIGHT,
+                                          WIDTH, "parameters")
+        count = sum(len(indices) for indices in removed.values())
+        assert after <= goal
+        shorter = removal_plan(model_def, {}, NUM_CLASSES, prefix_removal(order, count - 1))
+        assert total_parameters(shorter.model_def_after, NUM_CLASSES) > goal
+        plan = removal_plan(model_def, {}, NUM_CLASSES, removed)
+        assert total_parameters(plan.model_def_after, NUM_CLASSES) == after
+
+
+# ---- runs on a tiny model ----------------------------------------------------------
 
 def _fake_miou(original):
     """GatedGraph.evaluate that runs the real pass, then reports 50 - 0.1 per
@@ -90,6 +178,34 @@ def _fake_miou(original):
         count = sum(len(indices) for indices in removed.values())
         return mock.Mock(mean_iou=lambda: (50.0 - 0.1 * count) / 100.0), loss
     return evaluate
+
+
+def _fake_validation(original, events):
+    """compress's _validate that runs the real pass, then reports 40 for
+    stage 1's first try, 50 for the given model and the reference, 49.5
+    otherwise; ``events`` records (what, directory) in order."""
+    def validate(config, model, directory, log, progress, what="after retraining"):
+        original(config, model, directory, log, progress, what)
+        events.append(("validate", os.path.relpath(directory, config["run_dir"])))
+        if directory.endswith(os.path.join("stage1", "try1")):
+            return 40.0
+        return 50.0 if directory.endswith(("stage0", "reference")) else 49.5
+    return validate
+
+
+def _recorded_retraining(original, events):
+    def retrain_config(config, pruned, directory, iterations=None):
+        events.append(("retrain", os.path.relpath(directory, config["run_dir"]),
+                       os.path.realpath(pruned["checkpoint"])))
+        return original(config, pruned, directory, iterations)
+    return retrain_config
+
+
+def _recorded_test(original, events):
+    def evaluate_test(config, model, directory, log, progress):
+        events.append(("evaluate", os.path.relpath(directory, config["run_dir"])))
+        return original(config, model, directory, log, progress)
+    return evaluate_test
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +225,17 @@ def workspace(tmp_path_factory):
                                 seed=0)["checkpoint"]
     config = write_config(root / "compress.config", dict(
         base, checkpoint=checkpoint, train_data=files["train"], val_data=files["val"],
-        test_data=files["test"], run_dir=root / "run", stages=1, retrain_iterations=3,
-        learning_rate=0.001, power=0.9, budget=1.0, search_steps=3, latency_runs=2,
-        seed=0))
+        test_data=files["test"], run_dir=root / "run", stages=1, retrain_iterations=2,
+        learning_rate=0.001, power=0.9, target_percent=10, step_percent=30,
+        min_step_percent=5, tolerance=1.0, budget=1.0,
+        search_steps=3, latency_runs=2, seed=0))
     return {"root": root, "files": files, "config": config, "checkpoint": checkpoint}
 
 
 def _run(workspace, *overrides):
-    """compress.main in this process; returns (log lines, [(step, records read)])."""
-    reads = []
+    """compress.main in this process; returns (log lines, [(step, records read)],
+    [(validate, evaluate or retrain, directory in run_dir[, initial checkpoint])])."""
+    reads, events = [], []
 
     def recording(function):
         def wrapper(path, *args, **kwargs):
@@ -131,14 +249,21 @@ def _run(workspace, *overrides):
             mock.patch.object(training, "train_dataset", recording(training.train_dataset)), \
             mock.patch.object(evaluation.GatedGraph, "evaluate",
                               _fake_miou(evaluation.GatedGraph.evaluate)), \
+            mock.patch.object(staged, "_validate", _fake_validation(staged._validate, events)), \
+            mock.patch.object(staged, "_evaluate_test",
+                              _recorded_test(staged._evaluate_test, events)), \
+            mock.patch.object(staged, "retrain_config",
+                              _recorded_retraining(staged.retrain_config, events)), \
             contextlib.redirect_stdout(io.StringIO()) as output:
         compress.main(["-c", workspace["config"], *overrides])
-    return output.getvalue().splitlines(), reads
+    return output.getvalue().splitlines(), reads, events
 
 
 @pytest.fixture(scope="module")
 def runs(workspace):
-    """One stage, then a rerun to two stages over a half-written stage 2."""
+    """The default rule: one stage (its first try redone), then a rerun to
+    two stages over a half-written stage 2; and one stage of
+    budget_before_retraining in another run_dir."""
     run_dir = workspace["root"] / "run"
     first = _run(workspace)
     stage1 = run_dir / "stage1"
@@ -147,8 +272,12 @@ def runs(workspace):
     (run_dir / "stage2").mkdir()
     (run_dir / "stage2" / "rank.npz").write_text("half-written")
     second = _run(workspace, "--stages", "2")
+    budget_dir = workspace["root"] / "budget"
+    with mock.patch.object(staged, "measure_latency", lambda *args, **kwargs: {}):
+        budget = _run(workspace, "--stage_rule", "budget_before_retraining", "--run_dir",
+                      str(budget_dir))  # latency: measured in the other runs
     return {"run_dir": run_dir, "first": first, "second": second, "mtimes": before,
-            "row1": row1}
+            "row1": row1, "budget_dir": budget_dir, "budget": budget}
 
 
 def _files(directory):
@@ -172,6 +301,67 @@ def test_resume_keeps_finished_stages(runs):
     assert (runs["run_dir"] / "stage2" / "rank.npz").read_bytes()[:2] == b"PK"
 
 
+def test_failed_try_is_redone_with_half_the_step(runs):
+    rows = _rows(runs["run_dir"])
+    first, second = rows[1], rows[2]
+    assert first["tries"] == 2 and first["step_pct"] == 15.0
+    assert first["failed_tries"] == [
+        {"step_pct": 30.0, "resource_pct": pytest.approx(70.0, abs=1.0),
+         "val_miou_retrained": 40.0}]
+    assert first["model_def"].startswith(os.path.join("stage1", "try2"))
+    assert first["resource_percent"] <= 85.0 + 1e-9 < rows[0]["resource_percent"]
+    # The next stage starts from the step last kept.
+    assert second["tries"] == 1 and second["step_pct"] == 15.0
+    assert second["resource_percent"] <= 70.0 + 1e-9
+    tries = json.loads((runs["run_dir"] / "stage1" / "tries.json").read_text())
+    assert [t["accepted"] for t in tries["tries"]] == [False, True]
+    assert tries["floor"] == tries["reference"] - 1.0 == 49.0
+    log = runs["first"][0]
+    assert any("redo with a step of 15 points" in line for line in log)
+    assert any("(redone: step 30 -> val 40.00)" in line for line in log)
+    with open(runs["run_dir"] / "stages.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [line["tries"] for line in table] == ["0", "2", "1"]
+    assert [float(line["val_miou_retrained"]) for line in table] == [50.0, 49.5, 49.5]
+
+
+def test_reference_is_retrained_alongside(tmp_path):
+    """reference: retrained: stage 1 retrains the given model as a try is
+    retrained (same stage seed), stage 2 continues from stage 1's reference,
+    so each stage is judged against as many steps (stand-ins for training
+    and validation)."""
+    config = {"reference": "retrained", "run_dir": str(tmp_path), "model_def": "m.json",
+              "mask": None, "checkpoint": "given.ckpt", "gpu_id": "", "model": "AdapNet_pp",
+              "num_classes": NUM_CLASSES, "batch_size": 1, "skip_step": 1, "height": HEIGHT,
+              "width": WIDTH, "atrous_path": "auto"}
+    trained = []
+
+    def retrain(config, model, directory, stage, log, progress, iterations=None,
+                step="retrain"):
+        trained.append((model["checkpoint"], os.path.relpath(directory, tmp_path), stage,
+                        step))
+        return os.path.join(directory, "retrain", "model.ckpt-2")
+
+    rows = [{"stage": 0, "reference": 40.0, "reference_checkpoint": None}]
+    with mock.patch.object(staged, "_retrain", retrain), \
+            mock.patch.object(staged, "_validate", lambda *args, **kwargs: 45.0), \
+            mock.patch.object(staged, "_given_model",
+                              lambda config: staged.model_config(config, "m.json", None,
+                                                                 "given.ckpt")):
+        first = staged._reference(config, rows, str(tmp_path / "stage1"), 1, print, False)
+        rows.append({"stage": 1, "reference": first[0], "reference_checkpoint": first[1]})
+        second = staged._reference(config, rows, str(tmp_path / "stage2"), 2, print, False)
+        given = staged._reference(dict(config, reference="given"), rows,
+                                  str(tmp_path / "stage3"), 3, print, False)
+    assert first == (45.0, os.path.join("stage1", "reference", "retrain", "model.ckpt-2"))
+    assert trained == [
+        ("given.ckpt", os.path.join("stage1", "reference"), 1, "reference"),
+        (os.path.join(str(tmp_path), first[1]), os.path.join("stage2", "reference"), 2,
+         "reference")]
+    assert second[1] == os.path.join("stage2", "reference", "retrain", "model.ckpt-2")
+    assert given == (40.0, None)
+
+
 def test_run_directory_is_consistent(runs, workspace):
     from netcompress.checkpoint_paths import resolve_checkpoint
     from netcompress.pruning import verify_checkpoint
@@ -186,48 +376,101 @@ def test_run_directory_is_consistent(runs, workspace):
         verify_checkpoint(resolve_checkpoint(checkpoint), definition, load_masks(mask),
                           NUM_CLASSES, HEIGHT, WIDTH, f"stage {row['stage']}")
         assert total_parameters(definition, NUM_CLASSES) == row["parameters"]
+        assert row["resource_percent"] == pytest.approx(
+            100.0 * row["parameters"] / rows[0]["parameters"])
         parameters.append(row["parameters"])
         if row["stage"]:
-            for name in ("rank.npz", "search.json", "prune.txt", "eval.txt",
-                         "pruned/model_def.json", "retrain/checkpoint"):
+            try_dir = f"try{row['tries']}"
+            for name in ("rank.npz", "tries.json", "eval.txt", f"{try_dir}/prune.txt",
+                         f"{try_dir}/val.txt", f"{try_dir}/pruned/model_def.json",
+                         f"{try_dir}/retrain/checkpoint"):
                 assert (run_dir / f"stage{row['stage']}" / name).is_file(), name
-            search = json.loads((run_dir / f"stage{row['stage']}" / "search.json").read_text())
-            assert search["evaluations"] == row["candidates"] > 0
-            assert row["candidates_per_s"] > 0
+            assert row["candidates"] > 0 and row["candidates_per_s"] > 0
     assert parameters == sorted(parameters, reverse=True) and len(set(parameters)) == 3
+    _check_table(run_dir, rows)
+    log = runs["second"][0]
+    assert any(line.lstrip().startswith("stage  parameters") for line in log)
+
+
+def _check_table(run_dir, rows, latency=True):
     with open(run_dir / "stages.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
-    assert [int(r["stage"]) for r in table] == [0, 1, 2]
+    assert [int(r["stage"]) for r in table] == [row["stage"] for row in rows]
     for row, line in zip(rows, table):
         evaluated = (run_dir / f"stage{row['stage']}" / "eval.txt").read_text()
         miou = evaluated.strip().splitlines()[-1]
         assert miou.startswith("mIoU: ") and float(line["test_miou"]) == float(miou[6:])
         assert int(line["parameters"]) == row["parameters"]
-        assert float(line["latency_ms"]) > 0
+        assert latency is False or float(line["latency_ms"]) > 0
         assert float(line["miou_change"]) == pytest.approx(
             float(line["test_miou"]) - float(table[0]["test_miou"]), abs=0.011)
     assert (run_dir / "compression.png").read_bytes()[:4] == b"\x89PNG"
-    log = runs["second"][0]
-    assert any(line.lstrip().startswith("stage  parameters") for line in log)
+
+
+def test_budget_rule_stays_available(runs, workspace):
+    budget_dir = runs["budget_dir"]
+    rows = _rows(budget_dir)
+    assert [row["stage"] for row in rows] == [0, 1]
+    row = rows[1]
+    assert row["tries"] == 1 and row["thresholds"] and row["allocation"] == "thresholds"
+    assert row["val_miou_retrained"] == 49.5 and row["parameters"] < rows[0]["parameters"]
+    search = json.loads((budget_dir / "stage1" / "search.json").read_text())
+    assert search["evaluations"] == row["candidates"] > 0
+    for name in ("rank.npz", "prune.txt", "val.txt", "eval.txt", "pruned/model_def.json",
+                 "retrain/checkpoint"):
+        assert (budget_dir / "stage1" / name).is_file(), name
+    _check_table(budget_dir, rows, latency=False)
 
 
 def test_search_never_reads_the_test_records(runs, workspace):
     test = os.path.realpath(workspace["files"]["test"])
     val = os.path.realpath(workspace["files"]["val"])
-    reads = runs["first"][1] + runs["second"][1]
+    reads = runs["first"][1] + runs["second"][1] + runs["budget"][1]
     assert {step for step, path in reads if path == test} == {"evaluate"}
     assert {path for step, path in reads if step == "search"} == {val}
-    assert {step for step, path in reads if path == val} == {"search"}
+    assert {step for step, path in reads if path == val} == {"search", "validate"}
+
+
+def test_test_records_are_read_after_the_stage_is_decided(runs):
+    """Each stage's test evaluation comes after every validation of its
+    tries, and nothing of the stage runs after it."""
+    for run in ("first", "second", "budget"):
+        events = runs[run][2]
+        for position, (what, directory, *_) in enumerate(events):
+            stage = directory.split(os.sep)[0]
+            later = [event[1].split(os.sep)[0] for event in events[position + 1:]]
+            if what == "evaluate":
+                assert stage not in later, (run, events)
+        evaluated = [event[1] for event in events if event[0] == "evaluate"]
+        assert evaluated == sorted(set(evaluated)) and evaluated
 
 
 def test_rerun_with_other_settings_is_refused(runs, workspace):
-    config = load_config(workspace["config"], "compress", ["budget=2"])
-    with pytest.raises(UserError, match="budget"):
-        staged.check(config)
+    for change in ("budget=2", "tolerance=2", "stage_rule=budget_before_retraining"):
+        config = load_config(workspace["config"], "compress", [change])
+        with pytest.raises(UserError, match=change.split("=")[0]):
+            staged.check(config)
+
+
+def test_latency_target_is_measured_against_the_given_model(workspace):
+    """A latency target's percentage: the model against the given one, timed
+    in one process (here the given model against itself)."""
+    config = load_config(workspace["config"], "compress", ["target=latency"])
+    logged = []
+    percent = staged._resource_percent(config, [{"parameters": 1, "macs": 1}],
+                                       staged._given_model(config), 1, 1, logged.append,
+                                       False)
+    assert 25 < percent < 400 and logged[0].startswith("latency ")
 
 
 def test_bad_inputs_are_one_line_errors(workspace, tmp_path):
     files = workspace["files"]
+    for change, message in (("target_percent=100", "target_percent"),
+                            ("min_step_percent=40", "min_step_percent")):
+        config = load_config(workspace["config"], "compress",
+                             [change, f"run_dir={tmp_path / 'r'}"])
+        with pytest.raises(UserError, match=message):
+            staged.check(config)
     config = load_config(workspace["config"], "compress",
                          [f"val_data={files['test']}", f"run_dir={tmp_path / 'r'}"])
     with pytest.raises(UserError, match="test data"):

@@ -1,0 +1,166 @@
+"""compress.py's default stage rule (docs/compress.md, "Stages judged after
+retraining"): each stage removes a step of a resource toward a target, the
+allocation across layers chosen on validation data, and is accepted by the
+validation mIoU it keeps *after* retraining; a stage that falls below the
+tolerance is redone with half the step. No TensorFlow here: the tests drive
+the step/redo logic with a stand-in evaluation.
+
+Resources are counted on the model_def (parameters, inference MACs); a
+latency target sizes its steps in MACs and is checked on measured latency.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.architecture import adapnet_pp, resolve_widths
+from netcompress.costs import inference_macs, total_parameters
+from netcompress.plan import plan_pruning
+
+RESOURCES = ("parameters", "macs", "latency")
+
+
+# ---- the step, acceptance and redo logic ------------------------------------------
+
+@dataclass
+class Attempt:
+    """One try of a stage: what it aimed at and what it left."""
+    step: float  # percentage points of the given model's resource this try removes
+    goal: float  # resource percentage of the given model it aimed at
+    reached: float = None  # resource percentage after pruning
+    removed: int = None  # channels removed
+    val_miou: float = None  # validation mIoU after retraining
+    accepted: bool = False
+    note: str = ""
+    details: dict = field(default_factory=dict)
+
+
+def run_stage(current, target, step, min_step, floor, attempt, log=print):
+    """Tries of one stage, from ``current`` (resource % of the given model)
+    toward ``target`` (%): a step of ``step`` points (never past the target);
+    ``attempt(step, goal) -> Attempt`` prunes, retrains and validates. A try
+    whose validation mIoU is below ``floor`` is redone with half the step,
+    down to ``min_step`` (a last step to the target may be smaller). Returns
+    (the accepted Attempt or None, every Attempt in order)."""
+    tries = []
+    step = min(step, current - target)
+    while True:
+        goal = current - step
+        result = attempt(step, goal)
+        result.step, result.goal = step, goal
+        tries.append(result)
+        if result.removed == 0:
+            result.note = "no channel left to remove"
+            log(f"try {len(tries)}: {result.note}")
+            return None, tries
+        result.accepted = result.val_miou is not None and result.val_miou >= floor
+        if result.accepted:
+            return result, tries
+        smaller = step / 2
+        if smaller < min_step:
+            result.note = (f"validation mIoU {result.val_miou:.2f} < {floor:.2f}; the "
+                           f"smallest step ({step:g} points) failed")
+            log(f"try {len(tries)}: {result.note}")
+            return None, tries
+        result.note = (f"validation mIoU {result.val_miou:.2f} < {floor:.2f}: redo with a "
+                       f"step of {smaller:g} points")
+        log(f"try {len(tries)}: {result.note}")
+        step = smaller
+
+
+def target_reached(percent, target):
+    return percent <= target + 1e-9
+
+
+# ---- resources of a removal -----------------------------------------------------
+
+def resource_of(model_def, masks, num_classes, height, width, resource):
+    """Parameters or inference MACs (a latency target counts MACs)."""
+    if resource == "parameters":
+        return total_parameters(model_def, num_classes)
+    return inference_macs(model_def, num_classes, height, width, masks)
+
+
+def removal_plan(model_def, masks, num_classes, removed, min_channels=1, round_to=1):
+    """The pruning plan that removes exactly ``removed`` ({layer: indices})
+    (round_to may give channels back): scores 0 for removed channels, 1 for
+    kept, at threshold 0.5."""
+    widths = resolve_widths(model_def, num_classes, adapnet_pp())
+    scores = {layer: np.where(np.isin(np.arange(widths[layer]), indices), 0.0, 1.0)
+              for layer, indices in removed.items() if len(indices)}
+    return plan_pruning(model_def, masks, num_classes, scores, list(scores), 0.5,
+                        min_channels, round_to)
+
+
+# ---- allocation: which channels make the step -----------------------------------
+
+def orderings(raw, normalised, costs, min_channels=1):
+    """Candidate removal orders, each a list of (layer, channel), first to go
+    first. ``raw``: {layer: criterion scores} (taylor_out is a loss change,
+    comparable across layers); ``normalised``: per-layer normalised scores
+    (the order a single threshold on every layer follows); ``costs``:
+    {layer: resource one channel of it saves}. A layer's best
+    ``min_channels`` channels (at least one) never go."""
+    candidates = {
+        "global": {layer: np.asarray(values, np.float64) for layer, values in raw.items()},
+        "global_per_cost": {layer: np.asarray(values, np.float64) / costs[layer]
+                            for layer, values in raw.items() if costs.get(layer, 0) > 0},
+        "per_layer": {layer: values for layer, values in normalised.items()
+                      if values is not None},
+    }
+    result = {}
+    for name, scores in candidates.items():
+        entries = []
+        for layer, values in scores.items():
+            keep = np.argsort(-np.asarray(raw[layer]), kind="stable")[:max(min_channels, 1)]
+            entries += [(float(values[i]), layer, int(i)) for i in range(len(values))
+                        if i not in set(int(k) for k in keep)]
+        entries.sort(key=lambda entry: entry[0])
+        result[name] = [(layer, index) for _, layer, index in entries]
+    return result
+
+
+def channel_costs(model_def, masks, num_classes, height, width, resource, layers):
+    """{layer: resource saved by removing one of its channels}, at the
+    current widths."""
+    widths = resolve_widths(model_def, num_classes, adapnet_pp())
+    base = resource_of(model_def, masks, num_classes, height, width, resource)
+    costs = {}
+    for layer in layers:
+        if widths[layer] < 2:
+            continue
+        plan = removal_plan(model_def, masks, num_classes, {layer: [0]})
+        costs[layer] = base - resource_of(plan.model_def_after, plan.masks_after,
+                                          num_classes, height, width, resource)
+    return costs
+
+
+def prefix_removal(order, count):
+    removed = {}
+    for layer, index in order[:count]:
+        removed.setdefault(layer, []).append(index)
+    return {layer: sorted(indices) for layer, indices in removed.items()}
+
+
+def removal_for_goal(order, goal, model_def, masks, num_classes, height, width, resource,
+                     min_channels=1, round_to=1):
+    """The shortest prefix of ``order`` whose removal brings the resource to
+    ``goal`` (absolute) or below, by bisection on the prefix length (the
+    whole order when even that does not reach it). Returns (removed,
+    resource after)."""
+    def after(count):
+        plan = removal_plan(model_def, masks, num_classes, prefix_removal(order, count),
+                            min_channels, round_to)
+        return resource_of(plan.model_def_after, plan.masks_after, num_classes, height,
+                           width, resource)
+
+    low, high = 0, len(order)
+    if after(high) > goal:
+        return prefix_removal(order, high), after(high)
+    while low < high:  # smallest count with after(count) <= goal
+        middle = (low + high) // 2
+        if after(middle) <= goal:
+            high = middle
+        else:
+            low = middle + 1
+    return prefix_removal(order, low), after(low)
