@@ -289,6 +289,7 @@ def _rows(run_dir):
     return staged.finished_rows({"run_dir": str(run_dir)})
 
 
+@pytest.mark.slow
 def test_resume_keeps_finished_stages(runs):
     stage1 = runs["run_dir"] / "stage1"
     assert (stage1 / "row.json").read_text() == runs["row1"]
@@ -301,6 +302,7 @@ def test_resume_keeps_finished_stages(runs):
     assert (runs["run_dir"] / "stage2" / "rank.npz").read_bytes()[:2] == b"PK"
 
 
+@pytest.mark.slow
 def test_failed_try_is_redone_with_half_the_step(runs):
     rows = _rows(runs["run_dir"])
     first, second = rows[1], rows[2]
@@ -362,6 +364,7 @@ def test_reference_is_retrained_alongside(tmp_path):
     assert given == (40.0, None)
 
 
+@pytest.mark.slow
 def test_run_directory_is_consistent(runs, workspace):
     from netcompress.checkpoint_paths import resolve_checkpoint
     from netcompress.pruning import verify_checkpoint
@@ -407,6 +410,7 @@ def _check_table(run_dir, rows, latency=True):
     assert (run_dir / "compression.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_budget_rule_stays_available(runs, workspace):
     budget_dir = runs["budget_dir"]
     rows = _rows(budget_dir)
@@ -422,6 +426,7 @@ def test_budget_rule_stays_available(runs, workspace):
     _check_table(budget_dir, rows, latency=False)
 
 
+@pytest.mark.slow
 def test_search_never_reads_the_test_records(runs, workspace):
     test = os.path.realpath(workspace["files"]["test"])
     val = os.path.realpath(workspace["files"]["val"])
@@ -431,6 +436,7 @@ def test_search_never_reads_the_test_records(runs, workspace):
     assert {step for step, path in reads if path == val} == {"search", "validate"}
 
 
+@pytest.mark.slow
 def test_test_records_are_read_after_the_stage_is_decided(runs):
     """Each stage's test evaluation comes after every validation of its
     tries, and nothing of the stage runs after it."""
@@ -445,6 +451,7 @@ def test_test_records_are_read_after_the_stage_is_decided(runs):
         assert evaluated == sorted(set(evaluated)) and evaluated
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_is_refused(runs, workspace):
     for change in ("budget=2", "tolerance=2", "stage_rule=budget_before_retraining"):
         config = load_config(workspace["config"], "compress", [change])
