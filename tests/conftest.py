@@ -15,9 +15,9 @@ import_tensorflow_quietly().config.optimizer.set_experimental_options(
     {"disable_meta_optimizer": True})
 
 
-# make test's two worker processes take whole modules (--dist loadfile), the
-# first four two each in this order, then one at a time as they finish: the
-# longest modules first, split between the two, so that none starts last.
+# make test's worker processes take whole modules (--dist loadfile), in this
+# order, then one at a time as they finish: the longest modules first, each
+# on its own worker, so that none starts last.
 LONGEST_FIRST = ("test_replicas", "test_training", "test_criteria", "test_workers",
                  "test_compress", "test_scripts", "test_pipeline", "test_faults")
 

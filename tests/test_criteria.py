@@ -90,7 +90,6 @@ def session_for(gated, config):
     return session
 
 
-@pytest.mark.onednn
 @pytest.mark.slow
 def test_taylor_out_is_the_derivative_of_the_loss_by_the_channel_gate(tiny):
     """t_out_n(k) = dC_n/dg_k at g = 1, g_k a gate on channel k of what the
@@ -135,7 +134,6 @@ def test_taylor_out_is_the_derivative_of_the_loss_by_the_channel_gate(tiny):
                     (layer, k, finite_difference, t_out[k])
 
 
-@pytest.mark.onednn
 def test_gates_compute_exactly_what_the_try_zeros_checkpoint_computes(tiny, tmp_path):
     config, ranks = tiny["config"], tiny["ranks"]
     removed = {layer: lowest(ranks.scores("taylor")[layer], 0.3) for layer in ranks.layers}

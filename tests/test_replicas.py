@@ -129,6 +129,7 @@ WEIGHTS_TOLERANCE = 0.25  # of the weights' movement over the 3 steps
 STATISTICS_TOLERANCE = 1e-3
 
 
+@pytest.mark.slow
 def test_two_replicas_of_four_images_step_like_one_of_eight(workspace, one_and_two):
     one, two = one_and_two
     root = workspace["root"]
@@ -155,6 +156,7 @@ def test_two_replicas_of_four_images_step_like_one_of_eight(workspace, one_and_t
     assert last["moving_variance"] < STATISTICS_TOLERANCE
 
 
+@pytest.mark.slow
 def test_checkpoints_of_replicas_have_the_single_device_names(workspace, one_and_two):
     root = workspace["root"]
     one, two = read_step(root / "one", 1 + STEPS), read_step(root / "two", 1 + STEPS)
@@ -164,6 +166,7 @@ def test_checkpoints_of_replicas_have_the_single_device_names(workspace, one_and
         {name: np.shape(v) for name, v in two.items()}
 
 
+@pytest.mark.slow
 def test_two_replicas_run_resumes_on_one(workspace, one_and_two):
     """The two replicas' run goes on on one replica from its last step, as
     the one-replica run does."""
@@ -183,6 +186,7 @@ def rank_config(workspace, checkpoint, replicas, batch_size):
     return load_config(path, "oracle_rank", [f"replicas={replicas}"])
 
 
+@pytest.mark.slow
 def test_rank_files_equal_for_one_and_two_replicas(workspace, one_and_two):
     """10 images in batches of 4: the last batch (2 images) is padded for the
     replicas; the padding counts for nothing."""
