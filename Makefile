@@ -29,9 +29,9 @@ demo: data
 # TensorFlow turns oneDNN on by default only on some CPUs; the suite runs with
 # it off, then the tests whose results can differ between the settings (marked
 # onednn: atrous kernels, a training step, a rank pass, the replica layer) run
-# again with it on (docs/atrous.md). Three worker processes, one test file each:
-# graph building is single-threaded, and two kept only 1.3 of 2 cores busy.
-PYTEST := $(PY) -m pytest -q -n 3 --dist loadfile
+# again with it on (docs/atrous.md). Two worker processes, one test file each
+# (three were slower on 2 cores: 18.5 against 16.8 minutes, docs/testing.md).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 test: setup
 	TF_ENABLE_ONEDNN_OPTS=0 $(PYTEST) --durations=15 tests
 	TF_ENABLE_ONEDNN_OPTS=1 $(PYTEST) --durations=15 -m onednn tests
