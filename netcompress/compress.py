@@ -304,16 +304,22 @@ def _set_step(name):
     current_step = name
 
 
-def _evaluate_test(config, model, directory, log, progress):
-    """Test mIoU of a stage's model; the report goes to directory/eval.txt."""
+def _miou_pass(model, records, report_path, progress):
+    """mIoU in percent of one plain pass of ``model`` over ``records``; the
+    per-class report goes to ``report_path``."""
     from netcompress.evaluation import evaluate
 
-    _set_step("evaluate")
     lines = []
-    matrix = evaluate(dict(model, test_data=config["test_data"]), log=lines.append,
-                      progress=progress)
-    _write_lines(os.path.join(directory, "eval.txt"), lines)
-    miou = 100.0 * float(np.nan_to_num(matrix.mean_iou()))
+    matrix = evaluate(dict(model, test_data=records), log=lines.append, progress=progress)
+    _write_lines(report_path, lines)
+    return 100.0 * float(np.nan_to_num(matrix.mean_iou()))
+
+
+def _evaluate_test(config, model, directory, log, progress):
+    """Test mIoU of a stage's model; the report goes to directory/eval.txt."""
+    _set_step("evaluate")
+    miou = _miou_pass(model, config["test_data"], os.path.join(directory, "eval.txt"),
+                      progress)
     log(f"test mIoU: {miou:.2f}")
     return miou
 
@@ -321,14 +327,9 @@ def _evaluate_test(config, model, directory, log, progress):
 def _validate(config, model, directory, log, progress, what="after retraining"):
     """Validation mIoU of a model (one plain pass over val_data); the report
     goes to directory/val.txt."""
-    from netcompress.evaluation import evaluate
-
     _set_step("validate")
-    lines = []
-    matrix = evaluate(dict(model, test_data=config["val_data"]), log=lines.append,
-                      progress=progress)
-    _write_lines(os.path.join(directory, "val.txt"), lines)
-    miou = 100.0 * float(np.nan_to_num(matrix.mean_iou()))
+    miou = _miou_pass(model, config["val_data"], os.path.join(directory, "val.txt"),
+                      progress)
     log(f"validation mIoU {what}: {miou:.2f}")
     return miou
 

@@ -19,32 +19,12 @@ from netcompress.evaluation import evaluate
 from netcompress.training import train
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    files = synthetic.generate(str(root / "data"), num_train=400, num_test=48, seed=3)
+def write_workspace(root, model_def, height, width, batch_size, num_train, num_test):
+    """Records and train/test configs under ``root``: (root, files, train, test)."""
+    files = synthetic.generate(str(root / "data"), num_train=num_train, num_test=num_test,
+                               height=height, width=width, seed=3)
     base = dict(gpu_id="", model="AdapNet_pp", num_classes=synthetic.NUM_CLASSES,
-                batch_size=8, skip_step=10, height=64, width=128, mask=None,
-                model_def=os.path.join(REPO, "models", "small.json"))
-    train_config = write_config(root / "train.config", dict(
-        base, intialize=None, checkpoint=root / "run" / "model.ckpt",
-        train_data=files["train"], max_iteration=600, learning_rate=0.005, save_step=600,
-        power=0.9))
-    test_config = write_config(root / "test.config", dict(
-        base, checkpoint=root / "run", test_data=files["test"]))
-    return root, files, train_config, test_config
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The smallest setting that shows a training behaviour: widths / 16,
-    32x64 images, batch 2 (the learning tests use ``demo``)."""
-    root = tmp_path_factory.mktemp("tiny")
-    files = synthetic.generate(str(root / "data"), num_train=8, num_test=4, height=32,
-                               width=64, seed=3)
-    model_def = write_json(root / "tiny.json", scaled_model_def(16))
-    base = dict(gpu_id="", model="AdapNet_pp", num_classes=synthetic.NUM_CLASSES,
-                batch_size=2, skip_step=10, height=32, width=64, mask=None,
+                batch_size=batch_size, skip_step=10, height=height, width=width, mask=None,
                 model_def=model_def)
     train_config = write_config(root / "train.config", dict(
         base, intialize=None, checkpoint=root / "run" / "model.ckpt",
@@ -53,6 +33,22 @@ def tiny(tmp_path_factory):
     test_config = write_config(root / "test.config", dict(
         base, checkpoint=root / "run", test_data=files["test"]))
     return root, files, train_config, test_config
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    return write_workspace(root, os.path.join(REPO, "models", "small.json"), 64, 128,
+                           batch_size=8, num_train=400, num_test=48)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The smallest setting that shows a training behaviour: widths / 16,
+    32x64 images, batch 2 (the learning tests use ``demo``)."""
+    root = tmp_path_factory.mktemp("tiny")
+    model_def = write_json(root / "tiny.json", scaled_model_def(16))
+    return write_workspace(root, model_def, 32, 64, batch_size=2, num_train=8, num_test=4)
 
 
 @pytest.fixture(scope="module")
