@@ -117,8 +117,11 @@ def replica_step(model, optimizer, global_step, global_batch, count):
         share = tf.cast(tf.shape(images)[0], tf.float32) / global_batch
         data_loss = tf.reduce_mean(model.per_example_loss(outputs, labels)) * share
         loss = data_loss + model.weight_decay() * (1.0 / count)
-        with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
-            train_op = optimizer.minimize(loss, global_step)
+        # The batch-norm updates run in the same step (TrainGraph groups them
+        # with train_op); they do not depend on the gradient step, so no
+        # control edges from every update to every gradient op (on two
+        # replicas those edges cross devices: minutes to place the graph).
+        train_op = optimizer.minimize(loss, global_step)
         return {"loss": loss, "data_loss": data_loss, "train_op": train_op}
     return step
 
@@ -159,7 +162,10 @@ def _save_if_finite(session, graph, directory, prefix, step, write=True):
     if not session.run(graph.all_finite):
         raise _diverged(f"variables are not finite after step {step}", directory, prefix)
     if write:
-        graph.saver.save(session, prefix, global_step=step)
+        # No .meta graph: every reader rebuilds the graph from the model_def,
+        # and serialising the training graph at every save cost more than the
+        # save itself (docs/outputs.md).
+        graph.saver.save(session, prefix, global_step=step, write_meta_graph=False)
 
 
 def train(config, log=print, seed=None, progress=True, dropout=True):

@@ -133,6 +133,7 @@ def test_resume_continues_from_saved_step_in_a_copied_directory(tiny, tmp_path):
     assert first["step"] == 4 and len(first["losses"]) == 4
     assert first["checkpoint"] == f"{tmp_path}/run/model.ckpt-4"
     assert os.path.isfile(f"{tmp_path}/run/model.ckpt-2.index")
+    assert not glob.glob(f"{tmp_path}/run/*.meta")  # the graph is rebuilt from the model_def
     assert str(tmp_path) not in open(f"{tmp_path}/run/checkpoint").read()
     shutil.copytree(f"{tmp_path}/run", f"{tmp_path}/copy")
     messages = []
