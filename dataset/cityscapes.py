@@ -19,7 +19,6 @@ import glob
 import io
 import math
 import os
-import re
 import sys
 
 if __package__ in (None, ""):
@@ -34,9 +33,6 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 SPLITS = ("train", "val", "test")
 CLASS_SETS = (19, 12)
-# CITY_SEQUENCE_FRAME, the part of a file name the official evaluation
-# matches predictions by.
-_FRAME = re.compile(r"^(?P<frame>[^_/]+_\d+_\d+)_")
 
 # AdapNet++'s Cityscapes classes in class-id order (netcompress/palette.py
 # has their colours): each lists the Cityscapes labels it is made of; the
@@ -80,15 +76,13 @@ class ClassSet:
         for label in labels:
             self.known[label.id] = True
         if classes == 19:
-            trained = sorted((label.trainId, label) for label in labels
-                             if 0 <= label.trainId < 255)
-            # Several labels may share a trainId; the first one stands for it,
-            # as in cityscapesscripts' own inverse table.
-            firsts = {}
-            for train_id, label in trained:
-                firsts.setdefault(train_id, label)
-            groups = [(firsts[t].name, [lab.name for tid, lab in trained if tid == t])
-                      for t in sorted(firsts)]
+            by_train_id = {}
+            for label in labels:
+                if 0 <= label.trainId < 255:
+                    by_train_id.setdefault(label.trainId, []).append(label.name)
+            # A trainId is named, and written back, as its first label in the
+            # table, as in cityscapesscripts' own inverse table.
+            groups = [(names[0], names) for _, names in sorted(by_train_id.items())]
         else:
             groups = [(name, list(members)) for name, members in ADAPNET_12_LABELS]
         self.num_classes = len(groups) + 1
@@ -98,8 +92,6 @@ class ClassSet:
             for member in members:
                 self.to_class[by_name[member].id] = class_id
             self.to_label_id[class_id] = by_name[members[0]].id
-        self.members = {class_id: members for class_id, (_, members)
-                        in enumerate(groups, start=1)}
 
     def classes_of(self, label_ids, path):
         """Class ids of a label image of Cityscapes label ids; a UserError
@@ -125,12 +117,6 @@ def class_set_for(num_classes):
         return ClassSet(12)
     raise UserError(f"--cityscapes_ids needs a model of 20 classes (void + Cityscapes' 19) "
                     f"or 12 (void + AdapNet++'s 11), not num_classes {num_classes}")
-
-
-def frame_of(path):
-    """CITY_SEQUENCE_FRAME of a Cityscapes file name, or None."""
-    found = _FRAME.match(os.path.basename(path))
-    return found.group("frame") if found else None
 
 
 def find_pairs(root, split):
