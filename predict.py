@@ -2,6 +2,7 @@
 
 import sys
 
+from common.errors import UserError
 from netcompress.cli import run_main, run_script
 
 DESCRIPTION = ("Predict label maps of images with a checkpoint (any model_def + mask); "
@@ -18,9 +19,14 @@ def add_arguments(parser):
     group.add_argument("--palette", default="auto", metavar="SPEC",
                        help="auto (Cityscapes colours for 12/19/20 classes, else distinct), "
                             "cityscapes, distinct, or a file of `R G B [name]` lines")
-    group.add_argument("--classes", default=None, metavar="FILE",
-                       help="class names for the legend, `ID NAME` per line "
-                            "(e.g. data/demo/classes.txt)")
+    group.add_argument("--cityscapes_ids", action="store_true",
+                       help="write only CITY_SEQ_FRAME_labelIds.png in Cityscapes label ids "
+                            "(num_classes 20 or 12), for its official evaluation; --input "
+                            "is searched recursively for *_leftImg8bit.png")
+    group.add_argument("--overlays", default=None, metavar="DIR",
+                       help="with --cityscapes_ids: where the colour labels, overlays and "
+                            "legend go (outside --output); none without it")
+    # Class names for the legend: the config key `classes` (also --classes FILE).
 
 
 def main(argv=None):
@@ -30,7 +36,11 @@ def main(argv=None):
 def _predict(config, args, _):
     from netcompress.predict import predict
 
-    predict(config, args.input, args.output, palette=args.palette, classes=args.classes)
+    if args.overlays is not None and not args.cityscapes_ids:
+        raise UserError("--overlays goes with --cityscapes_ids (otherwise the colour files "
+                        "go to --output)")
+    predict(config, args.input, args.output, palette=args.palette,
+            cityscapes_ids=args.cityscapes_ids, overlays=args.overlays)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ normalisation = 'max'
 min_channels = 1
 round_to = 1
 histogram_save = 'runs/demo/threshold_histogram.png'
+classes = None
 
 
 def main(argv=None):

@@ -1,7 +1,10 @@
-"""Convert a list of `image_path label_path` lines into an AdapNet++ record.
+"""Convert a list of `image_path label_path` lines, or a Cityscapes split,
+into an AdapNet++ record.
 
     python dataset/convert_to_tfrecords.py --file list.txt --record out.tfrecords \
         [--mean mean.npy] [--resize HxW] [--num_classes N]
+    python dataset/convert_to_tfrecords.py --cityscapes ROOT --split train|val \
+        --classes 19|12 --record out.tfrecords [--mean mean.npy] [--resize HxW]
 
 Relative paths in the list are resolved against the list file's directory;
 blank lines and lines starting with '#' are skipped. Images (PNG/JPEG, read
@@ -9,6 +12,11 @@ with Pillow) are stored in BGR order, which is what OpenCV's imread returns
 and what existing AdapNet++ records hold. Labels are single-channel PNGs of
 class ids (mode L or P; for P the palette index is the id, not its colour).
 With --resize images are resized bilinearly and labels by nearest neighbour.
+
+--cityscapes reads ROOT/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png with their
+ROOT/gtFine/SPLIT/CITY/*_gtFine_labelIds.png, maps the label ids to training
+classes (dataset/cityscapes.py) and writes the class names beside the record
+(out.classes.txt), for the `classes` config key.
 """
 
 import argparse
@@ -94,7 +102,7 @@ def _image_to_bgr(image, path, size=None):
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[:, :, ::-1])
 
 
-def _image_to_label(image, path, size=None):
+def _image_to_label(image, path, size=None, label_map=None):
     if image.mode in _COLOUR_LABEL_MODES:
         raise UserError(f"label {path} has {len(image.getbands())} channels "
                         f"(mode {image.mode}); expected single-channel class ids")
@@ -110,6 +118,8 @@ def _image_to_label(image, path, size=None):
         ids = wide.astype(np.uint8)
     else:
         raise UserError(f"label {path} has unsupported mode {image.mode}")
+    if label_map is not None:  # on the full label: every id is checked
+        ids = label_map(ids, path)
     if size is not None and ids.shape != tuple(size):
         ids = np.asarray(Image.fromarray(ids, mode="L").resize(
             (size[1], size[0]), Image.NEAREST), dtype=np.uint8)
@@ -135,11 +145,55 @@ def convert(list_path, record_path, mean_path=None, resize=None, num_classes=Non
         for path, what in ((image_path, "image"), (label_path, "label")):
             if not os.path.isfile(path):
                 raise UserError(f"{what} file not found: {path} (listed in {list_path})")
+
+    def check_label(label, label_path):
+        if num_classes is not None and label.size:
+            max_id = int(label.max())
+            if max_id >= num_classes:
+                raise UserError(f"label {label_path} has class id {max_id} "
+                                f">= num_classes ({num_classes})")
+    inputs = {"--file": [list_path],
+              "a listed file": [path for pair in pairs for path in pair]}
+    return _convert_pairs(pairs, record_path, inputs, mean_path, resize,
+                          progress, check_label=check_label)
+
+
+def convert_cityscapes(root, split, classes, record_path, mean_path=None, resize=None,
+                       progress=True):
+    """Write record_path from a Cityscapes split (dataset/cityscapes.py), the
+    class names to classes_path(record_path) and, optionally, the mean image;
+    returns the count."""
+    from dataset import cityscapes
+
+    class_set = cityscapes.ClassSet(classes)
+    if resize is not None:
+        resize = tuple(int(value) for value in resize)
+    pairs = cityscapes.find_pairs(root, split)
+    names_path = cityscapes.classes_path(record_path)
+    text = cityscapes.classes_text(class_set.names)
+
+    def write_names():
+        from common.files import replace_atomically
+
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        replace_atomically(names_path, write)
+    inputs = {"a --cityscapes file": [path for pair in pairs for path in pair]}
+    return _convert_pairs(pairs, record_path, inputs, mean_path, resize,
+                          progress, label_map=class_set.classes_of,
+                          more_outputs={"classes file": [names_path]}, finish=write_names)
+
+
+def _convert_pairs(pairs, record_path, inputs, mean_path, resize, progress,
+                   check_label=None, label_map=None, more_outputs=None, finish=None):
+    """The conversion loop of both modes; ``finish()`` writes any other
+    output inside the record's writer block (a failure discards the record)."""
     written = {"--record": [record_path]}
     if mean_path is not None:
         written["--mean"] = [mean_path]
-    check_outputs(written, {"--file": [list_path],
-                            "a listed file": [path for pair in pairs for path in pair]})
+    written.update(more_outputs or {})
+    check_outputs(written, inputs)
     # Imported only now so list and file errors are reported without loading TF.
     from dataset.records import encode_example, record_writer, save_npy_atomic
 
@@ -165,12 +219,9 @@ def convert(list_path, record_path, mean_path=None, resize=None, num_classes=Non
                     f"image {image_path} is {_hxw(image_size)} but {first_path} is "
                     f"{_hxw(common_size)}; use --resize HxW to store one size")
             image = _image_to_bgr(image_file, image_path, resize)
-            label = _image_to_label(label_file, label_path, resize)
-            if num_classes is not None and label.size:
-                max_id = int(label.max())
-                if max_id >= num_classes:
-                    raise UserError(f"label {label_path} has class id {max_id} "
-                                    f">= num_classes ({num_classes})")
+            label = _image_to_label(label_file, label_path, resize, label_map)
+            if check_label is not None:
+                check_label(label, label_path)
             writer.write(encode_example(image, label))
             if mean_path is not None:
                 if mean_sum is None:
@@ -179,6 +230,8 @@ def convert(list_path, record_path, mean_path=None, resize=None, num_classes=Non
         if mean_path is not None:
             # Inside the writer block: a failure here also discards the record.
             save_npy_atomic(mean_path, (mean_sum / len(pairs)).astype(np.float32))
+        if finish is not None:
+            finish()
     return len(pairs)
 
 
@@ -188,17 +241,25 @@ def _hxw(size):
 
 def build_arg_parser():
     parser = argparse.ArgumentParser(
-        description="Convert 'image_path label_path' lines into an AdapNet++ TFRecord "
-                    "(images stored BGR, labels as uint8 class ids).")
-    parser.add_argument("--file", required=True,
+        description="Convert 'image_path label_path' lines, or a Cityscapes split, into an "
+                    "AdapNet++ TFRecord (images stored BGR, labels as uint8 class ids).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file",
                         help="text file with one 'image_path label_path' per line")
+    source.add_argument("--cityscapes", metavar="ROOT",
+                        help="Cityscapes root (holding leftImg8bit/ and gtFine/)")
+    parser.add_argument("--split", choices=("train", "val"),
+                        help="--cityscapes: the split to convert")
+    parser.add_argument("--classes", type=int, choices=(19, 12),
+                        help="--cityscapes: 19 (official classes, num_classes 20 with "
+                             "void) or 12 (AdapNet++'s 11 + void)")
     parser.add_argument("--record", required=True, help="output .tfrecords path")
     parser.add_argument("--mean", help="also write the mean image (float32 HxWx3, BGR) "
                                        "to this .npy path")
     parser.add_argument("--resize", metavar="HxW",
                         help="resize images (bilinear) and labels (nearest)")
     parser.add_argument("--num_classes", type=int,
-                        help="reject labels with class ids >= this")
+                        help="--file: reject labels with class ids >= this")
     parser.add_argument("--no_progress", action="store_true",
                         help="do not show a progress bar")
     return parser
@@ -215,19 +276,36 @@ def main(argv=None):
 
 
 def _main(argv):
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.cityscapes is not None:
+        if args.split is None or args.classes is None:
+            parser.error("--cityscapes needs --split and --classes")
+        if args.num_classes is not None:
+            parser.error("--num_classes is for --file (--classes sets it with --cityscapes)")
+    elif args.split is not None or args.classes is not None:
+        parser.error("--split and --classes go with --cityscapes")
     from common.runtime import import_tensorflow_quietly
     import_tensorflow_quietly()
     try:
         resize = parse_size(args.resize) if args.resize is not None else None
-        count = convert(args.file, args.record, mean_path=args.mean,
-                        resize=resize, num_classes=args.num_classes,
-                        progress=not args.no_progress)
+        if args.cityscapes is not None:
+            count = convert_cityscapes(args.cityscapes, args.split, args.classes,
+                                       args.record, mean_path=args.mean, resize=resize,
+                                       progress=not args.no_progress)
+        else:
+            count = convert(args.file, args.record, mean_path=args.mean,
+                            resize=resize, num_classes=args.num_classes,
+                            progress=not args.no_progress)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {count} examples to {args.record}"
-          + (f" and the mean image to {args.mean}" if args.mean else ""))
+    message = f"wrote {count} examples to {args.record}"
+    if args.cityscapes is not None:
+        from dataset.cityscapes import ClassSet, classes_path
+        message += (f", class names to {classes_path(args.record)} (num_classes "
+                    f"{ClassSet(args.classes).num_classes})")
+    print(message + (f" and the mean image to {args.mean}" if args.mean else ""))
     return 0
 
 

@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from common.errors import INTERRUPT_EXIT, USER_ERROR_EXIT, UserError
-from netcompress.config import DECLARED, KEY_ALIASES, accepted_keys, apply_gpu_id, \
-    load_config
+from netcompress.config import CLASSES_HELP, DECLARED, KEY_ALIASES, accepted_keys, \
+    apply_gpu_id, load_config
 
 
 
@@ -38,7 +38,9 @@ def _key_help(kind, key, defaults):
     if target != key:
         return f"same as --{target}" if kind in DECLARED else None
     if key not in declared:
-        return None
+        # The one optional key every kind shares (train, evaluate, oracle_rank
+        # declare keys as tuples, without help texts).
+        return CLASSES_HELP if key == "classes" else None
     current = (defaults or {}).get(key, declared[key].default)
     return f"{declared[key].help} (now: {current!r})"
 

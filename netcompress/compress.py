@@ -35,6 +35,7 @@ from common import outputs
 from common.errors import UserError
 from common.files import make_directory, replace_atomically
 from netcompress.checkpoint_paths import checkpoint_exists, input_checkpoint_files
+from netcompress.palette import config_class_names
 from netcompress.search import search_groups
 
 KIND = "compress"
@@ -103,6 +104,7 @@ def check_inputs(config):
         if config[key] is not None and not os.path.isfile(config[key]):
             raise UserError(f"{key!r} file {config[key]!r} does not exist (relative paths "
                             f"are taken from the current directory {os.getcwd()})")
+    config_class_names(config)  # a missing or mismatching names file stops here
     if not checkpoint_exists(config["checkpoint"]):
         raise UserError(f"'checkpoint' {config['checkpoint']!r} not found (expected "
                         f"{config['checkpoint']}.index, or a directory with a 'checkpoint' "
@@ -120,6 +122,8 @@ def _inputs(config):
     files = {key: [config[key]] for key in PATH_KEYS
              if key != "checkpoint" and config[key] is not None}
     files["checkpoint"] = input_checkpoint_files(config["checkpoint"])
+    if config.get("classes") is not None:
+        files["classes"] = [config["classes"]]
     return files
 
 
@@ -221,7 +225,8 @@ def model_config(config, model_def, mask, checkpoint=None):
     """A config of the evaluation kind for one stage's model."""
     result = {key: config[key] for key in ("gpu_id", "model", "num_classes", "batch_size",
                                            "skip_step", "height", "width", "atrous_path")}
-    result.update(model_def=model_def, mask=mask, checkpoint=checkpoint)
+    result.update(model_def=model_def, mask=mask, checkpoint=checkpoint,
+                  classes=config.get("classes"))
     return result
 
 

@@ -13,9 +13,9 @@ against the directory of the config file). ``~`` is expanded.
 
 Defaults: ``gpu_id`` ('' = all devices / CPU), ``mask`` (None),
 ``atrous_path`` (auto), ``replicas`` (None: one per GPU listed in gpu_id,
-else 1) and, for training, ``initialize`` (None = train from scratch) may be
-left out. Every
-other key of a kind is required.
+else 1), ``classes`` (None: no class names) and, for training,
+``initialize`` (None = train from scratch) may be left out. Every other key
+of a kind is required.
 """
 
 import difflib
@@ -34,11 +34,11 @@ TRAIN_KEYS = (
     "gpu_id", "model", "num_classes", "intialize", "checkpoint", "train_data",
     "batch_size", "skip_step", "height", "width", "max_iteration",
     "learning_rate", "save_step", "power", "mask", "model_def", "atrous_path",
-    "replicas",
+    "replicas", "classes",
 )
 EVALUATE_KEYS = (
     "gpu_id", "model", "num_classes", "checkpoint", "test_data", "batch_size",
-    "skip_step", "height", "width", "mask", "model_def", "atrous_path",
+    "skip_step", "height", "width", "mask", "model_def", "atrous_path", "classes",
 )
 # val_data: held-out records for --compare (never the test records).
 ORACLE_RANK_KEYS = EVALUATE_KEYS + ("rank_save", "val_data", "replicas")
@@ -74,6 +74,10 @@ class Setting:
     choices: tuple = ()
 
 
+
+# The optional `classes` key of every kind: names for the per-class reports.
+CLASSES_HELP = ("class names, `ID NAME` per line (the converter's .classes.txt), for "
+                "per-class reports and legends (None = numbers only)")
 
 PRUNE_SETTINGS = (
     Setting("decide_threshold", "bool", False,
@@ -121,6 +125,7 @@ PRUNE_SETTINGS = (
             "round kept counts up to a multiple of this (e.g. 8); 1 = no rounding"),
     Setting("histogram_save", "optional_path", None,
             "the decide_threshold histogram PNG (None = none)"),
+    Setting("classes", "optional_path", None, CLASSES_HELP),
 )
 
 PRUNE_DEFAULT_CRITERION = next(s.default for s in PRUNE_SETTINGS if s.name == "criterion")
@@ -201,6 +206,7 @@ COMPRESS_SETTINGS = (
     Setting("round_to", "positive_int", 1, "round kept counts up to a multiple of this"),
     Setting("latency_runs", "positive_int", 5,
             "CPU latency: the median of this many runs (batch 1) per stage"),
+    Setting("classes", "optional_path", None, CLASSES_HELP),
 )
 
 DECLARED = {"prune": PRUNE_SETTINGS, "compress": COMPRESS_SETTINGS}
@@ -219,7 +225,7 @@ KEY_ALIASES = {
 }
 
 OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_path": "auto",
-                     "val_data": None, "replicas": None}
+                     "val_data": None, "replicas": None, "classes": None}
 
 # Keys a train config may add, with their defaults (train.py's `optional`).
 # flip: random horizontal flips (the original had no augmentation);
@@ -560,7 +566,7 @@ def _check_value(key, value, source, name=None):
             fail("a model name such as 'AdapNet_pp.AdapNet_pp'")
         return value.strip()
 
-    if key in ("mask", "initialize", "val_data"):
+    if key in ("mask", "initialize", "val_data", "classes"):
         if value is None or (isinstance(value, str)
                              and value.strip().lower() in NONE_STRINGS):
             return None
@@ -606,7 +612,7 @@ def _check_paths(config, kind, sources, config_path):
             raise UserError("%s: %r file %r does not exist (relative paths are "
                             "taken from the current directory %s)"
                             % (source(key), key, config[key], os.getcwd()))
-    for key in ("mask", "val_data"):
+    for key in ("mask", "val_data", "classes"):
         path = config.get(key)
         if path is not None and not os.path.isfile(path):
             raise UserError("%s: %r file %r does not exist (use None for none)"

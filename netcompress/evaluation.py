@@ -10,6 +10,7 @@ from dataset.records import count_records
 from netcompress import checkpoints, op_errors
 from netcompress.metrics import ConfusionMatrix
 from netcompress.models import model_from_config
+from netcompress.palette import config_class_names
 from netcompress.replicas import Replicas
 
 tf1 = tf.compat.v1
@@ -138,7 +139,10 @@ def iterate_batches(session, fetches, data_path):
 
 
 def evaluate(config, log=print, class_names=None, progress=True):
-    """Returns the ConfusionMatrix; logs the per-class report, mIoU last."""
+    """Returns the ConfusionMatrix; logs the per-class report, mIoU last.
+    ``class_names`` default: the config's optional `classes` file."""
+    if class_names is None:
+        class_names = config_class_names(config)  # read before the pass
     data_path = config["test_data"]
     inference = InferenceGraph(config, data_path)
     matrix = ConfusionMatrix(config["num_classes"])

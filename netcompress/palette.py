@@ -104,22 +104,37 @@ def read_palette_file(path):
     return colours, names
 
 
-def read_class_names(path):
-    """Names from a `classes.txt` (`ID NAME` or `NAME` per line)."""
+def read_class_names(path, num_classes=None):
+    """Names from a `classes.txt` (`ID NAME` or `NAME` per line); with
+    ``num_classes``, a class id beyond the model's is a UserError (the file
+    of another class set)."""
     if not os.path.isfile(path):
         raise UserError(f"class names file not found: {path}")
     names = {}
-    with open(path, encoding="utf-8") as f:
-        for position, line in enumerate(f):
-            text = line.strip()
-            if not text:
-                continue
-            first, _, rest = text.partition(" ")
-            if first.isdigit() and rest.strip():
-                names[int(first)] = rest.strip()
-            else:
-                names[position] = text
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read class names file {path}: {exc}") from None
+    for position, line in enumerate(lines):
+        text = line.strip()
+        if not text:
+            continue
+        first, _, rest = text.partition(" ")
+        if first.isdigit() and rest.strip():
+            names[int(first)] = rest.strip()
+        else:
+            names[position] = text
+    if num_classes is not None and names and max(names) >= num_classes:
+        raise UserError(f"class names file {path} names class {max(names)} but "
+                        f"num_classes is {num_classes}: is it the file of these records?")
     return names
+
+
+def config_class_names(config):
+    """{class id: name} from a config's optional `classes` file, or None."""
+    path = config.get("classes")
+    return read_class_names(path, config["num_classes"]) if path else None
 
 
 class Palette:

@@ -14,6 +14,12 @@ the image's own size (nearest neighbour). For each image NAME:
 and once, legend.png (colour, id and name of every class). Files are
 written atomically; files of the same names in the output directory are
 replaced, nothing else there is touched.
+
+With ``cityscapes_ids`` (README "Cityscapes") the input is searched
+recursively for *_leftImg8bit.png and the output holds only
+CITY_SEQ_FRAME_labelIds.png per image, in Cityscapes label ids, which is
+what its official evaluation reads; the colour label, overlay and legend go
+to another directory, if one is given.
 """
 
 import os
@@ -30,9 +36,11 @@ from common.outputs import check_outputs
 from dataset.records import count_records, read_examples
 from netcompress import serving
 from netcompress.checkpoint_paths import input_checkpoint_files
-from netcompress.palette import make_palette, read_class_names
+from netcompress.palette import config_class_names, make_palette
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+CITYSCAPES_IMAGE_SUFFIX = "_leftImg8bit.png"
+CITYSCAPES_PREDICTION_SUFFIX = "_labelIds.png"
 RECORD_EXTENSIONS = (".tfrecords", ".tfrecord")
 LABEL_SUFFIX = "_label.png"
 OVERLAY_SUFFIX = "_overlay.png"
@@ -46,12 +54,14 @@ class Source:
     """The images to predict: ``names`` (output stems, known up front) and
     ``items()`` yielding (name, RGB uint8 array or None, reason if None)."""
 
-    def __init__(self, path):
+    def __init__(self, path, cityscapes=False):
         self.path = path
         if not os.path.exists(path):
             raise UserError(f"--input {path!r} does not exist")
         self.records = os.path.isfile(path) and path.lower().endswith(RECORD_EXTENSIONS)
-        if self.records:
+        if cityscapes:
+            self._cityscapes_files(path)
+        elif self.records:
             count = count_records(path)
             stem = _stem(path)
             self.names = [f"{stem}_{index:05d}" for index in range(count)]
@@ -75,6 +85,26 @@ class Source:
                 raise UserError(f"{seen[name]} and {file} would both be written as {name}: "
                                 f"rename one")
             seen[name] = file
+
+    def _cityscapes_files(self, path):
+        """Cityscapes' images under path (recursively), named by their frame."""
+        if self.records:
+            raise UserError(f"--cityscapes_ids needs Cityscapes' images (their names say "
+                            f"which frame they are); {path!r} is a record file")
+        if os.path.isdir(path):
+            self.files = sorted(os.path.join(folder, name)
+                                for folder, _, names in os.walk(path) for name in names
+                                if name.endswith(CITYSCAPES_IMAGE_SUFFIX))
+            if not self.files:
+                raise UserError(f"--input {path!r} holds no *{CITYSCAPES_IMAGE_SUFFIX} "
+                                f"(searched recursively)")
+        elif path.endswith(CITYSCAPES_IMAGE_SUFFIX):
+            self.files = [path]
+        else:
+            raise UserError(f"--cityscapes_ids: {path!r} is not a directory nor a Cityscapes "
+                            f"image (CITY_SEQ_FRAME{CITYSCAPES_IMAGE_SUFFIX})")
+        self.names = [os.path.basename(file)[:-len(CITYSCAPES_IMAGE_SUFFIX)]
+                      for file in self.files]
 
     def items(self):
         if self.records:
@@ -164,33 +194,75 @@ def output_paths(output, name):
             os.path.join(output, name + OVERLAY_SUFFIX))
 
 
-def _check_output(output, source, config):
-    if os.path.lexists(output) and not os.path.isdir(output):
-        raise UserError(f"--output {output!r} exists and is not a directory")
+def cityscapes_path(output, name):
+    """The prediction file of frame ``name`` (CITY_SEQ_FRAME): the official
+    evaluation takes the one PNG whose name starts with the frame."""
+    return os.path.join(output, name + CITYSCAPES_PREDICTION_SUFFIX)
+
+
+def _check_directory(key, directory, source):
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise UserError(f"{key} {directory!r} exists and is not a directory")
     if os.path.isdir(source.path) and os.path.realpath(source.path) == \
-            os.path.realpath(output):
-        raise UserError(f"--output {output!r} is the input directory: its label and overlay "
+            os.path.realpath(directory):
+        raise UserError(f"{key} {directory!r} is the input directory: its label and overlay "
                         f"PNGs would be read as inputs next time; choose another directory")
-    outputs = [path for name in source.names for path in output_paths(output, name)]
+
+
+def _inside(path, directory):
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def _check_output(source, config, output, cityscapes_ids=False, overlays=None):
+    """``output``: the colour files' directory, or with ``cityscapes_ids`` the
+    label-id PNGs' (the colour files then go to ``overlays``, if given)."""
+    _check_directory("--output", output, source)
+    written = {}
+    colour_key, colour_dir = "--output", output
+    if cityscapes_ids:
+        written["--output"] = [cityscapes_path(output, name) for name in source.names]
+        colour_key, colour_dir = "--overlays", overlays
+        if overlays is not None:
+            _check_directory("--overlays", overlays, source)
+            if _inside(overlays, output):
+                # The evaluation walks --output recursively: any other PNG of
+                # a frame there would count as a second prediction.
+                raise UserError(f"--overlays {overlays!r} is inside --output {output!r}, "
+                                f"where Cityscapes' evaluation would take its PNGs for "
+                                f"predictions: choose a directory outside it")
+    if colour_dir is not None:
+        written.setdefault(colour_key, []).extend(
+            [path for name in source.names for path in output_paths(colour_dir, name)]
+            + [os.path.join(colour_dir, LEGEND)])
     inputs = {"--input": source.files,
               "checkpoint": input_checkpoint_files(config["checkpoint"]),
               "model_def": [config["model_def"]],
-              "mask": [config["mask"]] if config.get("mask") else []}
-    check_outputs({"--output": outputs + [os.path.join(output, LEGEND)]}, inputs)
+              "mask": [config["mask"]] if config.get("mask") else [],
+              "classes": [config["classes"]] if config.get("classes") else []}
+    check_outputs(written, inputs)
+    return colour_dir
 
 
-def predict(config, input_path, output, palette="auto", classes=None, log=print,
-            progress=True):
+def predict(config, input_path, output, palette="auto", log=print, progress=True,
+            cityscapes_ids=False, overlays=None):
     """Write label and overlay PNGs of every image of ``input_path`` into
     ``output`` and the legend; returns {'written': [names], 'skipped':
-    [reasons]}. Unreadable images are skipped with a one-line warning."""
-    source = Source(input_path)
-    _check_output(output, source, config)
-    class_names = read_class_names(classes) if classes else None
-    colours = make_palette(config["num_classes"], palette, class_names)
+    [reasons]}. Unreadable images are skipped with a one-line warning.
+    ``cityscapes_ids``: only CITY_SEQ_FRAME_labelIds.png into ``output``
+    (Cityscapes label ids); the colour files go to ``overlays`` if given.
+    Class names come from the config's optional `classes` file."""
+    class_set = None
+    if cityscapes_ids:
+        from dataset.cityscapes import class_set_for
+        class_set = class_set_for(config["num_classes"])
+    source = Source(input_path, cityscapes=cityscapes_ids)
+    colour_dir = _check_output(source, config, output, cityscapes_ids, overlays)
+    colours = make_palette(config["num_classes"], palette, config_class_names(config))
     graph = serving.ServingGraph(config)
     height, width = graph.height, graph.width
-    make_directory(output)
+    for directory in {output, colour_dir} - {None}:
+        make_directory(directory)
     written, skipped = [], []
     with tf.compat.v1.Session(graph=graph.graph) as session:
         prefix = graph.restore(session)
@@ -202,9 +274,13 @@ def predict(config, input_path, output, palette="auto", classes=None, log=print,
                 [network_input(image, height, width) for _, image in batch])})
             for (name, image), class_map in zip(batch, maps):
                 class_map = to_original_size(class_map, *image.shape[:2])
-                label_path, overlay_path = output_paths(output, name)
-                save_png(label_image(class_map, colours), label_path)
-                save_png(overlay_image(image, class_map, colours), overlay_path)
+                if class_set is not None:
+                    save_png(Image.fromarray(class_set.label_ids_of(class_map)),
+                             cityscapes_path(output, name))
+                if colour_dir is not None:
+                    label_path, overlay_path = output_paths(colour_dir, name)
+                    save_png(label_image(class_map, colours), label_path)
+                    save_png(overlay_image(image, class_map, colours), overlay_path)
                 written.append(name)
             bar.update(len(batch))
 
@@ -224,9 +300,14 @@ def predict(config, input_path, output, palette="auto", classes=None, log=print,
                 run(batch)
     if not written:
         raise UserError(f"no image of {input_path} could be read ({len(skipped)} skipped)")
-    save_png(legend_image(colours), os.path.join(output, LEGEND))
     log(f"checkpoint: {prefix}")
-    log(f"palette: {colours.source}")
-    log(f"wrote {len(written)} prediction(s) and {LEGEND} to {output}"
-        + (f"; skipped {len(skipped)} unreadable image(s)" if skipped else ""))
+    skipped_note = f"; skipped {len(skipped)} unreadable image(s)" if skipped else ""
+    if class_set is not None:
+        log(f"wrote {len(written)} prediction(s) in Cityscapes label ids "
+            f"(CITY_SEQ_FRAME{CITYSCAPES_PREDICTION_SUFFIX}) to {output}" + skipped_note)
+    if colour_dir is not None:
+        save_png(legend_image(colours), os.path.join(colour_dir, LEGEND))
+        log(f"palette: {colours.source}")
+        log(f"wrote {len(written)} {'colour label(s)' if class_set else 'prediction(s)'} "
+            f"and {LEGEND} to {colour_dir}" + (skipped_note if class_set is None else ""))
     return {"written": written, "skipped": skipped}

@@ -100,6 +100,7 @@ def test_train_config_loads_with_normalised_types(workdir):
         "model_def": "models/default.json",
         "atrous_path": "auto",
         "replicas": 1,
+        "classes": None,
     }
     assert isinstance(config["power"], float)
     assert isinstance(config["learning_rate"], float)
@@ -139,7 +140,7 @@ def test_evaluate_config_checkpoint_directory_and_mask(workdir):
     assert config["mask"] == "masks/mask.npy"
     assert set(config) == {"gpu_id", "model", "num_classes", "checkpoint",
                            "test_data", "batch_size", "skip_step", "height",
-                           "width", "mask", "model_def", "atrous_path"}
+                           "width", "mask", "model_def", "atrous_path", "classes"}
 
 
 def test_oracle_rank_needs_rank_save(workdir):
