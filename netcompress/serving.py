@@ -5,7 +5,8 @@ One builder for predict.py, export.py's SavedModel and bench/deploy_latency.py,
 so that every model_def + mask is served by the same graph: the model from
 the config, built with training=False and aux=False (no auxiliary heads, no
 dropout, batch norm on its moving statistics), restored strictly from the
-checkpoint.
+checkpoint. Masked conv3 kernels are held at the residual width, widened
+once at restore (fold_masks), so masks cost nothing per run.
 """
 
 import tensorflow as tf
@@ -41,7 +42,7 @@ class ServingGraph:
             atrous_path or config.get("atrous_path")))
         self.graph = tf.Graph()
         with self.graph.as_default():
-            model = model_from_config(served)
+            self.model = model = model_from_config(served, fold_masks=True)
             self.images = tf1.placeholder(tf.uint8, [None, self.height, self.width, 3],
                                           name=INPUT_NAME)
             outputs = model.build(tf.cast(self.images, tf.float32), training=False,
@@ -55,7 +56,8 @@ class ServingGraph:
     def restore(self, session):
         """Restore the config's checkpoint; its aux heads (absent here) may be there."""
         prefix = resolve_checkpoint(self.config["checkpoint"])
-        checkpoints.restore_model(session, prefix, self.variables, self.config["model_def"])
+        checkpoints.restore_model(session, prefix, self.variables, self.config["model_def"],
+                                  widened=self.model.folded_kernels())
         return prefix
 
     def session(self, threads=0):
