@@ -34,7 +34,9 @@ class ServingGraph:
     ``class_map`` int32 [N, height, width]; ``probabilities`` float32
     [N, height, width, num_classes]; ``logits`` before the softmax."""
 
-    def __init__(self, config, atrous_path=None):
+    def __init__(self, config, atrous_path=None, fold_masks=True):
+        """``fold_masks=False`` widens masked kernels on every run, as the
+        training graph does (bench/mask_folding.py compares the two)."""
         self.config = config
         self.height, self.width = config["height"], config["width"]
         self.num_classes = config["num_classes"]
@@ -42,7 +44,7 @@ class ServingGraph:
             atrous_path or config.get("atrous_path")))
         self.graph = tf.Graph()
         with self.graph.as_default():
-            self.model = model = model_from_config(served, fold_masks=True)
+            self.model = model = model_from_config(served, fold_masks=fold_masks)
             self.images = tf1.placeholder(tf.uint8, [None, self.height, self.width, 3],
                                           name=INPUT_NAME)
             outputs = model.build(tf.cast(self.images, tf.float32), training=False,
