@@ -20,7 +20,7 @@ the masked ones have fewer parameters. Each is exported as export.py does
 (bench/deploy_latency.py: uint8 BGR in, class map and probabilities out) and
 timed as the session graph (predict.py, evaluate.py) and the SavedModel
 (and TFLite with --tflite), interleaved run by run in one process so that
-machine noise hits them alike. Random weights and inputs. Prints the median
+machine noise hits them alike (each round in another order). Random weights and inputs. Prints the median
 latency of each and its ratio to the unmasked model in the same form.
 """
 
@@ -102,10 +102,12 @@ def main():
                     run(images)
                 runs.append((name, len(masks), params, macs, form, run))
         times = [[] for _ in runs]
-        for _ in range(args.runs):
-            for index, entry in enumerate(runs):
+        for round_index in range(args.runs):
+            # Each round starts at another entry: no form always follows the same one.
+            for offset in range(len(runs)):
+                index = (round_index + offset) % len(runs)
                 start = time.perf_counter()
-                entry[-1](images)
+                runs[index][-1](images)
                 times[index].append(time.perf_counter() - start)
 
     print(f"\n{args.model_def}, {args.num_classes} classes, input {args.batch}x{args.height}x"
