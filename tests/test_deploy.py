@@ -289,6 +289,22 @@ def test_folded_masks_compute_the_per_run_widened_graph(workspace):
                                           training=True)
 
 
+def test_folded_graph_wants_the_narrow_kernel_in_the_checkpoint(workspace, tmp_path):
+    """A checkpoint whose masked conv3 kernel is already at the residual width
+    is refused in one line naming the narrow shape the mask needs."""
+    config = workspace[3]["pruned"][1]
+    values = read_checkpoint(config["checkpoint"])
+    name = conv3_kernel("block1/unit_2")
+    kept, width = load_masks(config["mask"])["block1/unit_2"]
+    values[name] = np.zeros(values[name].shape[:-1] + (width,), np.float32)
+    checkpoint = write_checkpoint(values, str(tmp_path / "wide" / "model.ckpt"))
+    graph = serving.ServingGraph(dict(config, checkpoint=checkpoint))
+    expected = (rf"{name} is \[1, 1, \d+, {width}\] in the checkpoint but "
+                rf"\[1, 1, \d+, {len(kept)}\] in the model$")
+    with pytest.raises(UserError, match=expected):
+        graph.session()
+
+
 def test_export_refuses_a_used_output_directory(workspace, tmp_path):
     root, _, _, configs = workspace
     config = configs["unpruned"][1]
