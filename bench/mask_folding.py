@@ -20,8 +20,9 @@ the masked ones have fewer parameters. Each is exported as export.py does
 (bench/deploy_latency.py: uint8 BGR in, class map and probabilities out) and
 timed as the session graph (predict.py, evaluate.py) and the SavedModel
 (and TFLite with --tflite), interleaved run by run in one process so that
-machine noise hits them alike (each round in another order). Random weights and inputs. Prints the median
-latency of each and its ratio to the unmasked model in the same form.
+machine noise hits them alike (each round in another order). Random
+weights and inputs. Prints the median latency of each and its ratio to the
+unmasked model in the same form.
 """
 
 import argparse
