@@ -26,9 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.runtime import graph_mode  # noqa: E402
 
 
-def exported_forms(model_def, masks, num_classes, height, width, directory, threads, onnx):
+def exported_forms(model_def, masks, num_classes, height, width, directory, threads, onnx,
+                   fold_masks=True):
     """[(form name, run(images) callable)] of one model: session graph,
-    SavedModel, TFLite and optionally ONNX, all from one random-weight session."""
+    SavedModel, TFLite and optionally ONNX, all from one random-weight session.
+    ``fold_masks``: as serving.ServingGraph's."""
     import tensorflow as tf
 
     from models.model_def import save_masks, save_model_def
@@ -43,7 +45,7 @@ def exported_forms(model_def, masks, num_classes, height, width, directory, thre
         save_masks(masks, mask_path)
     config = dict(model="AdapNet_pp", model_def=model_def_path, mask=mask_path,
                   num_classes=num_classes, height=height, width=width, atrous_path="auto")
-    graph = serving.ServingGraph(config)
+    graph = serving.ServingGraph(config, fold_masks=fold_masks)
     with graph.graph.as_default():
         initializer = tf.compat.v1.variables_initializer(graph.variables)
     session_config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads,

@@ -28,12 +28,17 @@ scattered to the residual width, scope -> the positions of its own channels."""
 
 
 class AdapNet_pp:
-    def __init__(self, model_def, num_classes, masks=None, atrous_path=atrous.AUTO):
+    def __init__(self, model_def, num_classes, masks=None, atrous_path=atrous.AUTO,
+                 fold_masks=False):
         """``masks``: {unit name: (kept indices, residual width)} as from
         ``load_masks``, or None. ``atrous_path``: how dilated convs are
-        computed (``models.atrous``; same variables and outputs either way)."""
+        computed (``models.atrous``; same variables and outputs either way).
+        ``fold_masks`` (inference only): a masked conv3's kernel variable has
+        the residual width and is restored widened once (``folded_kernels``),
+        instead of the narrow variable widened on every run (docs/deploy.md)."""
         validate_model_def(model_def)
         self.atrous_path = atrous_path
+        self.fold_masks = fold_masks
         self.model_def = model_def
         self.num_classes = num_classes
         self.architecture = adapnet_pp()
@@ -41,6 +46,17 @@ class AdapNet_pp:
         self.kept_channels = check_masks(model_def, masks or {})
         # Tests switch dropout off to compare replica counts step for step.
         self.dropout = True
+
+    def folded_kernels(self):
+        """{kernel variable name: (kept, residual width)} of the masked conv3s
+        whose kernel is built at the residual width (``fold_masks``); the
+        checkpoint holds them narrow (checkpoints.restore_model widens them)."""
+        if not self.fold_masks:
+            return {}
+        return {f"{OUTER_SCOPE}/{unit.scope}/conv3/weights":
+                (self.kept_channels[unit.name],
+                 self.architecture.residual_width(self.model_def, unit))
+                for unit in self.architecture.units if unit.name in self.kept_channels}
 
     # ---- graph -------------------------------------------------------------
     def build(self, images, training=False, aux=False, gates=None):
@@ -52,6 +68,9 @@ class AdapNet_pp:
         if height is None or width is None or height % 16 or width % 16:
             raise ValueError(f"input height and width must be known multiples of 16, "
                              f"got {height}x{width}")
+        if training and self.fold_masks and self.kept_channels:
+            # Training updates the narrow kernel; a wide one would fill its zeros.
+            raise ValueError("fold_masks builds inference graphs only, not training=True")
         self._path = atrous.resolve_path(self.atrous_path)
         self._gates = dict(gates or {})
         unknown = sorted(set(self._gates) - {g.name for g in self.architecture.prunable_groups()})
@@ -140,9 +159,12 @@ class AdapNet_pp:
                 kernel = layers.weight_variable([k, k, out_channels, in_channels])
                 z = layers.conv2d_transpose(x, kernel, conv.stride)
             else:
-                kernel = layers.weight_variable([k, k, in_channels, out_channels])
-                if scatter is not None:
-                    kernel = layers.scatter_output_channels(kernel, *scatter)
+                if scatter is not None and self.fold_masks:  # restored widened
+                    kernel = layers.weight_variable([k, k, in_channels, scatter[1]])
+                else:
+                    kernel = layers.weight_variable([k, k, in_channels, out_channels])
+                    if scatter is not None:
+                        kernel = layers.scatter_output_channels(kernel, *scatter)
                 if len(set(conv.rates)) == 1:  # a split conv of one rate is one conv
                     z = atrous.conv2d(x, kernel, conv.stride, conv.rates[0], self._path)
                 else:  # split conv: one variable, parts with their own rates

@@ -86,17 +86,23 @@ def _is_optimizer_slot(name):
     return name.rsplit("/", 1)[-1].startswith("Adam")
 
 
-def check_matches(path, variables, model_name="model_def", optional_scopes=()):
+def check_matches(path, variables, model_name="model_def", optional_scopes=(),
+                  widened=None):
     """Every model variable is in the checkpoint with the same shape, and the
     checkpoint has no model variable the graph lacks (optimizer slots and
     ``optional_scopes``, e.g. aux heads not built for inference, aside);
-    else a one-line UserError naming the first mismatch."""
+    else a one-line UserError naming the first mismatch. ``widened``:
+    {variable name: (kept, width)} of kernels the graph holds at ``width``
+    output channels and the checkpoint at ``len(kept)`` (folded masks)."""
     shapes = checkpoint_shapes(path)
+    widened = widened or {}
     graph_names = set()
     for variable in variables:
         name = checkpoint_key(variable.name)
         graph_names.add(name)
         want = tuple(variable.shape.as_list())
+        if name in widened:
+            want = want[:-1] + (len(widened[name][0]),)
         if name not in shapes:
             raise UserError(f"checkpoint {path} does not match the {model_name}: it has no "
                             f"variable {name} (shape {list(want)})")
@@ -130,18 +136,37 @@ def assign_values(session, values_by_variable):
     session.run(ops, feed)
 
 
-def restore_strict(session, path, variables, model_name="model_def", optional_scopes=()):
-    """Restore every variable by name from a checkpoint that must match."""
-    check_matches(path, variables, model_name, optional_scopes)
+def widen_output_channels(kernel, kept, width):
+    """numpy twin of models.layers.scatter_output_channels: ``kernel``'s
+    output channels at positions ``kept`` of ``width``, zeros elsewhere."""
+    wide = np.zeros(kernel.shape[:-1] + (width,), kernel.dtype)
+    wide[..., np.asarray(kept, np.int64)] = kernel
+    return wide
+
+
+def restore_strict(session, path, variables, model_name="model_def", optional_scopes=(),
+                   widened=None):
+    """Restore every variable by name from a checkpoint that must match;
+    the ``widened`` kernels (see check_matches) are widened once, here."""
+    widened = widened or {}
+    check_matches(path, variables, model_name, optional_scopes, widened)
     values = read_checkpoint(path)
-    assign_values(session, {v: values[checkpoint_key(v.name)] for v in variables})
+    assign = {}
+    for variable in variables:
+        name = checkpoint_key(variable.name)
+        value = values[name]
+        if name in widened:
+            value = widen_output_channels(value, *widened[name])
+        assign[variable] = value
+    assign_values(session, assign)
 
 
-def restore_model(session, path, variables, model_def_path):
+def restore_model(session, path, variables, model_def_path, widened=None):
     """restore_strict for a graph of a model_def, whose checkpoint may hold
-    auxiliary heads the graph does not build (inference)."""
+    auxiliary heads the graph does not build (inference); ``widened``: the
+    model's folded_kernels()."""
     restore_strict(session, path, variables, model_name=f"model_def {model_def_path}",
-                   optional_scopes=adapnet_pp().aux_scopes())
+                   optional_scopes=adapnet_pp().aux_scopes(), widened=widened)
 
 
 def restore_matching(session, path, variables):

@@ -23,15 +23,19 @@ class InferenceGraph:
     plain outputs, the graph computes these on every replica's share of each
     batch (netcompress/replicas.py; the config's replicas), summed over the
     replicas into ``results``. A replicated pass pads the last batch with
-    all-zero examples, which must add nothing to those sums."""
+    all-zero examples, which must add nothing to those sums.
 
-    def __init__(self, config, data_path, aux=False, shard=None, per_replica=None):
+    ``fold_masks``: masked conv3 kernels held at the residual width and
+    widened once at restore, not on every batch (evaluate; docs/deploy.md)."""
+
+    def __init__(self, config, data_path, aux=False, shard=None, per_replica=None,
+                 fold_masks=False):
         self.data_path = data_path
         self.replicas = Replicas(config if per_replica else {})
         self.data_initializer = None
         self.graph = tf.Graph()
         with self.graph.as_default(), self.replicas.scope():
-            self.model = model_from_config(config)
+            self.model = model_from_config(config, fold_masks=fold_masks)
             dataset = eval_dataset(data_path, config["batch_size"], config["height"],
                                    config["width"], config["num_classes"], shard=shard,
                                    whole_batches=self.replicas.count > 1)
@@ -67,20 +71,22 @@ class InferenceGraph:
                         bar.set_postfix_str(note)
 
     def restore(self, session, checkpoint, model_def_path):
-        checkpoints.restore_model(session, checkpoint, self.model_variables, model_def_path)
+        checkpoints.restore_model(session, checkpoint, self.model_variables, model_def_path,
+                                  widened=self.model.folded_kernels())
 
 
 class GatedGraph:
     """The model in inference mode over ``data_path``, re-readable (one
     initialisable pass per candidate), with a gate input per prunable group
     (ones unless fed). ``aux``: build the auxiliary heads, so that ``loss``
-    is the loss the rank pass differentiates."""
+    is the loss the rank pass differentiates. Masks are folded (as in
+    InferenceGraph): nothing here differentiates the kernels."""
 
     def __init__(self, config, data_path, aux=False):
         self.data_path = data_path
         self.graph = tf.Graph()
         with self.graph.as_default():
-            self.model = model_from_config(config)
+            self.model = model_from_config(config, fold_masks=True)
             dataset = eval_dataset(data_path, config["batch_size"], config["height"],
                                    config["width"], config["num_classes"])
             self.iterator = tf1.data.make_initializable_iterator(dataset)
@@ -99,7 +105,8 @@ class GatedGraph:
             self.model_variables = checkpoints.model_variables(self.graph)
 
     def restore(self, session, checkpoint, model_def_path):
-        checkpoints.restore_model(session, checkpoint, self.model_variables, model_def_path)
+        checkpoints.restore_model(session, checkpoint, self.model_variables, model_def_path,
+                                  widened=self.model.folded_kernels())
 
     def evaluate(self, session, removed, num_classes, bar=None, gate_values=None):
         """(ConfusionMatrix, mean per-example loss) with the channels
@@ -144,7 +151,7 @@ def evaluate(config, log=print, class_names=None, progress=True):
     if class_names is None:
         class_names = config_class_names(config)  # read before the pass
     data_path = config["test_data"]
-    inference = InferenceGraph(config, data_path)
+    inference = InferenceGraph(config, data_path, fold_masks=True)
     matrix = ConfusionMatrix(config["num_classes"])
     batches = 0
 

@@ -33,12 +33,14 @@ def model_class(name):
     return found
 
 
-def model_from_config(config):
+def model_from_config(config, **options):
+    """``options``: further keyword arguments of the model class (e.g.
+    AdapNet_pp's fold_masks for inference graphs)."""
     model_def = load_model_def(config["model_def"])
     masks = load_masks(config.get("mask"))
     cls = model_class(config["model"])  # its errors name the model, not the model_def
     try:
         return cls(model_def, config["num_classes"], masks,
-                   atrous_path=config.get("atrous_path", "auto"))
+                   atrous_path=config.get("atrous_path", "auto"), **options)
     except UserError as exc:
         raise UserError(f"{config['model_def']} / mask {config.get('mask')}: {exc}") from None

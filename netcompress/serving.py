@@ -5,7 +5,8 @@ One builder for predict.py, export.py's SavedModel and bench/deploy_latency.py,
 so that every model_def + mask is served by the same graph: the model from
 the config, built with training=False and aux=False (no auxiliary heads, no
 dropout, batch norm on its moving statistics), restored strictly from the
-checkpoint.
+checkpoint. Masked conv3 kernels are held at the residual width, widened
+once at restore (fold_masks), so masks cost nothing per run.
 """
 
 import tensorflow as tf
@@ -33,7 +34,9 @@ class ServingGraph:
     ``class_map`` int32 [N, height, width]; ``probabilities`` float32
     [N, height, width, num_classes]; ``logits`` before the softmax."""
 
-    def __init__(self, config, atrous_path=None):
+    def __init__(self, config, atrous_path=None, fold_masks=True):
+        """``fold_masks=False`` widens masked kernels on every run, as the
+        training graph does (bench/mask_folding.py compares the two)."""
         self.config = config
         self.height, self.width = config["height"], config["width"]
         self.num_classes = config["num_classes"]
@@ -41,7 +44,7 @@ class ServingGraph:
             atrous_path or config.get("atrous_path")))
         self.graph = tf.Graph()
         with self.graph.as_default():
-            model = model_from_config(served)
+            self.model = model = model_from_config(served, fold_masks=fold_masks)
             self.images = tf1.placeholder(tf.uint8, [None, self.height, self.width, 3],
                                           name=INPUT_NAME)
             outputs = model.build(tf.cast(self.images, tf.float32), training=False,
@@ -55,7 +58,8 @@ class ServingGraph:
     def restore(self, session):
         """Restore the config's checkpoint; its aux heads (absent here) may be there."""
         prefix = resolve_checkpoint(self.config["checkpoint"])
-        checkpoints.restore_model(session, prefix, self.variables, self.config["model_def"])
+        checkpoints.restore_model(session, prefix, self.variables, self.config["model_def"],
+                                  widened=self.model.folded_kernels())
         return prefix
 
     def session(self, threads=0):

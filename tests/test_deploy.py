@@ -28,18 +28,23 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tensorflow.core.protobuf import saved_model_pb2
 
 from helpers import FLOAT32_PASS_TOLERANCE, REPO, random_values, scaled_model_def, \
     write_config
 from common.errors import UserError
 from dataset.records import encode_example, record_writer
 from models.AdapNet_pp import AdapNet_pp
+from models.architecture import OUTER_SCOPE, adapnet_pp
 from models.model_def import load_masks, load_model_def, save_masks, save_model_def
 from netcompress import export as export_lib
 from netcompress import predict as predict_lib
-from netcompress.checkpoints import checkpoint_key, model_variables, write_checkpoint
+from netcompress import serving
+from netcompress.checkpoints import checkpoint_key, model_variables, read_checkpoint, \
+    restore_model, write_checkpoint
 from netcompress.config import load_config
-from netcompress.evaluation import InferenceGraph
+from netcompress.evaluation import InferenceGraph, evaluate
+from netcompress.metrics import ConfusionMatrix
 
 tf1 = tf.compat.v1
 tf1.disable_eager_execution()
@@ -202,9 +207,102 @@ def test_exported_files_compute_the_session_graph(workspace, name, tmp_path):
         finally:
             runner.close()
     if pruned:
+        assert_saved_model_holds_widened_kernels(config, out / "saved_model")
+        # tf2onnx folds constants itself: every conv kernel is a stored tensor.
+        import onnx
+        onnx_graph = onnx.load(str(out / "model.onnx")).graph
+        stored = {tensor.name for tensor in onnx_graph.initializer}
+        assert all(node.input[1] in stored for node in onnx_graph.node
+                   if node.op_type == "Conv")
         int8 = metadata["int8"]
         assert int8["size_bytes"]["int8"] < int8["size_bytes"]["float32"]
         assert any("int8 TFLite" in m for m in messages)
+
+
+def conv3_kernel(unit_name):
+    scope = {unit.name: unit.scope for unit in adapnet_pp().units}[unit_name]
+    return f"{OUTER_SCOPE}/{scope}/conv3/weights"
+
+
+def assert_saved_model_holds_widened_kernels(config, directory):
+    """Each masked conv3 kernel is stored at the residual width (the narrow
+    checkpoint kernel in its kept columns, zeros elsewhere), and the graph
+    widens nothing per run."""
+    masks = load_masks(config["mask"])
+    narrow = read_checkpoint(config["checkpoint"])
+    saved = tf.train.load_checkpoint(str(directory / "variables" / "variables"))
+    for unit, (kept, width) in masks.items():
+        name = conv3_kernel(unit)
+        wide = saved.get_tensor(name)
+        assert wide.shape == narrow[name].shape[:-1] + (width,)
+        assert np.array_equal(wide[..., kept], narrow[name])
+        assert not np.delete(wide, kept, axis=-1).any()
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((directory / "saved_model.pb").read_bytes())
+    (meta,) = saved_model.meta_graphs
+    assert "GatherV2" not in {node.op for node in meta.graph_def.node}
+
+
+def masked_model_graph(config, fold_masks):
+    """(graph, image placeholder, logits, model) of evaluate's build of ``config``."""
+    graph = tf.Graph()
+    with graph.as_default():
+        model = AdapNet_pp(load_model_def(config["model_def"]), NUM_CLASSES,
+                           load_masks(config["mask"]), fold_masks=fold_masks)
+        placeholder = tf1.placeholder(tf.float32, [None, HEIGHT, WIDTH, 3])
+        logits = model.build(placeholder, training=False, aux=False).logits
+    return graph, placeholder, logits, model
+
+
+def test_folded_masks_compute_the_per_run_widened_graph(workspace):
+    """fold_masks holds each masked conv3 kernel at the residual width,
+    widened once at restore: no gather in the graph, and the very same
+    logits as widening the narrow kernel on every run (the same kernel
+    values reach the same conv)."""
+    _, images, _, configs = workspace
+    config = configs["pruned"][1]
+    masks = load_masks(config["mask"])
+    logits = {}
+    for fold in (False, True):
+        graph, placeholder, output, model = masked_model_graph(config, fold)
+        gathers = [op for op in graph.get_operations() if op.type == "GatherV2"]
+        assert len(gathers) == (0 if fold else len(masks))
+        folded = model.folded_kernels()
+        assert sorted(folded) == sorted(conv3_kernel(unit)
+                                        for unit in masks) if fold else folded == {}
+        with tf1.Session(graph=graph, config=SESSION_CONFIG) as session:
+            restore_model(session, config["checkpoint"], model_variables(graph),
+                          config["model_def"], widened=folded)
+            logits[fold] = session.run(output, {placeholder: images.astype(np.float32)})
+        shapes = {checkpoint_key(v.name): v.shape.as_list() for v in model_variables(graph)}
+        for unit, (kept, width) in masks.items():
+            name = conv3_kernel(unit)
+            assert shapes[name][-1] == (width if fold else len(kept))
+    assert np.array_equal(logits[True], logits[False])
+    # The serving graph (predict, export) folds; the export test checks its outputs.
+    assert "GatherV2" not in {op.type for op in
+                              serving.ServingGraph(config).graph.get_operations()}
+
+    with tf.Graph().as_default(), pytest.raises(ValueError, match="inference graphs only"):
+        AdapNet_pp(load_model_def(config["model_def"]), NUM_CLASSES, masks,
+                   fold_masks=True).build(tf1.placeholder(tf.float32, [1, HEIGHT, WIDTH, 3]),
+                                          training=True)
+
+
+def test_folded_graph_wants_the_narrow_kernel_in_the_checkpoint(workspace, tmp_path):
+    """A checkpoint whose masked conv3 kernel is already at the residual width
+    is refused in one line naming the narrow shape the mask needs."""
+    config = workspace[3]["pruned"][1]
+    values = read_checkpoint(config["checkpoint"])
+    name = conv3_kernel("block1/unit_2")
+    kept, width = load_masks(config["mask"])["block1/unit_2"]
+    values[name] = np.zeros(values[name].shape[:-1] + (width,), np.float32)
+    checkpoint = write_checkpoint(values, str(tmp_path / "wide" / "model.ckpt"))
+    graph = serving.ServingGraph(dict(config, checkpoint=checkpoint))
+    expected = (rf"{name} is \[1, 1, \d+, {width}\] in the checkpoint but "
+                rf"\[1, 1, \d+, {len(kept)}\] in the model$")
+    with pytest.raises(UserError, match=expected):
+        graph.session()
 
 
 def test_export_refuses_a_used_output_directory(workspace, tmp_path):
@@ -228,14 +326,21 @@ def test_predict_class_map_is_evaluate_argmax(workspace, tmp_path):
     expected = {"legend.png"} | {n + s for n in names for s in ("_label.png", "_overlay.png")}
     assert set(os.listdir(tmp_path)) == expected
 
-    inference = InferenceGraph(config, records)
+    # Today's graph (the narrow kernels widened on every run) as reference.
+    inference = InferenceGraph(config, records, fold_masks=False)
+    assert "GatherV2" in {op.type for op in inference.graph.get_operations()}
     with inference.graph.as_default():
-        fetches = [inference.predictions, inference.outputs.logits]
+        fetches = [inference.predictions, inference.outputs.logits, inference.label_ids]
     with tf1.Session(graph=inference.graph) as session:
         inference.restore(session, config["checkpoint"], config["model_def"])
         batches = [session.run(fetches) for _ in range(2)]  # 3 + 1 images
     predictions = np.concatenate([b[0] for b in batches])
     logits = np.concatenate([b[1] for b in batches])
+    # evaluate folds the masks: the very same predictions, so the same matrix.
+    expected = ConfusionMatrix(NUM_CLASSES)
+    expected.update(np.concatenate([b[2] for b in batches]), predictions)
+    matrix = evaluate(config, log=lambda _: None, progress=False)
+    assert np.array_equal(matrix.matrix, expected.matrix) and matrix.matrix.sum() > 0
     scale = max(1.0, float(np.max(np.abs(logits))))
     top2 = np.sort(logits, axis=-1)[..., -2:]
     decided = top2[..., 1] - top2[..., 0] > 2 * TOLERANCE * scale
