@@ -133,6 +133,12 @@ def _initialise(session, graph, config, directory, prefix, log):
         graph.saver.restore(session, latest)
         step = int(session.run(graph.global_step))
         log(f"resuming from {latest} at step {step}")
+        if config.get("initialize"):
+            # A resume restores every variable; say so rather than ignore the
+            # setting silently (docs/errors.md).
+            log(f"warning: intialize {config['initialize']} is not used: resuming restores "
+                f"every variable from {latest} (to start from intialize, give an empty or "
+                f"new checkpoint directory)")
         return step
     if config.get("initialize"):
         restored, missing = checkpoints.restore_matching(session, config["initialize"],
@@ -144,6 +150,13 @@ def _initialise(session, graph, config, directory, prefix, log):
             for line in missing:
                 log(f"  {line}")
     return 0
+
+
+def summary_writer(config, directory, graph):
+    """The TensorBoard writer; the graph only when the config asks
+    (``write_graph``): it can be far larger than the model (README.md), and
+    retraining stages never ask."""
+    return tf1.summary.FileWriter(directory, graph if config.get("write_graph") else None)
 
 
 def _diverged(what, directory, prefix):
@@ -182,7 +195,7 @@ def train(config, log=print, seed=None, progress=True, dropout=True):
             return {"step": step, "losses": history, "data_losses": data_history,
                     "checkpoint": tf1.train.latest_checkpoint(directory)}
         # Several workers: only the chief writes (they share the directory).
-        writer = tf1.summary.FileWriter(directory, graph.graph) if replicas.chief else None
+        writer = summary_writer(config, directory, graph.graph) if replicas.chief else None
         bar = tqdm(total=max_iteration, initial=step, desc="train", unit="step", mininterval=2,
                    disable=not progress, dynamic_ncols=True)
         try:

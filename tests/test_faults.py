@@ -8,6 +8,7 @@ written once per module; the readers are checked in-process for every kind
 of damage, the scripts on a few of them as subprocesses.
 """
 
+import glob
 import hashlib
 import os
 import shutil
@@ -31,7 +32,7 @@ from common.errors import UserError
 from common.files import replace_atomically
 from netcompress import checkpoints
 from netcompress.checkpoint_paths import resolve_checkpoint
-from netcompress.config import load_config
+from netcompress.config import TRAIN_OPTIONAL, load_config
 from netcompress.models import model_class
 from netcompress.rankfile import RankSums
 
@@ -608,3 +609,60 @@ def test_converter_interrupted_by_sigint(tmp_path):
     assert stderr == "interrupted\n"
     assert os.listdir(out) == []
     assert hash_tree(tmp_path) == before
+
+
+# ---- training: what a resume ignores, the TensorBoard graph -----------------------
+
+def events_have_graph(directory):
+    """Whether the TensorBoard events files in ``directory`` hold a graph."""
+    from tensorflow.core.util import event_pb2
+    found = False
+    for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+        for record in tf1.io.tf_record_iterator(path):
+            found |= event_pb2.Event.FromString(record).HasField("graph_def")
+    return found
+
+
+def test_resume_warns_that_it_ignores_intialize(tiny, tmp_path):
+    """What train() does first: a run directory with a checkpoint resumes
+    from it, and an explicit intialize is named as not used. (A stand-in for
+    the training graph: the model's would take long to build.)"""
+    from types import SimpleNamespace
+
+    from netcompress.training import _initialise
+
+    run = tmp_path / "run"
+    config = load_config(tiny["train_config"], "train",
+                         [f"checkpoint={run}", f"intialize={tiny['checkpoint']}"])
+    graph = SimpleNamespace(graph=tf.Graph())
+    with graph.graph.as_default():
+        graph.global_step = tf1.train.get_or_create_global_step()
+        graph.saved_variables = tf1.global_variables()
+        graph.model_variables = []
+        graph.initializer = tf1.global_variables_initializer()
+        graph.saver = tf1.train.Saver()
+    messages = []
+    with tf1.Session(graph=graph.graph) as session:
+        session.run(graph.initializer)
+        graph.saver.save(session, str(run / "model.ckpt"), global_step=0)
+        step = _initialise(session, graph, config, str(run), str(run / "model.ckpt"),
+                           messages.append)
+    assert step == 0
+    assert messages[0] == f"resuming from {run}/model.ckpt-0 at step 0"
+    assert messages[1].startswith(f"warning: intialize {tiny['checkpoint']} is not used: "
+                                  f"resuming restores every variable from "
+                                  f"{run}/model.ckpt-0"), messages
+
+
+@pytest.mark.parametrize("write_graph", [False, True])
+def test_the_graph_is_written_to_tensorboard_only_when_asked(tmp_path, write_graph):
+    from netcompress.training import summary_writer
+
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.constant(1.0, name="c")
+    summary_writer({"write_graph": write_graph}, str(tmp_path), graph).close()
+    assert events_have_graph(tmp_path) == write_graph
+    writer = summary_writer({}, str(tmp_path / "default"), graph)  # retraining stages
+    writer.close()
+    assert not events_have_graph(tmp_path / "default")
