@@ -666,3 +666,21 @@ def test_the_graph_is_written_to_tensorboard_only_when_asked(tmp_path, write_gra
     writer = summary_writer({}, str(tmp_path / "default"), graph)  # retraining stages
     writer.close()
     assert not events_have_graph(tmp_path / "default")
+
+
+# ---- predict.py's inputs -------------------------------------------------------------
+
+def test_predict_skips_16_bit_images_as_the_converter_refuses_them(tmp_path):
+    """Pillow's convert('RGB') would clip a 16-bit PNG to white."""
+    from netcompress.predict import Source
+
+    grey16 = np.full((4, 6), 1000, np.uint16)  # dark in 16 bits; 255 once clipped
+    Image.fromarray(grey16).save(tmp_path / "deep.png")
+    Image.fromarray(np.full((4, 6, 3), 7, np.uint8)).save(tmp_path / "plain.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    items = {name: (image, problem) for name, image, problem in Source(str(tmp_path)).items()}
+    image, problem = items["deep"]
+    assert image is None and problem.startswith(f"{tmp_path}/deep.png: unsupported mode I")
+    assert "8-bit grayscale or colour" in problem
+    image, problem = items["plain"]
+    assert problem is None and image.shape == (4, 6, 3) and (image == 7).all()
