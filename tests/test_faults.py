@@ -684,3 +684,48 @@ def test_predict_skips_16_bit_images_as_the_converter_refuses_them(tmp_path):
     assert "8-bit grayscale or colour" in problem
     image, problem = items["plain"]
     assert problem is None and image.shape == (4, 6, 3) and (image == 7).all()
+
+
+# ---- export.py's self-check ------------------------------------------------------------
+
+def test_export_check_images_are_resized_to_the_network_as_predict_does(tiny):
+    from netcompress.export import test_images
+    from netcompress.predict import network_input
+    from dataset.records import read_examples
+
+    path = tiny["data"]["test"]
+    records = [image for image, _ in read_examples(path)][:2]
+    same, labels = test_images(path, 2, HEIGHT, WIDTH)
+    assert np.array_equal(same, np.stack(records)) and labels.shape == (2, HEIGHT, WIDTH)
+    larger, labels = test_images(path, 2, 48, 96)
+    assert larger.shape == (2, 48, 96, 3) and labels.shape == (2, HEIGHT, WIDTH)
+    for image, record in zip(larger, records):  # BGR in and out
+        assert np.array_equal(image, network_input(record[..., ::-1].copy(), 48, 96))
+
+
+def test_export_check_bound_is_relative_to_the_logits_scale():
+    """An untrained network's logits are large: its probabilities may move by
+    the tolerance times the largest logit (a softmax moves no probability by
+    more than the largest logit change)."""
+    from netcompress.export import EXPORT_TOLERANCE, compare
+
+    logits = np.array([[[[120.0, 0.0, -40.0], [3.0, 3.05, 0.0]]]])  # 1x1x2 pixels, 3 classes
+    exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probabilities = exp / exp.sum(axis=-1, keepdims=True)
+    class_map = np.argmax(logits, axis=-1)
+    reference = (class_map, probabilities, logits)
+    moved = probabilities + np.array([0.0012, -0.0012, 0.0])
+    found = compare(reference, (class_map, moved), EXPORT_TOLERANCE)
+    assert found["bound"] == pytest.approx(EXPORT_TOLERANCE * 120.0)
+    assert found["max_probability_difference"] == pytest.approx(0.0012)
+    # The second pixel's top two logits are 0.05 apart, within 2 x 0.12: a tie.
+    assert found["ties"] == 1 and found["class_map_mismatches"] == 0
+    swapped = class_map.copy()
+    swapped[0, 0, 1] = 0
+    assert compare(reference, (swapped, moved), EXPORT_TOLERANCE)["class_map_mismatches"] == 0
+    swapped[0, 0, 0] = 2
+    assert compare(reference, (swapped, moved), EXPORT_TOLERANCE)["class_map_mismatches"] == 1
+    # Logits within 1 in magnitude: the bound is the tolerance itself.
+    small = compare((class_map, probabilities, logits / 200.0), (class_map, moved),
+                    EXPORT_TOLERANCE)
+    assert small["bound"] == EXPORT_TOLERANCE
