@@ -20,7 +20,7 @@ import tensorflow as tf
 from common.errors import UserError
 from common.files import atomic_directory, make_directory, one_line
 from common.outputs import real
-from dataset.records import read_examples, require_record_file
+from dataset.records import first_message_line, read_examples, require_record_file
 from netcompress import serving
 from netcompress.metrics import ConfusionMatrix
 
@@ -347,7 +347,12 @@ def _export_into(config, directory, images, int8, onnx, log):
         prefix = graph.restore(session)
         reference = session.run([graph.class_map, graph.probabilities, graph.logits],
                                 {graph.images: images})
-        saved_model = write_saved_model(graph, session, os.path.join(directory, SAVED_MODEL))
+        try:
+            saved_model = write_saved_model(graph, session,
+                                            os.path.join(directory, SAVED_MODEL))
+        except tf.errors.OpError as exc:  # TensorFlow's file writes: disk full, ...
+            raise OSError(f"SavedModel: {type(exc).__name__}: "
+                          f"{first_message_line(exc)}") from None
         frozen = frozen_graph_def(graph, session) if onnx else None
     log(f"SavedModel written from {prefix}")
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from dataset.pipeline import train_dataset
+from dataset.records import first_message_line
 from common import outputs
 from netcompress import checkpoints, op_errors
 from netcompress.checkpoint_paths import STATE_FILE, checkpoint_prefix, \
@@ -130,7 +131,13 @@ def _initialise(session, graph, config, directory, prefix, log):
     session.run(graph.initializer)
     if latest is not None:
         check_resumable(latest, graph)
-        graph.saver.restore(session, latest)
+        try:
+            graph.saver.restore(session, latest)
+        except (ValueError, tf.errors.OpError) as exc:
+            # check_resumable read the index; the data file may still be cut short.
+            raise UserError(f"cannot resume from {latest}: it is damaged ({_reason(exc)}); "
+                            f"give a new checkpoint directory (to start from an older "
+                            f"checkpoint of the run, set intialize to it)") from None
         step = int(session.run(graph.global_step))
         log(f"resuming from {latest} at step {step}")
         if config.get("initialize"):
@@ -172,7 +179,24 @@ def _save_if_finite(session, graph, directory, prefix, step, write=True):
     if not session.run(graph.all_finite):
         raise _diverged(f"variables are not finite after step {step}", directory, prefix)
     if write:
-        graph.saver.save(session, prefix, global_step=step)
+        try:
+            graph.saver.save(session, prefix, global_step=step)
+        except (OSError, ValueError, tf.errors.OpError) as exc:
+            # Disk full, the directory gone or made unwritable (docs/errors.md).
+            last = latest_of_run(directory, prefix)
+            raise UserError(f"cannot write checkpoint {prefix}-{step}: {_reason(exc)}; "
+                            f"training stopped; last good checkpoint: "
+                            f"{last or 'none saved yet'}") from None
+
+
+def _reason(exc):
+    """An OS or TensorFlow error in one line: its errno text, or TensorFlow's
+    own message without the graph-execution frame around it."""
+    if getattr(exc, "strerror", None):
+        return exc.strerror
+    if isinstance(exc, tf.errors.OpError):
+        return f"{type(exc).__name__}: {first_message_line(exc)}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def train(config, log=print, seed=None, progress=True, dropout=True):

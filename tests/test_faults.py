@@ -11,6 +11,7 @@ of damage, the scripts on a few of them as subprocesses.
 import glob
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -625,22 +626,13 @@ def events_have_graph(directory):
 
 def test_resume_warns_that_it_ignores_intialize(tiny, tmp_path):
     """What train() does first: a run directory with a checkpoint resumes
-    from it, and an explicit intialize is named as not used. (A stand-in for
-    the training graph: the model's would take long to build.)"""
-    from types import SimpleNamespace
-
+    from it, and an explicit intialize is named as not used."""
     from netcompress.training import _initialise
 
     run = tmp_path / "run"
     config = load_config(tiny["train_config"], "train",
                          [f"checkpoint={run}", f"intialize={tiny['checkpoint']}"])
-    graph = SimpleNamespace(graph=tf.Graph())
-    with graph.graph.as_default():
-        graph.global_step = tf1.train.get_or_create_global_step()
-        graph.saved_variables = tf1.global_variables()
-        graph.model_variables = []
-        graph.initializer = tf1.global_variables_initializer()
-        graph.saver = tf1.train.Saver()
+    graph = stand_in_training_graph()
     messages = []
     with tf1.Session(graph=graph.graph) as session:
         session.run(graph.initializer)
@@ -729,3 +721,92 @@ def test_export_check_bound_is_relative_to_the_logits_scale():
     small = compare((class_map, probabilities, logits / 200.0), (class_map, moved),
                     EXPORT_TOLERANCE)
     assert small["bound"] == EXPORT_TOLERANCE
+
+
+# ---- environment failures: writes, resume files, model size, workers -------------------
+
+def stand_in_training_graph():
+    """What training.py's resume and save need of a TrainGraph, without the
+    model (whose training graph takes long to build): a global step and a
+    weight, their initializer and Saver."""
+    from types import SimpleNamespace
+
+    graph = SimpleNamespace(graph=tf.Graph())
+    with graph.graph.as_default():
+        graph.global_step = tf1.train.get_or_create_global_step()
+        weight = tf1.get_variable("w", [64, 64], initializer=tf1.ones_initializer())
+        graph.saved_variables = tf1.global_variables()
+        graph.model_variables = []
+        graph.initializer = tf1.global_variables_initializer()
+        graph.all_finite = tf.reduce_all(tf.math.is_finite(weight))
+        graph.saver = tf1.train.Saver()
+    return graph
+
+
+def test_resume_from_a_truncated_data_file_is_one_line(tiny, tmp_path):
+    from netcompress.training import _initialise
+
+    run = tmp_path / "run"
+    config = load_config(tiny["train_config"], "train", [f"checkpoint={run}"])
+    graph = stand_in_training_graph()
+    with tf1.Session(graph=graph.graph) as session:
+        session.run(graph.initializer)
+        graph.saver.save(session, str(run / "model.ckpt"), global_step=3)
+        data = str(run / ("model.ckpt-3" + DATA_SUFFIX))
+        _truncate(data, os.path.getsize(data) // 2)
+        with pytest.raises(UserError, match=re.escape(
+                f"cannot resume from {run}/model.ckpt-3: it is damaged (")) as error:
+            _initialise(session, graph, config, str(run), str(run / "model.ckpt"), print)
+    message = str(error.value)
+    assert "\n" not in message and "give a new checkpoint directory" in message
+    assert "Graph execution error" not in message and "Read less bytes" in message
+
+
+@pytest.mark.parametrize("failure", ["disk full", "directory gone"])
+def test_a_checkpoint_that_cannot_be_written_stops_training_in_one_line(tmp_path, failure,
+                                                                        monkeypatch):
+    from netcompress.training import _save_if_finite
+
+    run = tmp_path / "run"
+    graph = stand_in_training_graph()
+    with tf1.Session(graph=graph.graph) as session:
+        session.run(graph.initializer)
+        _save_if_finite(session, graph, str(run), str(run / "model.ckpt"), 1)
+        if failure == "disk full":
+            def full(*args, **kwargs):
+                raise tf.errors.ResourceExhaustedError(
+                    None, None, f"{run}/model.ckpt-2_temp/part-00000-of-00001.data-00000-of-"
+                    f"00001.tempstate; No space left on device\n\tmore lines")
+            monkeypatch.setattr(graph.saver, "save", full)
+            reason = "No space left on device"
+        else:  # the run directory replaced by a file while training
+            shutil.rmtree(run)
+            run.write_text("")
+            reason = ""
+        with pytest.raises(UserError, match=re.escape(
+                f"cannot write checkpoint {run}/model.ckpt-2: ")) as error:
+            _save_if_finite(session, graph, str(run), str(run / "model.ckpt"), 2)
+    message = str(error.value)
+    assert "\n" not in message and reason in message and "training stopped" in message
+    if failure == "disk full":
+        assert message.endswith(f"last good checkpoint: {run}/model.ckpt-1")
+
+
+def test_export_with_the_disk_full_is_one_line_and_leaves_nothing(tiny, tmp_path, monkeypatch):
+    """TensorFlow's own file writes fail with an OpError, not an OSError."""
+    from netcompress import export
+
+    def full(graph, session, directory):
+        os.makedirs(directory)
+        with open(os.path.join(directory, "saved_model.pb"), "wb") as f:
+            f.write(b"partial")
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "Graph execution error:\n\nfailed to write saved_model.pb: No space "
+                        "left on device\n\t [[{{node save/SaveV2}}]]")
+    monkeypatch.setattr(export, "write_saved_model", full)
+    before = hash_tree(tiny["root"])
+    result = run_script("export.py", "-c", tiny["test_config"], "--output", tmp_path / "out",
+                        "--check_images", 1)
+    assert_one_line_error(result, f"cannot write the export to {tmp_path}/out: ",
+                          "No space left on device")
+    assert os.listdir(tmp_path) == [] and hash_tree(tiny["root"]) == before
