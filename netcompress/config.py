@@ -226,9 +226,10 @@ OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_pat
 # flip: random horizontal flips (the original had no augmentation);
 # end_learning_rate: where the polynomial decay ends (the original's 1e-4);
 # max_to_keep: newest checkpoints kept (the original kept 1000);
-# write_graph: the graph in the TensorBoard events too (large: README.md).
+# write_graph: the graph in the TensorBoard events too (large: README.md);
+# worker_timeout: seconds to wait for TF_CONFIG's other workers (replicas.py).
 TRAIN_OPTIONAL = {"flip": False, "end_learning_rate": 1e-4, "max_to_keep": 3,
-                  "write_graph": False}
+                  "write_graph": False, "worker_timeout": 600.0}
 
 
 POSITIVE_INT_KEYS = ("batch_size", "skip_step", "height", "width",

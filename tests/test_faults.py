@@ -10,6 +10,7 @@ of damage, the scripts on a few of them as subprocesses.
 
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -810,3 +811,68 @@ def test_export_with_the_disk_full_is_one_line_and_leaves_nothing(tiny, tmp_path
     assert_one_line_error(result, f"cannot write the export to {tmp_path}/out: ",
                           "No space left on device")
     assert os.listdir(tmp_path) == [] and hash_tree(tiny["root"]) == before
+
+
+def test_a_model_def_too_large_is_refused_before_building(tiny, tmp_path, monkeypatch):
+    """default.json with every width x 8 (1.9 billion parameters)."""
+    import copy
+
+    from helpers import default_model_def
+    from netcompress import models
+
+    big = copy.deepcopy(default_model_def())
+    for key, value in big["params"].items():
+        big["params"][key] = [8 * v for v in value] if isinstance(value, list) else 8 * value
+    for key, (a, b) in big["split"].items():
+        big["split"][key] = [8 * a, 8 * b]
+    path = write_json(tmp_path / "big.json", big)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built")
+    monkeypatch.setattr(AdapNet_pp, "build", never)
+    result = run_script("evaluate.py", "-c", tiny["test_config"], "--model_def", path)
+    line = assert_one_line_error(result, f"{path}: ", " parameters (",
+                                 "is more than the 1,000,000,000 a model may have")
+    count = int(line.split(f"{path}: ")[1].split(" parameters")[0].replace(",", ""))
+    assert count > 60 * 30_000_000  # about 64 x the default model's parameters
+    assert models.MAX_PARAMETERS == 10 ** 9
+
+
+@pytest.mark.parametrize("address", ["localhost", "localhost:http", "localhost:0",
+                                     ":2222", "localhost:70000", 12345, "local host:22"])
+def test_tf_config_addresses_must_be_host_port(monkeypatch, address):
+    from netcompress.replicas import cluster_task
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps({
+        "cluster": {"worker": ["localhost:2222", address]},
+        "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(UserError, match=r"TF_CONFIG worker 1 address .* is not HOST:PORT"):
+        cluster_task()
+    monkeypatch.setenv("TF_CONFIG", json.dumps({
+        "cluster": {"worker": ["localhost:2222", "[::1]:2223"]},
+        "task": {"type": "worker", "index": 1}}))
+    assert cluster_task() == ({"worker": ["localhost:2222", "[::1]:2223"]}, 1)
+
+
+def test_a_worker_that_never_starts_is_named_after_the_timeout():
+    import socket
+
+    from netcompress.replicas import wait_for_workers
+
+    listening = socket.socket()
+    listening.bind(("localhost", 0))
+    listening.listen()
+    silent = socket.socket()  # bound, never listening: nobody answers there
+    silent.bind(("localhost", 0))
+    up = f"localhost:{listening.getsockname()[1]}"
+    down = f"localhost:{silent.getsockname()[1]}"
+    try:
+        wait_for_workers([up, up], 0, timeout=5)  # the other one answers: no wait
+        start = time.monotonic()
+        with pytest.raises(UserError, match=re.escape(
+                f"worker 2 ({down}) did not start within 0.5 s (this is worker 0)")):
+            wait_for_workers([up, up, down], 0, timeout=0.5, interval=0.1)
+        assert 0.5 <= time.monotonic() - start < 5
+    finally:
+        listening.close()
+        silent.close()
