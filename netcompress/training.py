@@ -1,7 +1,10 @@
 """Training loop (train.py): Adam, polynomial decay, resume, NaN guard."""
 
+import contextlib
 import math
 import os
+import socket
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -159,11 +162,54 @@ def _initialise(session, graph, config, directory, prefix, log):
     return 0
 
 
+class EventsWriter:
+    """A TensorBoard events file written in this thread: a failed write (disk
+    full) raises here, once, where tf1.summary.FileWriter's writer thread
+    printed a traceback per event (docs/errors.md)."""
+
+    def __init__(self, path, graph=None):
+        from tensorflow.core.util import event_pb2
+
+        self._event = event_pb2.Event
+        self.path = path
+        self._writer = tf.io.TFRecordWriter(path)
+        self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+        if graph is not None:
+            self._write(self._event(wall_time=time.time(),
+                                    graph_def=graph.as_graph_def().SerializeToString()))
+
+    def add_summary(self, summary, step):
+        """``summary``: a serialised Summary (what a session run of a merged
+        summary op returns)."""
+        event = self._event(wall_time=time.time(), step=int(step))
+        event.summary.ParseFromString(summary)
+        self._write(event)
+
+    def _write(self, event):
+        self._writer.write(event.SerializeToString())
+        self._writer.flush()
+
+    def close(self):
+        # Every event was flushed as written: a failure here loses nothing.
+        with contextlib.suppress(OSError, tf.errors.OpError):
+            self._writer.close()
+
+
+def _events_path(directory):
+    """A new events file name, as TensorBoard looks for them."""
+    return os.path.join(directory, f"events.out.tfevents.{int(time.time())}."
+                                   f"{socket.gethostname()}.{os.getpid()}")
+
+
 def summary_writer(config, directory, graph):
     """The TensorBoard writer; the graph only when the config asks
     (``write_graph``): it can be far larger than the model (README.md), and
     retraining stages never ask."""
-    return tf1.summary.FileWriter(directory, graph if config.get("write_graph") else None)
+    path = _events_path(directory)
+    try:
+        return EventsWriter(path, graph if config.get("write_graph") else None)
+    except (OSError, tf.errors.OpError) as exc:
+        raise UserError(f"cannot write TensorBoard events {path}: {_reason(exc)}") from None
 
 
 def _diverged(what, directory, prefix):
@@ -240,7 +286,13 @@ def train(config, log=print, seed=None, progress=True, dropout=True):
                                     data_loss=f"{np.mean(data_history[recent]):.4f}",
                                     lr=f"{learning_rate:.2e}")
                     if writer is not None:
-                        writer.add_summary(summary, step)
+                        try:
+                            writer.add_summary(summary, step)
+                        except (OSError, tf.errors.OpError) as exc:
+                            last = latest_of_run(directory, prefix)
+                            raise UserError(f"cannot write TensorBoard events {writer.path}: "
+                                            f"{_reason(exc)}; training stopped; last good "
+                                            f"checkpoint: {last or 'none saved yet'}") from None
                 if step % save_step == 0 or step == max_iteration:
                     _save_if_finite(session, graph, directory, prefix, step,
                                     write=replicas.chief)

@@ -656,9 +656,30 @@ def test_the_graph_is_written_to_tensorboard_only_when_asked(tmp_path, write_gra
         tf.constant(1.0, name="c")
     summary_writer({"write_graph": write_graph}, str(tmp_path), graph).close()
     assert events_have_graph(tmp_path) == write_graph
+    os.mkdir(tmp_path / "default")
     writer = summary_writer({}, str(tmp_path / "default"), graph)  # retraining stages
+    writer.add_summary(tf1.Summary(value=[tf1.Summary.Value(tag="loss", simple_value=0.5)])
+                       .SerializeToString(), 3)
     writer.close()
     assert not events_have_graph(tmp_path / "default")
+    from tensorflow.core.util import event_pb2
+    (path,) = glob.glob(str(tmp_path / "default" / "events.out.tfevents.*"))
+    events = [event_pb2.Event.FromString(r) for r in tf1.io.tf_record_iterator(path)]
+    assert events[0].file_version == "brain.Event:2"
+    assert (events[1].step, events[1].summary.value[0].simple_value) == (3, 0.5)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_tensorboard_events_on_a_full_disk_are_one_line(tmp_path, monkeypatch):
+    """Writes to /dev/full fail as on a full disk. TensorFlow's FileWriter
+    failed in its writer thread, a traceback per event; ours in this thread."""
+    from netcompress import training
+
+    monkeypatch.setattr(training, "_events_path", lambda directory: "/dev/full")
+    with pytest.raises(UserError, match=re.escape(
+            "cannot write TensorBoard events /dev/full: ResourceExhaustedError: /dev/full; "
+            "No space left on device")):
+        training.summary_writer({}, str(tmp_path), tf.Graph())
 
 
 # ---- predict.py's inputs -------------------------------------------------------------
