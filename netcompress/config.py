@@ -2,7 +2,8 @@
 config files of train / evaluate / get_oracle_rank, and prun_model.py's
 settings (its header constants, an optional config file, the command line).
 
-A config is parsed as YAML (``yaml.safe_load``, the original format), then
+A config is parsed as YAML (``yaml.safe_load``, the original format, less
+aliases, duplicate keys and YAML 1.1 octal or sexagesimal numbers), then
 overrides from the command line are applied, then every key is checked. All
 problems are reported as a one-line :class:`UserError` naming the key and the
 offending value.
