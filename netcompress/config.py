@@ -2,7 +2,8 @@
 config files of train / evaluate / get_oracle_rank, and prun_model.py's
 settings (its header constants, an optional config file, the command line).
 
-A config is parsed as YAML (``yaml.safe_load``, the original format), then
+A config is parsed as YAML (``yaml.safe_load``, the original format, less
+aliases, duplicate keys and YAML 1.1 octal or sexagesimal numbers), then
 overrides from the command line are applied, then every key is checked. All
 problems are reported as a one-line :class:`UserError` naming the key and the
 offending value.
@@ -21,6 +22,7 @@ of a kind is required.
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import yaml
@@ -230,8 +232,11 @@ OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_pat
 # Keys a train config may add, with their defaults (train.py's `optional`).
 # flip: random horizontal flips (the original had no augmentation);
 # end_learning_rate: where the polynomial decay ends (the original's 1e-4);
-# max_to_keep: newest checkpoints kept (the original kept 1000).
-TRAIN_OPTIONAL = {"flip": False, "end_learning_rate": 1e-4, "max_to_keep": 3}
+# max_to_keep: newest checkpoints kept (the original kept 1000);
+# write_graph: the graph in the TensorBoard events too (large: README.md);
+# worker_timeout: seconds to wait for TF_CONFIG's other workers (replicas.py).
+TRAIN_OPTIONAL = {"flip": False, "end_learning_rate": 1e-4, "max_to_keep": 3,
+                  "write_graph": False, "worker_timeout": 600.0}
 
 
 POSITIVE_INT_KEYS = ("batch_size", "skip_step", "height", "width",
@@ -278,14 +283,110 @@ def parse_overrides(overrides):
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise UserError("override %r is not of the form key=value" % item)
+            raise UserError("override %s is not of the form key=value" % _show(item))
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = yaml.load(text, StrictLoader) if text.strip() else None
+        except ConfigSyntaxError as exc:
+            raise UserError("override %s: %s" % (_show(item), exc.message)) from None
         except yaml.YAMLError:
             # e.g. 'a: b' or '[1' - not a scalar; keep the text as written.
             value = text
         parsed.append((key, value))
     return parsed
+
+
+# ---- strict YAML -------------------------------------------------------------
+# A config is a short list of `key: value` lines. YAML features that make such
+# a file mean something else than it shows are refused (docs/errors.md):
+# aliases (an alias bomb grows without bound), duplicate keys (the last one
+# silently won), YAML 1.1 octal (`010` is 8) and sexagesimal (`1:30` is 90)
+# numbers.
+
+# Longest value or key text a message repeats (docs/errors.md).
+SHOWN_LENGTH = 80
+
+_OCTAL = re.compile(r"[-+]?0[0-7_]+$")
+
+
+class ConfigSyntaxError(yaml.YAMLError):
+    """A refused YAML construct: ``message`` and the 1-based ``line``."""
+
+    def __init__(self, message, mark):
+        super().__init__(message)
+        self.message = message
+        self.line = mark.line + 1 if mark is not None else None
+
+
+def _number_problem(node):
+    """Why an int/float scalar reads as another number than it shows, or None."""
+    if not isinstance(node, yaml.ScalarNode) or node.tag not in (
+            "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+        return None
+    text = node.value.strip()
+    if ":" in text:
+        return "a YAML 1.1 sexagesimal (base 60) number"
+    if node.tag == "tag:yaml.org,2002:int" and _OCTAL.match(text) and text.strip("-+0_"):
+        return "a YAML 1.1 octal number (%d)" % int(text.replace("_", ""), 8)
+    return None
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases, duplicate keys and octal or
+    sexagesimal numbers (ConfigSyntaxError)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise ConfigSyntaxError("YAML anchors and aliases (&name, *name) are not "
+                                    "accepted in a config; write each value out",
+                                    event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            shown = _show(key)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # unhashable: SafeLoader's own message follows
+                break
+            if first != key_node.start_mark.line + 1:
+                raise ConfigSyntaxError("key %s is given twice (first at line %d); give "
+                                        "it once" % (shown, first), key_node.start_mark)
+            problem = _number_problem(value_node)
+            if problem:
+                raise ConfigSyntaxError("key %s: %s is %s; write the number in decimal, or "
+                                        "quote it for text" % (shown, _elide(value_node.value),
+                                                                problem),
+                                        value_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        problem = _number_problem(node)
+        if problem:
+            raise ConfigSyntaxError("%s is %s; write the number in decimal, or quote it for "
+                                    "text" % (_elide(node.value), problem), node.start_mark)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
+        problem = _number_problem(node)
+        if problem:
+            raise ConfigSyntaxError("%s is %s; write the number in decimal, or quote it for "
+                                    "text" % (_elide(node.value), problem), node.start_mark)
+        return super().construct_yaml_float(node)
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+StrictLoader.add_constructor("tag:yaml.org,2002:float", StrictLoader.construct_yaml_float)
+
+
+def _elide(text, limit=SHOWN_LENGTH):
+    """``text`` cut to about ``limit`` characters, saying how long it was."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return "%s... (%d characters)" % (text[:limit], len(text))
 
 
 def load_config(path, kind, overrides=(), optional=None, defaults=None):
@@ -311,7 +412,7 @@ def load_config(path, kind, overrides=(), optional=None, defaults=None):
     if path is not None:
         layers.append([(str(key), value, path) for key, value in _read_mapping(path).items()])
     path = path or (defaults[1] if defaults else "settings")
-    layers.append([(key, value, "override %s=%s" % (key, _show(value)))
+    layers.append([(key, value, "override %s=%s" % (_elide(key), _show(value)))
                    for key, value in parse_overrides(overrides)])
 
     allowed = accepted_keys(kind, optional)
@@ -319,8 +420,8 @@ def load_config(path, kind, overrides=(), optional=None, defaults=None):
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = "; did you mean %r?" % close[0] if close else ""
-            raise UserError("%s: unknown key %r (value %s) for a %s config%s"
-                            % (source, key, _show(value), kind, hint))
+            raise UserError("%s: unknown key %s (value %s) for a %s config%s"
+                            % (source, _show(key), _show(value), kind, hint))
 
     config = {}
     for layer in layers:
@@ -373,10 +474,31 @@ def replica_count(config, source):
             raise UserError("%s: replicas: %d but gpu_id %r names one GPU: list one GPU "
                             "per replica (e.g. '0,1'), or set gpu_id: -1 for replicas on "
                             "CPU devices" % (source, count, config["gpu_id"]))
+    if count > 1 and len(gpus) <= 1:
+        # CPU replicas share the cores; far more of them only builds a huge
+        # graph for minutes (docs/distribute.md).
+        cores = _cpu_cores()
+        if count > CPU_REPLICAS_PER_CORE * cores:
+            raise UserError("%s: replicas: %d on CPU devices, but this machine has %d CPU "
+                            "core(s): at most %d (%d per core; CPU replicas share the cores)"
+                            % (source, count, cores, CPU_REPLICAS_PER_CORE * cores,
+                               CPU_REPLICAS_PER_CORE))
     if config["batch_size"] % count:
         raise UserError("%s: batch_size %d (the global batch) must be a multiple of the "
                         "%d replicas" % (source, config["batch_size"], count))
     return count
+
+
+# Most CPU-device replicas per core (docs/distribute.md).
+CPU_REPLICAS_PER_CORE = 4
+
+
+def _cpu_cores():
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _declared_settings(kind, config, path):
@@ -441,7 +563,10 @@ def _read_mapping(path):
         raise UserError("config file %r not found" % path)
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = yaml.load(handle, StrictLoader)
+    except ConfigSyntaxError as exc:
+        where = "line %d: " % exc.line if exc.line else ""
+        raise UserError("%s: %s%s" % (path, where, exc.message)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = " at line %d" % (mark.line + 1) if mark is not None else ""
@@ -475,14 +600,17 @@ def _resolve_aliases(layer, kind):
 
 
 def _show(value):
-    """A value as the user would have written it, for messages."""
+    """A value as the user would have written it, for messages (elided past
+    SHOWN_LENGTH characters)."""
     if isinstance(value, str):
+        if len(value) > SHOWN_LENGTH:
+            return "%r... (%d characters)" % (value[:SHOWN_LENGTH], len(value))
         return repr(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "null"
-    return str(value)
+    return _elide(value)
 
 
 def check_gpu_id(value, source):
@@ -609,14 +737,14 @@ def _check_paths(config, kind, sources, config_path):
 
     for key in INPUT_FILE_KEYS:
         if key in config and not os.path.exists(config[key]):
-            raise UserError("%s: %r file %r does not exist (relative paths are "
+            raise UserError("%s: %r file %s does not exist (relative paths are "
                             "taken from the current directory %s)"
-                            % (source(key), key, config[key], os.getcwd()))
+                            % (source(key), key, _show(config[key]), os.getcwd()))
     for key in ("mask", "val_data", "classes"):
         path = config.get(key)
         if path is not None and not os.path.isfile(path):
-            raise UserError("%s: %r file %r does not exist (use None for none)"
-                            % (source(key), key, path))
+            raise UserError("%s: %r file %s does not exist (use None for none)"
+                            % (source(key), key, _show(path)))
 
     if kind == "train":
         checkpoint_keys = ("initialize",)
@@ -625,6 +753,6 @@ def _check_paths(config, kind, sources, config_path):
     for key in checkpoint_keys:
         prefix = config.get(key)
         if prefix is not None and not checkpoint_exists(prefix):
-            raise UserError("%s: %r checkpoint %r not found (expected %s.index, "
+            raise UserError("%s: %r checkpoint %s not found (expected %s.index, "
                             "or a directory with a 'checkpoint' file)"
-                            % (source(key), key, prefix, prefix))
+                            % (source(key), key, _show(prefix), _elide(prefix)))

@@ -20,7 +20,7 @@ import tensorflow as tf
 from common.errors import UserError
 from common.files import atomic_directory, make_directory, one_line
 from common.outputs import real
-from dataset.records import read_examples, require_record_file
+from dataset.records import first_message_line, read_examples, require_record_file
 from netcompress import serving
 from netcompress.metrics import ConfusionMatrix
 
@@ -33,11 +33,14 @@ TFLITE_INT8 = "model_int8.tflite"
 ONNX = "model.onnx"
 METADATA = "export.json"
 ONNX_OPSET = 17
-# How far an exported file's probabilities may be from the session graph's:
-# the same float32 function with other kernels (XNNPACK, ONNX Runtime) sums
-# in another order; see tests/helpers.FLOAT32_PASS_TOLERANCE, whose 1e-4 is
-# for the tiny test networks. The full network is deeper and wider, so the
-# export check allows 1e-3 (probabilities lie in [0, 1]).
+# How far an exported file's probabilities may be from the session graph's,
+# relative to the logits' largest magnitude (at least 1): the same float32
+# function with other kernels (XNNPACK, ONNX Runtime) sums in another order,
+# which moves each logit by a fraction of the magnitudes summed, and a
+# softmax moves no probability by more than the largest logit change. See
+# tests/helpers.FLOAT32_PASS_TOLERANCE, whose 1e-4 is for the tiny test
+# networks; the full network is deeper and wider, so the check allows 1e-3.
+# (An absolute bound failed an untrained full network: its logits are large.)
 EXPORT_TOLERANCE = 1e-3
 OUTPUT_NAMES = (serving.CLASS_MAP_NAME, serving.PROBABILITIES_NAME)
 
@@ -227,23 +230,37 @@ class OnnxRunner:
 # ---- comparing -------------------------------------------------------------
 
 def compare(reference, other, tolerance):
-    """Differences between two (class map, probabilities) results.
+    """Differences between the reference's (class map, probabilities,
+    logits) and another (class map, probabilities, ...).
 
-    Returns max |probability difference| and the class-map pixels that
-    differ where the reference's top two probabilities are more than
-    ``tolerance`` apart (elsewhere the argmax is a tie within rounding)."""
-    class_map, probabilities = reference
-    other_map, other_probabilities = other
-    top2 = np.sort(probabilities, axis=-1)[..., -2:]
-    decided = (top2[..., 1] - top2[..., 0]) > tolerance
+    The bound on probability differences is ``tolerance`` times the logits'
+    largest magnitude (at least 1); class-map pixels are compared where the
+    reference's top two logits are more than twice the bound apart
+    (elsewhere the argmax is a tie within rounding)."""
+    class_map, probabilities, logits = reference
+    other_map, other_probabilities = other[:2]
+    bound = tolerance * max(1.0, float(np.max(np.abs(logits))))
+    top2 = np.sort(logits, axis=-1)[..., -2:]
+    decided = (top2[..., 1] - top2[..., 0]) > 2 * bound
     return {"max_probability_difference": float(np.max(np.abs(probabilities
                                                               - other_probabilities))),
+            "bound": bound,
             "class_map_mismatches": int(np.sum((class_map != other_map) & decided)),
             "ties": int(np.sum(~decided))}
 
 
-def test_images(path, limit):
-    """The first ``limit`` images (uint8 BGR) and labels of a record file."""
+def network_images(images_bgr, height, width):
+    """uint8 BGR images at the network's size, resized as predict.py resizes
+    (bilinear, only when the size differs)."""
+    from netcompress.predict import network_input
+
+    return np.stack([network_input(np.ascontiguousarray(image[..., ::-1]), height, width)
+                     for image in images_bgr])
+
+
+def test_images(path, limit, height, width):
+    """The first ``limit`` images of a record file at the network's size
+    (uint8 BGR), and their labels at the records' size."""
     images, labels = [], []
     for image, label in read_examples(path):
         if len(images) >= limit:
@@ -252,17 +269,22 @@ def test_images(path, limit):
         labels.append(label)
     if not images:
         raise UserError(f"{path} holds no records to check the export on")
-    return np.stack(images), np.stack(labels)
+    return network_images(images, height, width), np.stack(labels)
 
 
-def mean_iou(runner, path, num_classes, batch_size):
-    """mIoU (percent) of ``runner`` over a whole record file."""
+def mean_iou(runner, path, num_classes, batch_size, height, width):
+    """mIoU (percent) of ``runner`` over a whole record file: images resized
+    to the network's size, class maps back to the labels' (as predict.py)."""
+    from netcompress.predict import to_original_size
+
     matrix = ConfusionMatrix(num_classes)
     images, labels = [], []
 
     def flush():
         if images:
-            matrix.update(np.stack(labels), runner(np.stack(images))[0])
+            maps = runner(network_images(images, height, width))[0]
+            matrix.update(np.stack(labels), np.stack(
+                [to_original_size(m, *label.shape) for m, label in zip(maps, labels)]))
             images.clear()
             labels.clear()
     for image, label in read_examples(path):
@@ -304,7 +326,8 @@ def export(config, output, int8=False, onnx=False, check_images=8, log=print):
     check_output_directory(output, {key: config.get(key) for key in
                                     ("checkpoint", "model_def", "mask", "test_data")})
     require_record_file(config["test_data"])
-    images, _ = test_images(config["test_data"], check_images)
+    images, _ = test_images(config["test_data"], check_images, config["height"],
+                            config["width"])
     try:
         with atomic_directory(output) as staging:
             metadata = _export_into(config, staging, images, int8, onnx, log)
@@ -322,9 +345,14 @@ def _export_into(config, directory, images, int8, onnx, log):
     graph = serving.ServingGraph(config)
     with tf1.Session(graph=graph.graph) as session:
         prefix = graph.restore(session)
-        reference = session.run([graph.class_map, graph.probabilities],
+        reference = session.run([graph.class_map, graph.probabilities, graph.logits],
                                 {graph.images: images})
-        saved_model = write_saved_model(graph, session, os.path.join(directory, SAVED_MODEL))
+        try:
+            saved_model = write_saved_model(graph, session,
+                                            os.path.join(directory, SAVED_MODEL))
+        except tf.errors.OpError as exc:  # TensorFlow's file writes: disk full, ...
+            raise OSError(f"SavedModel: {type(exc).__name__}: "
+                          f"{first_message_line(exc)}") from None
         frozen = frozen_graph_def(graph, session) if onnx else None
     log(f"SavedModel written from {prefix}")
 
@@ -341,7 +369,7 @@ def _export_into(config, directory, images, int8, onnx, log):
 
     checks = {}
     log(f"check on {len(images)} image(s) of {config['test_data']} against the session "
-        f"graph (tolerance {EXPORT_TOLERANCE} on probabilities):")
+        f"graph (probabilities within {EXPORT_TOLERANCE} x the logits' largest magnitude):")
     for runner_class, path in files:
         runner = runner_class(path)
         try:
@@ -350,13 +378,15 @@ def _export_into(config, directory, images, int8, onnx, log):
             runner.close()
         checks[runner.name] = found
         log(f"  {runner.name:<10} max |probability difference| "
-            f"{found['max_probability_difference']:.2e}, class-map mismatches "
-            f"{found['class_map_mismatches']} (ties skipped: {found['ties']})")
-        if found["max_probability_difference"] > EXPORT_TOLERANCE \
+            f"{found['max_probability_difference']:.2e} (bound {found['bound']:.2e}), "
+            f"class-map mismatches {found['class_map_mismatches']} (ties skipped: "
+            f"{found['ties']})")
+        if found["max_probability_difference"] > found["bound"] \
                 or found["class_map_mismatches"]:
             raise UserError(f"the {runner.name} file does not compute what the session "
                             f"graph does (max probability difference "
-                            f"{found['max_probability_difference']:.2e}, "
+                            f"{found['max_probability_difference']:.2e}, bound "
+                            f"{found['bound']:.2e}, "
                             f"{found['class_map_mismatches']} class-map mismatches): "
                             f"nothing written")
 
@@ -377,6 +407,7 @@ def _export_into(config, directory, images, int8, onnx, log):
                    "mask": config.get("mask"), "model": config["model"]},
         "checks": checks,
         "check_tolerance": EXPORT_TOLERANCE,
+        "check_tolerance_times": "max(1, largest |logit|)",
     }
     if int8:
         metadata["int8"] = _export_int8(config, saved_model, directory, tflite, log)
@@ -395,7 +426,7 @@ def _export_int8(config, saved_model, directory, tflite, log):
         runner = TFLiteRunner(file)
         start = time.perf_counter()
         results[name] = mean_iou(runner, config["test_data"], config["num_classes"],
-                                 config["batch_size"])
+                                 config["batch_size"], config["height"], config["width"])
         results[name + "_seconds"] = time.perf_counter() - start
         runner.close()
     results["change"] = results["int8"] - results["float32"]

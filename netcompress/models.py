@@ -33,12 +33,31 @@ def model_class(name):
     return found
 
 
+# Most parameters a model_def may have: 1e9 float32 weights are 4 GB, 16 GB
+# with their gradients and Adam's two slots (the default model has 30 M).
+# Checked before building: TensorFlow would allocate for minutes, or die.
+MAX_PARAMETERS = 10 ** 9
+
+
+def check_model_size(model_def, num_classes, source):
+    """A UserError when ``model_def`` has more than MAX_PARAMETERS parameters
+    (counted from the declaration, nothing built)."""
+    from netcompress.costs import total_parameters
+
+    count = total_parameters(model_def, num_classes)
+    if count > MAX_PARAMETERS:
+        raise UserError(f"{source}: {count:,} parameters ({4 * count / 2**30:,.1f} GiB of "
+                        f"float32 weights) is more than the {MAX_PARAMETERS:,} a model may "
+                        f"have: are its widths right?")
+
+
 def model_from_config(config, **options):
     """``options``: further keyword arguments of the model class (e.g.
     AdapNet_pp's fold_masks for inference graphs)."""
     model_def = load_model_def(config["model_def"])
     masks = load_masks(config.get("mask"))
     cls = model_class(config["model"])  # its errors name the model, not the model_def
+    check_model_size(model_def, config["num_classes"], config["model_def"])
     try:
         return cls(model_def, config["num_classes"], masks,
                    atrous_path=config.get("atrous_path", "auto"), **options)

@@ -113,6 +113,12 @@ class Source:
         for file, name in zip(self.files, self.names):
             try:
                 with Image.open(file) as image:
+                    if image.mode.startswith("I") or image.mode == "F":
+                        # convert("RGB") would clip 16-bit values to white; the
+                        # converter refuses these images too (docs/deploy.md).
+                        yield name, None, (f"{file}: unsupported mode {image.mode} (expected "
+                                           f"8-bit grayscale or colour, as for training)")
+                        continue
                     yield name, np.asarray(image.convert("RGB")), None
             except (OSError, UnidentifiedImageError, ValueError,
                     Image.DecompressionBombError) as exc:

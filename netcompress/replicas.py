@@ -15,6 +15,8 @@ already divided by the global batch), operations grouped.
 
 import json
 import os
+import socket
+import time
 
 import tensorflow as tf
 
@@ -22,6 +24,9 @@ from common.errors import UserError
 from netcompress.config import listed_gpus
 
 tf1 = tf.compat.v1
+
+# Seconds a worker waits for the others' servers (train config worker_timeout).
+WORKER_TIMEOUT = 600.0
 
 
 def _with_process_options(config):
@@ -51,10 +56,49 @@ def cluster_task():
     except (ValueError, KeyError, TypeError):
         raise UserError("TF_CONFIG is not {\"cluster\": {\"worker\": [HOST:PORT, ...]}, "
                         "\"task\": {\"type\": \"worker\", \"index\": I}}") from None
-    if task.get("type") != "worker" or not 0 <= index < len(workers):
-        raise UserError(f"TF_CONFIG task {task!r} is not one of the "
+    if not isinstance(workers, list) or not isinstance(task, dict) \
+            or task.get("type") != "worker" or not 0 <= index < len(workers):
+        raise UserError(f"TF_CONFIG task {str(task)[:80]} is not one of the "
                         f"{len(workers)} workers")
+    for number, address in enumerate(workers):
+        host_and_port(address, number)
     return (spec["cluster"], index) if len(workers) > 1 else None
+
+
+def host_and_port(address, number):
+    """(host, port) of TF_CONFIG's worker ``number``; a UserError unless it
+    is HOST:PORT (an IPv6 host in brackets)."""
+    text = address if isinstance(address, str) else ""
+    host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536 \
+            or any(c.isspace() for c in text):
+        raise UserError(f"TF_CONFIG worker {number} address {str(address)[:80]!r} is not "
+                        f"HOST:PORT (e.g. localhost:12345)")
+    return host, int(port)
+
+
+def wait_for_workers(workers, index, timeout, interval=0.5):
+    """Wait until every other worker's server accepts connections; a
+    UserError naming the first one still missing after ``timeout`` seconds
+    (MultiWorkerMirroredStrategy would wait for it forever, silently)."""
+    deadline = time.monotonic() + timeout
+    for number, address in enumerate(workers):
+        if number == index:
+            continue
+        host, port = host_and_port(address, number)
+        while True:
+            try:
+                with socket.create_connection((host, port), timeout=interval):
+                    break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise UserError(f"worker {number} ({address}) did not start within "
+                                    f"{timeout:g} s (this is worker {index}): start every "
+                                    f"worker TF_CONFIG lists, or raise worker_timeout"
+                                    ) from None
+                time.sleep(interval)
 
 
 class Replicas:
@@ -106,6 +150,11 @@ class Replicas:
         self._config = self.strategy.update_config_proto(_with_process_options(tf1.ConfigProto()))
         server = tf.distribute.Server(tf.train.ClusterSpec(cluster), job_name="worker",
                                       task_index=index, config=self._config, start=True)
+        timeout = config.get("worker_timeout", WORKER_TIMEOUT)
+        if not timeout > 0:
+            raise UserError(f"worker_timeout must be a positive number of seconds, got "
+                            f"{timeout}")
+        wait_for_workers(cluster["worker"], index, timeout)
         self.target, self.chief = server.target, index == 0
 
     def scope(self):

@@ -1,13 +1,17 @@
 """Training loop (train.py): Adam, polynomial decay, resume, NaN guard."""
 
+import contextlib
 import math
 import os
+import socket
+import time
 
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
 from dataset.pipeline import train_dataset
+from dataset.records import first_message_line
 from common import outputs
 from netcompress import checkpoints, op_errors
 from netcompress.checkpoint_paths import STATE_FILE, checkpoint_prefix, \
@@ -133,9 +137,21 @@ def _initialise(session, graph, config, directory, prefix, log):
     session.run(graph.initializer)
     if latest is not None:
         check_resumable(latest, graph)
-        graph.saver.restore(session, latest)
+        try:
+            graph.saver.restore(session, latest)
+        except (ValueError, tf.errors.OpError) as exc:
+            # check_resumable read the index; the data file may still be cut short.
+            raise UserError(f"cannot resume from {latest}: it is damaged ({_reason(exc)}); "
+                            f"give a new checkpoint directory (to start from an older "
+                            f"checkpoint of the run, set intialize to it)") from None
         step = int(session.run(graph.global_step))
         log(f"resuming from {latest} at step {step}")
+        if config.get("initialize"):
+            # A resume restores every variable; say so rather than ignore the
+            # setting silently (docs/errors.md).
+            log(f"warning: intialize {config['initialize']} is not used: resuming restores "
+                f"every variable from {latest} (to start from intialize, give an empty or "
+                f"new checkpoint directory)")
         return step
     if config.get("initialize"):
         restored, missing = checkpoints.restore_matching(session, config["initialize"],
@@ -147,6 +163,56 @@ def _initialise(session, graph, config, directory, prefix, log):
             for line in missing:
                 log(f"  {line}")
     return 0
+
+
+class EventsWriter:
+    """A TensorBoard events file written in this thread: a failed write (disk
+    full) raises here, once, where tf1.summary.FileWriter's writer thread
+    printed a traceback per event (docs/errors.md)."""
+
+    def __init__(self, path, graph=None):
+        from tensorflow.core.util import event_pb2
+
+        self._event = event_pb2.Event
+        self.path = path
+        self._writer = tf.io.TFRecordWriter(path)
+        self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+        if graph is not None:
+            self._write(self._event(wall_time=time.time(),
+                                    graph_def=graph.as_graph_def().SerializeToString()))
+
+    def add_summary(self, summary, step):
+        """``summary``: a serialised Summary (what a session run of a merged
+        summary op returns)."""
+        event = self._event(wall_time=time.time(), step=int(step))
+        event.summary.ParseFromString(summary)
+        self._write(event)
+
+    def _write(self, event):
+        self._writer.write(event.SerializeToString())
+        self._writer.flush()
+
+    def close(self):
+        # Every event was flushed as written: a failure here loses nothing.
+        with contextlib.suppress(OSError, tf.errors.OpError):
+            self._writer.close()
+
+
+def _events_path(directory):
+    """A new events file name, as TensorBoard looks for them."""
+    return os.path.join(directory, f"events.out.tfevents.{int(time.time())}."
+                                   f"{socket.gethostname()}.{os.getpid()}")
+
+
+def summary_writer(config, directory, graph):
+    """The TensorBoard writer; the graph only when the config asks
+    (``write_graph``): it can be far larger than the model (README.md), and
+    retraining stages never ask."""
+    path = _events_path(directory)
+    try:
+        return EventsWriter(path, graph if config.get("write_graph") else None)
+    except (OSError, tf.errors.OpError) as exc:
+        raise UserError(f"cannot write TensorBoard events {path}: {_reason(exc)}") from None
 
 
 def _diverged(what, directory, prefix):
@@ -162,10 +228,27 @@ def _save_if_finite(session, graph, directory, prefix, step, write=True):
     if not session.run(graph.all_finite):
         raise _diverged(f"variables are not finite after step {step}", directory, prefix)
     if write:
-        # No .meta graph: every reader rebuilds the graph from the model_def,
-        # and serialising the training graph at every save cost more than the
-        # save itself (docs/outputs.md).
-        graph.saver.save(session, prefix, global_step=step, write_meta_graph=False)
+        try:
+            # No .meta graph: every reader rebuilds the graph from the
+            # model_def, and serialising the training graph at every save
+            # cost more than the save itself (docs/outputs.md).
+            graph.saver.save(session, prefix, global_step=step, write_meta_graph=False)
+        except (OSError, ValueError, tf.errors.OpError) as exc:
+            # Disk full, the directory gone or made unwritable (docs/errors.md).
+            last = latest_of_run(directory, prefix)
+            raise UserError(f"cannot write checkpoint {prefix}-{step}: {_reason(exc)}; "
+                            f"training stopped; last good checkpoint: "
+                            f"{last or 'none saved yet'}") from None
+
+
+def _reason(exc):
+    """An OS or TensorFlow error in one line: its errno text, or TensorFlow's
+    own message without the graph-execution frame around it."""
+    if getattr(exc, "strerror", None):
+        return exc.strerror
+    if isinstance(exc, tf.errors.OpError):
+        return f"{type(exc).__name__}: {first_message_line(exc)}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def train(config, log=print, seed=None, progress=True, dropout=True):
@@ -188,7 +271,7 @@ def train(config, log=print, seed=None, progress=True, dropout=True):
             return {"step": step, "losses": history, "data_losses": data_history,
                     "checkpoint": tf1.train.latest_checkpoint(directory)}
         # Several workers: only the chief writes (they share the directory).
-        writer = tf1.summary.FileWriter(directory, graph.graph) if replicas.chief else None
+        writer = summary_writer(config, directory, graph.graph) if replicas.chief else None
         bar = tqdm(total=max_iteration, initial=step, desc="train", unit="step", mininterval=2,
                    disable=not progress, dynamic_ncols=True)
         try:
@@ -209,7 +292,13 @@ def train(config, log=print, seed=None, progress=True, dropout=True):
                                     data_loss=f"{np.mean(data_history[recent]):.4f}",
                                     lr=f"{learning_rate:.2e}")
                     if writer is not None:
-                        writer.add_summary(summary, step)
+                        try:
+                            writer.add_summary(summary, step)
+                        except (OSError, tf.errors.OpError) as exc:
+                            last = latest_of_run(directory, prefix)
+                            raise UserError(f"cannot write TensorBoard events {writer.path}: "
+                                            f"{_reason(exc)}; training stopped; last good "
+                                            f"checkpoint: {last or 'none saved yet'}") from None
                 if step % save_step == 0 or step == max_iteration:
                     _save_if_finite(session, graph, directory, prefix, step,
                                     write=replicas.chief)

@@ -410,3 +410,76 @@ def test_optional_float_written_without_a_dot(workdir):
     assert config["end_learning_rate"] == 1e-6
     with pytest.raises(UserError, match="'end_learning_rate' must be of type float"):
         load_config(path, "train", ["end_learning_rate=small"], optional=TRAIN_OPTIONAL)
+
+
+# ---- YAML that means something else than it shows (docs/errors.md) -----------
+
+@pytest.mark.parametrize("add, message", [
+    ("batch_size: 4\n", "line 17: key 'batch_size' is given twice (first at line 7)"),
+    ("save: &a [1, 2]\nmore: *a\n", "line 17: YAML anchors and aliases"),
+])
+def test_duplicate_keys_and_aliases_are_refused_naming_the_line(workdir, add, message):
+    with pytest.raises(UserError, match=re.escape(message)) as error:
+        load_config(train_config(workdir, add=add), "train")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("written, problem", [
+    ("010", "a YAML 1.1 octal number (8)"),
+    ("0_10", "a YAML 1.1 octal number (8)"),
+    ("1:30", "a YAML 1.1 sexagesimal (base 60) number"),
+    ("1:30.5", "a YAML 1.1 sexagesimal (base 60) number"),
+])
+def test_octal_and_sexagesimal_numbers_are_refused(workdir, written, problem):
+    path = train_config(workdir, replace={"skip_step": written})
+    with pytest.raises(UserError, match=re.escape(
+            f"line 8: key 'skip_step': {written} is {problem}")):
+        load_config(path, "train")
+    with pytest.raises(UserError, match=re.escape(f"override 'skip_step={written}': "
+                                                  f"{written} is {problem}")):
+        load_config(train_config(workdir), "train", [f"skip_step={written}"])
+    # Quoted, it is text (here refused as no integer); decimal numbers and a
+    # lone 0 read as written.
+    with pytest.raises(UserError, match=re.escape(f"'skip_step' must be a positive integer, "
+                                                  f"got '{written}'")):
+        load_config(train_config(workdir, replace={"skip_step": f"'{written}'"}), "train")
+    path = train_config(workdir, replace={"skip_step": "10", "gpu_id": "0"})
+    assert load_config(path, "train", ["batch_size=16"])["skip_step"] == 10
+
+
+def test_an_alias_bomb_is_refused_before_it_grows(workdir):
+    # Nine levels of ten aliases each would be 10**9 list items.
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    path = train_config(workdir, add="\n".join(lines) + "\n")
+    with pytest.raises(UserError, match="line 17: YAML anchors and aliases"):
+        load_config(path, "train")
+
+
+def test_long_values_are_not_echoed(workdir):
+    """A message repeats at most about 80 characters of a value or key."""
+    long = "x" * 100000
+    cases = [  # (replace, add, overrides)
+        ({"batch_size": long}, "", []),
+        ({}, f"{long[:1000]}: 1\n", []),  # YAML keys end at 1024 characters
+        ({}, "", [f"{long}=1"]),
+        ({"model_def": long}, "", []),
+        ({}, "", [f"unknown_key={long}"]),
+        ({}, "", [f"skip_step={long}"]),
+    ]
+    for replace, add, overrides in cases:
+        with pytest.raises(UserError) as error:
+            load_config(train_config(workdir, replace=replace, add=add), "train", overrides)
+        message = str(error.value)
+        assert len(message) < 400 and "x" * 81 not in message, message[:400]
+        assert re.search(r"x'?\.\.\. \((100000|1000) characters\)", message), message
+
+
+def test_cpu_replicas_are_bounded_by_the_cores(workdir, monkeypatch):
+    import netcompress.config as config_module
+    monkeypatch.setattr(config_module, "_cpu_cores", lambda: 2)
+    path = train_config(workdir, replace={"gpu_id": "-1", "batch_size": "1000"})
+    assert load_config(path, "train", ["replicas=8"])["replicas"] == 8
+    with pytest.raises(UserError, match=r"replicas: 1000 on CPU devices, but this machine "
+                                        r"has 2 CPU core\(s\): at most 8"):
+        load_config(path, "train", ["replicas=1000"])

@@ -8,8 +8,11 @@ written once per module; the readers are checked in-process for every kind
 of damage, the scripts on a few of them as subprocesses.
 """
 
+import glob
 import hashlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +34,7 @@ from common.errors import UserError
 from common.files import replace_atomically
 from netcompress import checkpoints
 from netcompress.checkpoint_paths import resolve_checkpoint
-from netcompress.config import load_config
+from netcompress.config import TRAIN_OPTIONAL, load_config
 from netcompress.models import model_class
 from netcompress.rankfile import RankSums
 
@@ -608,3 +611,289 @@ def test_converter_interrupted_by_sigint(tmp_path):
     assert stderr == "interrupted\n"
     assert os.listdir(out) == []
     assert hash_tree(tmp_path) == before
+
+
+# ---- training: what a resume ignores, the TensorBoard graph -----------------------
+
+def events_have_graph(directory):
+    """Whether the TensorBoard events files in ``directory`` hold a graph."""
+    from tensorflow.core.util import event_pb2
+    found = False
+    for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+        for record in tf1.io.tf_record_iterator(path):
+            found |= event_pb2.Event.FromString(record).HasField("graph_def")
+    return found
+
+
+def test_resume_warns_that_it_ignores_intialize(tiny, tmp_path):
+    """What train() does first: a run directory with a checkpoint resumes
+    from it, and an explicit intialize is named as not used."""
+    from netcompress.training import _initialise
+
+    run = tmp_path / "run"
+    config = load_config(tiny["train_config"], "train",
+                         [f"checkpoint={run}", f"intialize={tiny['checkpoint']}"])
+    graph = stand_in_training_graph()
+    messages = []
+    with tf1.Session(graph=graph.graph) as session:
+        session.run(graph.initializer)
+        graph.saver.save(session, str(run / "model.ckpt"), global_step=0)
+        step = _initialise(session, graph, config, str(run), str(run / "model.ckpt"),
+                           messages.append)
+    assert step == 0
+    assert messages[0] == f"resuming from {run}/model.ckpt-0 at step 0"
+    assert messages[1].startswith(f"warning: intialize {tiny['checkpoint']} is not used: "
+                                  f"resuming restores every variable from "
+                                  f"{run}/model.ckpt-0"), messages
+
+
+@pytest.mark.parametrize("write_graph", [False, True])
+def test_the_graph_is_written_to_tensorboard_only_when_asked(tmp_path, write_graph):
+    from netcompress.training import summary_writer
+
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.constant(1.0, name="c")
+    summary_writer({"write_graph": write_graph}, str(tmp_path), graph).close()
+    assert events_have_graph(tmp_path) == write_graph
+    os.mkdir(tmp_path / "default")
+    writer = summary_writer({}, str(tmp_path / "default"), graph)  # retraining stages
+    writer.add_summary(tf1.Summary(value=[tf1.Summary.Value(tag="loss", simple_value=0.5)])
+                       .SerializeToString(), 3)
+    writer.close()
+    assert not events_have_graph(tmp_path / "default")
+    from tensorflow.core.util import event_pb2
+    (path,) = glob.glob(str(tmp_path / "default" / "events.out.tfevents.*"))
+    events = [event_pb2.Event.FromString(r) for r in tf1.io.tf_record_iterator(path)]
+    assert events[0].file_version == "brain.Event:2"
+    assert (events[1].step, events[1].summary.value[0].simple_value) == (3, 0.5)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_tensorboard_events_on_a_full_disk_are_one_line(tmp_path, monkeypatch):
+    """Writes to /dev/full fail as on a full disk. TensorFlow's FileWriter
+    failed in its writer thread, a traceback per event; ours in this thread."""
+    from netcompress import training
+
+    monkeypatch.setattr(training, "_events_path", lambda directory: "/dev/full")
+    with pytest.raises(UserError, match=re.escape(
+            "cannot write TensorBoard events /dev/full: ResourceExhaustedError: /dev/full; "
+            "No space left on device")):
+        training.summary_writer({}, str(tmp_path), tf.Graph())
+
+
+# ---- predict.py's inputs -------------------------------------------------------------
+
+def test_predict_skips_16_bit_images_as_the_converter_refuses_them(tmp_path):
+    """Pillow's convert('RGB') would clip a 16-bit PNG to white."""
+    from netcompress.predict import Source
+
+    grey16 = np.full((4, 6), 1000, np.uint16)  # dark in 16 bits; 255 once clipped
+    Image.fromarray(grey16).save(tmp_path / "deep.png")
+    Image.fromarray(np.full((4, 6, 3), 7, np.uint8)).save(tmp_path / "plain.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    items = {name: (image, problem) for name, image, problem in Source(str(tmp_path)).items()}
+    image, problem = items["deep"]
+    assert image is None and problem.startswith(f"{tmp_path}/deep.png: unsupported mode I")
+    assert "8-bit grayscale or colour" in problem
+    image, problem = items["plain"]
+    assert problem is None and image.shape == (4, 6, 3) and (image == 7).all()
+
+
+# ---- export.py's self-check ------------------------------------------------------------
+
+def test_export_check_images_are_resized_to_the_network_as_predict_does(tiny):
+    from netcompress.export import test_images
+    from netcompress.predict import network_input
+    from dataset.records import read_examples
+
+    path = tiny["data"]["test"]
+    records = [image for image, _ in read_examples(path)][:2]
+    same, labels = test_images(path, 2, HEIGHT, WIDTH)
+    assert np.array_equal(same, np.stack(records)) and labels.shape == (2, HEIGHT, WIDTH)
+    larger, labels = test_images(path, 2, 48, 96)
+    assert larger.shape == (2, 48, 96, 3) and labels.shape == (2, HEIGHT, WIDTH)
+    for image, record in zip(larger, records):  # BGR in and out
+        assert np.array_equal(image, network_input(record[..., ::-1].copy(), 48, 96))
+
+
+def test_export_check_bound_is_relative_to_the_logits_scale():
+    """An untrained network's logits are large: its probabilities may move by
+    the tolerance times the largest logit (a softmax moves no probability by
+    more than the largest logit change)."""
+    from netcompress.export import EXPORT_TOLERANCE, compare
+
+    logits = np.array([[[[120.0, 0.0, -40.0], [3.0, 3.05, 0.0]]]])  # 1x1x2 pixels, 3 classes
+    exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probabilities = exp / exp.sum(axis=-1, keepdims=True)
+    class_map = np.argmax(logits, axis=-1)
+    reference = (class_map, probabilities, logits)
+    moved = probabilities + np.array([0.0012, -0.0012, 0.0])
+    found = compare(reference, (class_map, moved), EXPORT_TOLERANCE)
+    assert found["bound"] == pytest.approx(EXPORT_TOLERANCE * 120.0)
+    assert found["max_probability_difference"] == pytest.approx(0.0012)
+    # The second pixel's top two logits are 0.05 apart, within 2 x 0.12: a tie.
+    assert found["ties"] == 1 and found["class_map_mismatches"] == 0
+    swapped = class_map.copy()
+    swapped[0, 0, 1] = 0
+    assert compare(reference, (swapped, moved), EXPORT_TOLERANCE)["class_map_mismatches"] == 0
+    swapped[0, 0, 0] = 2
+    assert compare(reference, (swapped, moved), EXPORT_TOLERANCE)["class_map_mismatches"] == 1
+    # Logits within 1 in magnitude: the bound is the tolerance itself.
+    small = compare((class_map, probabilities, logits / 200.0), (class_map, moved),
+                    EXPORT_TOLERANCE)
+    assert small["bound"] == EXPORT_TOLERANCE
+
+
+# ---- environment failures: writes, resume files, model size, workers -------------------
+
+def stand_in_training_graph():
+    """What training.py's resume and save need of a TrainGraph, without the
+    model (whose training graph takes long to build): a global step and a
+    weight, their initializer and Saver."""
+    from types import SimpleNamespace
+
+    graph = SimpleNamespace(graph=tf.Graph())
+    with graph.graph.as_default():
+        graph.global_step = tf1.train.get_or_create_global_step()
+        weight = tf1.get_variable("w", [64, 64], initializer=tf1.ones_initializer())
+        graph.saved_variables = tf1.global_variables()
+        graph.model_variables = []
+        graph.initializer = tf1.global_variables_initializer()
+        graph.all_finite = tf.reduce_all(tf.math.is_finite(weight))
+        graph.saver = tf1.train.Saver()
+    return graph
+
+
+def test_resume_from_a_truncated_data_file_is_one_line(tiny, tmp_path):
+    from netcompress.training import _initialise
+
+    run = tmp_path / "run"
+    config = load_config(tiny["train_config"], "train", [f"checkpoint={run}"])
+    graph = stand_in_training_graph()
+    with tf1.Session(graph=graph.graph) as session:
+        session.run(graph.initializer)
+        graph.saver.save(session, str(run / "model.ckpt"), global_step=3)
+        data = str(run / ("model.ckpt-3" + DATA_SUFFIX))
+        _truncate(data, os.path.getsize(data) // 2)
+        with pytest.raises(UserError, match=re.escape(
+                f"cannot resume from {run}/model.ckpt-3: it is damaged (")) as error:
+            _initialise(session, graph, config, str(run), str(run / "model.ckpt"), print)
+    message = str(error.value)
+    assert "\n" not in message and "give a new checkpoint directory" in message
+    assert "Graph execution error" not in message and "Read less bytes" in message
+
+
+@pytest.mark.parametrize("failure", ["disk full", "directory gone"])
+def test_a_checkpoint_that_cannot_be_written_stops_training_in_one_line(tmp_path, failure,
+                                                                        monkeypatch):
+    from netcompress.training import _save_if_finite
+
+    run = tmp_path / "run"
+    graph = stand_in_training_graph()
+    with tf1.Session(graph=graph.graph) as session:
+        session.run(graph.initializer)
+        _save_if_finite(session, graph, str(run), str(run / "model.ckpt"), 1)
+        if failure == "disk full":
+            def full(*args, **kwargs):
+                raise tf.errors.ResourceExhaustedError(
+                    None, None, f"{run}/model.ckpt-2_temp/part-00000-of-00001.data-00000-of-"
+                    f"00001.tempstate; No space left on device\n\tmore lines")
+            monkeypatch.setattr(graph.saver, "save", full)
+            reason = "No space left on device"
+        else:  # the run directory replaced by a file while training
+            shutil.rmtree(run)
+            run.write_text("")
+            reason = ""
+        with pytest.raises(UserError, match=re.escape(
+                f"cannot write checkpoint {run}/model.ckpt-2: ")) as error:
+            _save_if_finite(session, graph, str(run), str(run / "model.ckpt"), 2)
+    message = str(error.value)
+    assert "\n" not in message and reason in message and "training stopped" in message
+    if failure == "disk full":
+        assert message.endswith(f"last good checkpoint: {run}/model.ckpt-1")
+
+
+def test_export_with_the_disk_full_is_one_line_and_leaves_nothing(tiny, tmp_path, monkeypatch):
+    """TensorFlow's own file writes fail with an OpError, not an OSError."""
+    from netcompress import export
+
+    def full(graph, session, directory):
+        os.makedirs(directory)
+        with open(os.path.join(directory, "saved_model.pb"), "wb") as f:
+            f.write(b"partial")
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "Graph execution error:\n\nfailed to write saved_model.pb: No space "
+                        "left on device\n\t [[{{node save/SaveV2}}]]")
+    monkeypatch.setattr(export, "write_saved_model", full)
+    before = hash_tree(tiny["root"])
+    result = run_script("export.py", "-c", tiny["test_config"], "--output", tmp_path / "out",
+                        "--check_images", 1)
+    assert_one_line_error(result, f"cannot write the export to {tmp_path}/out: ",
+                          "No space left on device")
+    assert os.listdir(tmp_path) == [] and hash_tree(tiny["root"]) == before
+
+
+def test_a_model_def_too_large_is_refused_before_building(tiny, tmp_path, monkeypatch):
+    """default.json with every width x 8 (1.9 billion parameters)."""
+    import copy
+
+    from helpers import default_model_def
+    from netcompress import models
+
+    big = copy.deepcopy(default_model_def())
+    for key, value in big["params"].items():
+        big["params"][key] = [8 * v for v in value] if isinstance(value, list) else 8 * value
+    for key, (a, b) in big["split"].items():
+        big["split"][key] = [8 * a, 8 * b]
+    path = write_json(tmp_path / "big.json", big)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built")
+    monkeypatch.setattr(AdapNet_pp, "build", never)
+    result = run_script("evaluate.py", "-c", tiny["test_config"], "--model_def", path)
+    line = assert_one_line_error(result, f"{path}: ", " parameters (",
+                                 "is more than the 1,000,000,000 a model may have")
+    count = int(line.split(f"{path}: ")[1].split(" parameters")[0].replace(",", ""))
+    assert count > 60 * 30_000_000  # about 64 x the default model's parameters
+    assert models.MAX_PARAMETERS == 10 ** 9
+
+
+@pytest.mark.parametrize("address", ["localhost", "localhost:http", "localhost:0",
+                                     ":2222", "localhost:70000", 12345, "local host:22"])
+def test_tf_config_addresses_must_be_host_port(monkeypatch, address):
+    from netcompress.replicas import cluster_task
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps({
+        "cluster": {"worker": ["localhost:2222", address]},
+        "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(UserError, match=r"TF_CONFIG worker 1 address .* is not HOST:PORT"):
+        cluster_task()
+    monkeypatch.setenv("TF_CONFIG", json.dumps({
+        "cluster": {"worker": ["localhost:2222", "[::1]:2223"]},
+        "task": {"type": "worker", "index": 1}}))
+    assert cluster_task() == ({"worker": ["localhost:2222", "[::1]:2223"]}, 1)
+
+
+def test_a_worker_that_never_starts_is_named_after_the_timeout():
+    import socket
+
+    from netcompress.replicas import wait_for_workers
+
+    listening = socket.socket()
+    listening.bind(("localhost", 0))
+    listening.listen()
+    silent = socket.socket()  # bound, never listening: nobody answers there
+    silent.bind(("localhost", 0))
+    up = f"localhost:{listening.getsockname()[1]}"
+    down = f"localhost:{silent.getsockname()[1]}"
+    try:
+        wait_for_workers([up, up], 0, timeout=5)  # the other one answers: no wait
+        start = time.monotonic()
+        with pytest.raises(UserError, match=re.escape(
+                f"worker 2 ({down}) did not start within 0.5 s (this is worker 0)")):
+            wait_for_workers([up, up, down], 0, timeout=0.5, interval=0.1)
+        assert 0.5 <= time.monotonic() - start < 5
+    finally:
+        listening.close()
+        silent.close()
