@@ -304,6 +304,8 @@ def parse_overrides(overrides):
 
 # Longest value or key text a message repeats (docs/errors.md).
 SHOWN_LENGTH = 80
+# A missing file's path is shown whole up to the longest path Linux takes.
+PATH_SHOWN_LENGTH = 4096
 
 _OCTAL = re.compile(r"[-+]?0[0-7_]+$")
 
@@ -599,12 +601,12 @@ def _resolve_aliases(layer, kind):
     return resolved
 
 
-def _show(value):
+def _show(value, limit=SHOWN_LENGTH):
     """A value as the user would have written it, for messages (elided past
-    SHOWN_LENGTH characters)."""
+    ``limit`` characters)."""
     if isinstance(value, str):
-        if len(value) > SHOWN_LENGTH:
-            return "%r... (%d characters)" % (value[:SHOWN_LENGTH], len(value))
+        if len(value) > limit:
+            return "%r... (%d characters)" % (value[:limit], len(value))
         return repr(value)
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -739,12 +741,13 @@ def _check_paths(config, kind, sources, config_path):
         if key in config and not os.path.exists(config[key]):
             raise UserError("%s: %r file %s does not exist (relative paths are "
                             "taken from the current directory %s)"
-                            % (source(key), key, _show(config[key]), os.getcwd()))
+                            % (source(key), key, _show(config[key], PATH_SHOWN_LENGTH),
+                               os.getcwd()))
     for key in ("mask", "val_data", "classes"):
         path = config.get(key)
         if path is not None and not os.path.isfile(path):
             raise UserError("%s: %r file %s does not exist (use None for none)"
-                            % (source(key), key, _show(path)))
+                            % (source(key), key, _show(path, PATH_SHOWN_LENGTH)))
 
     if kind == "train":
         checkpoint_keys = ("initialize",)
@@ -755,4 +758,5 @@ def _check_paths(config, kind, sources, config_path):
         if prefix is not None and not checkpoint_exists(prefix):
             raise UserError("%s: %r checkpoint %s not found (expected %s.index, "
                             "or a directory with a 'checkpoint' file)"
-                            % (source(key), key, _show(prefix), _elide(prefix)))
+                            % (source(key), key, _show(prefix, PATH_SHOWN_LENGTH),
+                               _elide(prefix, PATH_SHOWN_LENGTH)))
