@@ -457,22 +457,24 @@ def test_an_alias_bomb_is_refused_before_it_grows(workdir):
 
 
 def test_long_values_are_not_echoed(workdir):
-    """A message repeats at most about 80 characters of a value or key."""
+    """A message repeats at most about 80 characters of a value or key, and
+    a missing file's path up to the longest path Linux takes."""
     long = "x" * 100000
-    cases = [  # (replace, add, overrides)
-        ({"batch_size": long}, "", []),
-        ({}, f"{long[:1000]}: 1\n", []),  # YAML keys end at 1024 characters
-        ({}, "", [f"{long}=1"]),
-        ({"model_def": long}, "", []),
-        ({}, "", [f"unknown_key={long}"]),
-        ({}, "", [f"skip_step={long}"]),
+    cases = [  # (replace, add, overrides, characters shown)
+        ({"batch_size": long}, "", [], 80),
+        ({}, f"{long[:1000]}: 1\n", [], 80),  # YAML keys end at 1024 characters
+        ({}, "", [f"{long}=1"], 80),
+        ({"model_def": long}, "", [], 4096),
+        ({}, "", [f"unknown_key={long}"], 80),
+        ({}, "", [f"skip_step={long}"], 80),
     ]
-    for replace, add, overrides in cases:
+    for replace, add, overrides, shown in cases:
         with pytest.raises(UserError) as error:
             load_config(train_config(workdir, replace=replace, add=add), "train", overrides)
         message = str(error.value)
-        assert len(message) < 400 and "x" * 81 not in message, message[:400]
-        assert re.search(r"x'?\.\.\. \((100000|1000) characters\)", message), message
+        assert len(message) < shown + 320 and "x" * (shown + 1) not in message, message[:400]
+        assert "x" * shown in message
+        assert re.search(r"x'?\.\.\. \((100000|1000) characters\)", message), message[-200:]
 
 
 def test_cpu_replicas_are_bounded_by_the_cores(workdir, monkeypatch):
