@@ -52,6 +52,7 @@ SESSION_CONFIG = tf1.ConfigProto()
 # Graph rewriting costs more than these tiny graphs ever run.
 SESSION_CONFIG.graph_options.rewrite_options.disable_meta_optimizer = True
 LAYERS = [g.name for g in ARCHITECTURE.prunable_groups()]
+STREAMS = [g.name for g in ARCHITECTURE.stream_groups()]
 
 
 def _variable_behind(tensor):
@@ -156,7 +157,7 @@ def removal_scores(model_def, layers, fraction=0.5, seed=0):
     rng = np.random.default_rng(seed)
     widths = resolve_widths(model_def, NUM_CLASSES)
     scores = {}
-    for layer in LAYERS:
+    for layer in LAYERS + STREAMS:
         values = rng.uniform(0.2, 1.0, widths[layer])
         values /= values.max()
         if layer in layers:
@@ -237,6 +238,14 @@ EXACTNESS_CASES = {
     "decoder": [
         "conv41", "conv16",  # transposed; feed a concat and an aux head
         "conv89", "conv96", "conv88", "conv95"],
+    # Every block's stream: its writers (shortcut, conv3s), its pre-activation
+    # batch norms and every reader (units' conv1s, the next block's conv1 and
+    # shortcut, the skips conv32 / conv174, the eASPP's 1x1s and image pooling).
+    "streams": STREAMS,
+    # A stream and conv3s of its block (masked) and of another block.
+    "stream_and_conv3": ["block3/residual", "block3/unit_1/bottleneck_v1/conv3",
+                         "block3/unit_4/bottleneck_v1/conv3",
+                         "block1/unit_2/bottleneck_v1/conv3"],
 }
 
 
@@ -289,6 +298,56 @@ def test_plan_slices_follow_the_declaration(source):
     with pytest.raises(UserError, match=r"conv10/weights is \[1, 1, 8, 16\], the model_def "
                                         r"gives 320 channels on axis 2"):
         remove_channels(plan, wrong)
+
+
+def test_stream_plan_follows_the_declaration(source):
+    """A stream's slices, widths and masks by hand: block2's stream (32 wide)
+    loses channels 1 and 2 while block2/unit_3's conv3 is masked (it lacks
+    stream positions 1 and 5)."""
+    model_def = json.loads(json.dumps(source["model_def"]))
+    model_def["params"]["7"][2] = 30
+    kept = np.array([c for c in range(32) if c not in (1, 5)])
+    masks = {"block2/unit_3": (kept, 32)}
+
+    def stream_plan(removed, masks=masks, model_def=model_def):
+        scores = removal_scores(model_def, [])
+        scores["block2/residual"] = normalise(
+            np.where(np.isin(np.arange(32), removed), 0.0, 1.0), "max")
+        return plan_pruning(model_def, masks, NUM_CLASSES, scores, ["block2/residual"], 0.1)
+
+    plan = stream_plan([1, 2])
+    cuts = {(s.variable.split("/", 1)[1], s.axis): (s.indices, s.length, s.role)
+            for s in plan.slices}
+    unit = "block{}/unit_{}/bottleneck_v1/{}".format
+    assert cuts[(unit(2, 1, "shortcut/weights"), 3)] == ((1, 2), 32, "output")
+    for u in (1, 2, 4):
+        assert cuts[(unit(2, u, "conv3/weights"), 3)] == ((1, 2), 32, "output")
+    # The masked conv3's column 1 sits at stream position 2.
+    assert cuts[(unit(2, 3, "conv3/weights"), 3)] == ((1,), 30, "output")
+    for u in (1, 2, 3, 4):  # every pre-activation batch norm on the stream
+        assert cuts[(unit(2, u, "conv3/BatchNorm/moving_variance"), 0)] == \
+            ((1, 2), 32, "output")
+    readers = [unit(2, u, "conv1/weights") for u in (2, 3, 4)] + [
+        unit(3, 1, "conv1/weights"), unit(3, 1, "shortcut/weights"), "conv174/weights"]
+    for reader in readers:
+        assert cuts[(reader, 2)] == ((1, 2), 32, "input")
+    assert len(plan.slices) == 5 + 4 * 4 + len(readers)
+    assert {s.variable for s in plan.zeroing_slices()} == \
+        {f"resnet_v2_50/{r}" for r in readers}
+    after = plan.model_def_after["params"]
+    assert after["5"] == [8, 8, 30, 30]
+    assert [after[k][2] for k in ("6", "7", "8")] == [30, 29, 30]
+    # Positions renumbered in the 30-wide stream: old 5 is now 3.
+    assert plan.masks_after["block2/unit_3"][0].tolist() == \
+        [c for c in range(30) if c != 3]
+    assert plan.masks_after["block2/unit_3"][1] == 30
+    # Removing exactly what the mask lacks: the conv3 writes the whole stream again.
+    plan = stream_plan([1, 5])
+    assert plan.masks_after == {} and plan.model_def_after["params"]["7"][2] == 30
+    narrow = json.loads(json.dumps(source["model_def"]))
+    narrow["params"]["7"][2] = 2
+    with pytest.raises(UserError, match=r"block2/unit_3: its conv3 would keep no channel"):
+        stream_plan([0, 1], {"block2/unit_3": (np.array([0, 1]), 32)}, narrow)
 
 
 def test_pruned_files_restore_exactly(source, tmp_path):
