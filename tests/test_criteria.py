@@ -256,5 +256,5 @@ def test_compare_errors_are_one_line(tiny, tmp_path):
     assert "is the ranking data (test_data)" in run(
         "--compare", val_data=tiny["config"]["test_data"])
     assert "not a fraction between 0 and 1" in run("--compare", "--fractions", "1.5")
-    assert "--fractions and --oracle go with --compare" in run("--oracle", "conv1")
+    assert "--fractions, --oracle and --streams go with --compare" in run("--oracle", "conv1")
     assert "rank first" in run("--compare", rank_save=str(tmp_path / "none.npz"))

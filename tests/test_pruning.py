@@ -390,7 +390,9 @@ def test_checkpoint_of_another_model_is_refused(source):
 
 def test_second_pruning_composes_masks(source, tmp_path):
     """Stage 1 masks block2/unit_1 and block1/unit_2; stage 2 prunes
-    block2/unit_1 again: its mask composes, block1/unit_2's is carried."""
+    block2/unit_1 again: its mask composes, block1/unit_2's is carried.
+    Stage 3 prunes block2's stream: the mask is renumbered, and removal
+    equals try_zeros on the masked model."""
     unit1, unit2 = "block2/unit_1/bottleneck_v1/conv3", "block1/unit_2/bottleneck_v1/conv3"
     first_removed = {unit1: [1, 5, 7], unit2: [0, 15]}
     rank_path = write_rank_file(tmp_path / "rank1.npz", source["model_def"], [],
@@ -435,6 +437,33 @@ def test_second_pruning_composes_masks(source, tmp_path):
         assert_same_outputs(pruned, zeroed)
         unpruned = stage1_network.run(stage1_values, source["images"])
         assert np.max(np.abs(unpruned["softmax"] - pruned["softmax"])) > 10 * TOLERANCE
+
+        # Stage 3: block2's stream on the masked model. Its mask renumbers.
+        stage2 = settings
+        rank_path = write_rank_file(tmp_path / "rank3.npz",
+                                    load_model_def(stage2.new_model_def), [],
+                                    removed={"block2/residual": [0, 4, 6, 9]})
+        settings = next_stage(stage2, tmp_path / "stage3", source, rank_path)
+        settings.phase, settings.conv_name, settings.streams = "block2", "residual", True
+        pruning.prune(settings, log=quiet, verify=False)
+        stage3_def = load_model_def(settings.new_model_def)
+        assert stage3_def["params"]["5"] == [8, 8, 25, 28]
+        assert [stage3_def["params"][k][2] for k in ("6", "7", "8")] == [28, 28, 28]
+        positions = [c for c in range(32) if c not in (0, 1, 4, 5, 7, 6, 9)]
+        assert load_masks(settings.mask_save)["block2/unit_1"][0].tolist() == [
+            c - sum(r < c for r in (0, 4, 6, 9)) for c in positions]
+        zeroed_settings = next_stage(stage2, tmp_path / "zeros3", source, rank_path)
+        zeroed_settings.phase, zeroed_settings.conv_name = "block2", "residual"
+        zeroed_settings.streams, zeroed_settings.try_zeros = True, True
+        pruning.prune(zeroed_settings, log=quiet, verify=False)
+        zeroed = stage2_network.run(read_checkpoint(zeroed_settings.new_checkpoint_save),
+                                    source["images"])
+        stage3_network = Network(stage3_def, load_masks(settings.mask_save))
+        try:
+            assert_same_outputs(stage3_network.run(
+                read_checkpoint(settings.new_checkpoint_save), source["images"]), zeroed)
+        finally:
+            stage3_network.session.close()
     finally:
         stage1_network.session.close()
         stage2_network.session.close()
@@ -481,6 +510,32 @@ def test_select_layers():
         select_layers("easpp", "conv12")
     with pytest.raises(UserError, match=r"unknown phase 'block5'.*easpp"):
         select_layers("block5", "conv1")
+
+
+def test_select_streams(source, tmp_path):
+    """Streams only when asked for; a rank file without stream scores loads
+    for everything else and names the problem when a stream is selected."""
+    assert select_layers("all", all_convs=True, streams=True) == \
+        [g.name for g in ARCHITECTURE.prunable_groups(streams=True)]
+    assert len(select_layers("all", all_convs=True, streams=True)) == 81
+    block2 = select_layers("block2", all_convs=True, streams=True)
+    assert block2[0] == "block2/residual" and len(block2) == 14
+    assert select_layers("block2", all_convs=True) == block2[1:]
+    assert select_layers("block3", "residual", streams=True) == ["block3/residual"]
+    assert select_layers("all", "block4/residual", streams=True) == ["block4/residual"]
+    assert "residual" not in str(select_layers("block2/unit_1", all_convs=True, streams=True))
+    with pytest.raises(UserError, match=r"conv_name 'residual' is a residual stream: set "
+                                        r"streams true to prune it"):
+        select_layers("block3", "residual")
+    old = write_rank_file(tmp_path / "old.npz", source["model_def"], ["conv1"], streams=False)
+    settings = make_settings(source, tmp_path, old, phase="block1", all_convs=False,
+                             conv_name="conv1")
+    assert len(pruning.prepare(settings).layers) == 3  # every unit's conv1
+    settings.conv_name, settings.streams = "residual", True
+    with pytest.raises(UserError, match=r"rank file .*old.npz has no scores for "
+                                        r"block1/residual \(written before residual streams "
+                                        r"were ranked\): regenerate it"):
+        pruning.prepare(settings)
 
 
 def test_normalise_and_channels_to_keep():
@@ -617,14 +672,16 @@ def quiet(*_):
     pass
 
 
-def write_rank_file(path, model_def, layers, removed=None):
+def write_rank_file(path, model_def, layers, removed=None, streams=True):
     """A rank file whose taylor scores remove half of each of ``layers`` at
-    threshold 0.1, or exactly the channels in ``removed`` ({layer: indices})."""
+    threshold 0.1, or exactly the channels in ``removed`` ({layer: indices});
+    without ``streams``, as written before the streams were ranked."""
     widths = resolve_widths(model_def, NUM_CLASSES)
-    ranks = RankSums(LAYERS, widths)
+    ranked = [g.name for g in ARCHITECTURE.prunable_groups(streams)]
+    ranks = RankSums(ranked, widths)
     ranks.count = 1
     scores = removal_scores(model_def, layers)
-    for layer in LAYERS:
+    for layer in ranked:
         values = np.asarray(scores[layer], np.float64)
         if removed and layer in removed:
             values = np.ones(widths[layer])
@@ -637,7 +694,8 @@ def write_rank_file(path, model_def, layers, removed=None):
 
 def make_settings(source, directory, rank_path, **overrides):
     directory = str(directory)
-    values = dict(decide_threshold=False, phase="all", all_convs=True, conv_name=None,
+    values = dict(decide_threshold=False, phase="all", all_convs=True, streams=False,
+                  conv_name=None,
                   rank_file=rank_path, threshold=0.1,
                   checkpoint_name=source["checkpoint"], gpu_id="", try_zeros=False,
                   new_checkpoint_save=os.path.join(directory, "pruned", "model.ckpt"),
