@@ -63,6 +63,8 @@ class PruningPlan:
     num_classes: int
     threshold: float = 0.0
     notes: list = field(default_factory=list)
+    # {conv3 layer: channel} kept although its score removed it (see _give_back_conv3)
+    given_back: dict = field(default_factory=dict)
 
     @property
     def pruned_layers(self):
@@ -161,6 +163,29 @@ def _unit_masks(unit, cuts, masks, new_model_def, new_masks, architecture, model
         new_masks[unit.name] = (positions, len(stream_kept))
 
 
+def _give_back_conv3(cuts, masks, widths, architecture, notes, given_back):
+    """A conv3 whose kept channels all sit at stream positions the stream's
+    cut removes would keep none: it keeps instead its first channel at a
+    position the stream keeps (as round_to, a channel given back; noted)."""
+    by_layer = {cut.layer: cut for cut in cuts}
+    for unit in architecture.units:
+        conv3, stream = by_layer.get(f"{unit.scope}/conv3"), by_layer.get(unit.residual_group)
+        if conv3 is None or stream is None or not conv3.removed or not stream.removed:
+            continue
+        full = widths[unit.residual_group]
+        positions = np.asarray(masks.get(unit.name, (np.arange(full), full))[0], np.int64)
+        surviving = np.flatnonzero(np.isin(positions, stream.kept))
+        if not len(surviving) or np.isin(positions[list(conv3.kept)], stream.kept).any():
+            continue  # fine, or nothing to give back (_unit_masks says so)
+        channel = int(surviving[0])
+        given_back[conv3.layer] = channel
+        by_layer[conv3.layer] = LayerCut(conv3.layer, conv3.width,
+                                         tuple(sorted(conv3.kept + (channel,))))
+        notes.append(f"{conv3.layer}: keeps channel {channel} too, every channel it kept "
+                     f"being removed from {unit.residual_group}")
+    return [by_layer[cut.layer] for cut in cuts]
+
+
 def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, threshold,
                  min_channels=1, round_to=1, architecture=None):
     """The plan for pruning ``layers`` (names) of the model ``model_def`` +
@@ -194,19 +219,22 @@ def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, thres
         if len(scores) != width:
             raise UserError(f"{group.name}: {len(scores)} scores for {width} channels")
         kept = channels_to_keep(scores, threshold, min_channels, round_to)
-        cut = LayerCut(group.name, width, tuple(int(k) for k in kept))
-        cuts.append(cut)
+        cuts.append(LayerCut(group.name, width, tuple(int(k) for k in kept)))
+    given_back = {}
+    cuts = _give_back_conv3(cuts, masks, widths, architecture, notes, given_back)
+    for cut in cuts:
         if not cut.removed:
             continue
+        group = groups[cut.layer]
         if group.stream:
             slices += _stream_slices(group, cut.removed, widths, masks, architecture)
             for unit in architecture.stream_units(group.name):
                 # A unit's 4th entry is read only in the first unit; kept equal.
                 if len(new_model_def["params"][unit.key]) == 4:
-                    new_model_def["params"][unit.key][3] = len(kept)
+                    new_model_def["params"][unit.key][3] = len(cut.kept)
         else:
             slices += _slices_for(group, cut.removed, widths, architecture)
-        group.width.assign(new_model_def, len(kept))
+        group.width.assign(new_model_def, len(cut.kept))
     cut_by_layer = {cut.layer: cut for cut in cuts if cut.removed}
     for unit in architecture.units:
         if {f"{unit.scope}/conv3", unit.residual_group} & set(cut_by_layer):
@@ -215,7 +243,7 @@ def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, thres
     validate_model_def(new_model_def, source="pruned model_def")
     check_masks(new_model_def, new_masks, source="pruned masks")
     return PruningPlan(cuts, slices, model_def, new_model_def, masks, new_masks, num_classes,
-                       threshold, notes)
+                       threshold, notes, given_back)
 
 
 # ---- applying the plan to checkpoint values --------------------------------

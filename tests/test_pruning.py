@@ -344,6 +344,17 @@ def test_stream_plan_follows_the_declaration(source):
     # Removing exactly what the mask lacks: the conv3 writes the whole stream again.
     plan = stream_plan([1, 5])
     assert plan.masks_after == {} and plan.model_def_after["params"]["7"][2] == 30
+    # The masked conv3 keeps only channel 0 (stream position 0), which the
+    # stream loses: it keeps its channel 1 (position 2, now 0) instead.
+    scores = removal_scores(model_def, [])
+    scores["block2/residual"] = normalise(np.r_[0.0, 0.0, np.ones(30)], "max")
+    scores["block2/unit_3/bottleneck_v1/conv3"] = normalise(np.r_[1.0, np.zeros(29)], "max")
+    plan = plan_pruning(model_def, masks, NUM_CLASSES, scores,
+                        ["block2/residual", "block2/unit_3/bottleneck_v1/conv3"], 0.1)
+    assert plan.given_back == {"block2/unit_3/bottleneck_v1/conv3": 1}
+    assert plan.masks_after["block2/unit_3"][0].tolist() == [0]
+    assert plan.model_def_after["params"]["7"][2] == 1
+    assert "keeps channel 1 too" in plan.notes[0]
     narrow = json.loads(json.dumps(source["model_def"]))
     narrow["params"]["7"][2] = 2
     with pytest.raises(UserError, match=r"block2/unit_3: its conv3 would keep no channel"):
