@@ -48,6 +48,9 @@ def add_arguments(parser):
                         help="with --compare: the true loss change of removing each "
                              "channel of these layers, and each criterion's Spearman "
                              "correlation with it")
+    parser.add_argument("--streams", action="store_true",
+                        help="with --compare: remove the fractions from the residual "
+                             "streams (block1/residual ...) too")
 
 
 def merge_main(argv):
@@ -85,8 +88,8 @@ def main(argv=None):
 def _check(config, args):
     if args.compare:
         return _check_compare(config, args)
-    if args.oracle or args.fractions != list(DEFAULT_FRACTIONS):
-        raise UserError("--fractions and --oracle go with --compare")
+    if args.oracle or args.streams or args.fractions != list(DEFAULT_FRACTIONS):
+        raise UserError("--fractions, --oracle and --streams go with --compare")
     return _check_rank(config, args)
 
 
@@ -128,7 +131,7 @@ def _compare(config, args, written):
     if os.path.realpath(ranks.metadata["checkpoint"]) != os.path.realpath(checkpoint):
         raise UserError(f"rank_save {config['rank_save']} ranks checkpoint "
                         f"{ranks.metadata['checkpoint']}, not {checkpoint}: rank this one first")
-    result = compare(config, ranks, args.fractions, args.oracle)
+    result = compare(config, ranks, args.fractions, args.oracle, streams=args.streams)
     for line in table(result):
         print(line)
     write_csv(result, written[0])

@@ -26,6 +26,7 @@ DESCRIPTION = ("Prune AdapNet++ filters. Every setting below can replace the hea
 decide_threshold = False
 phase = 'all'
 all_convs = True
+streams = False
 conv_name = None
 save_nvidia_name = 'runs/demo/rank.npz'
 threshold = 0.2

@@ -17,14 +17,16 @@ tf1 = tf.compat.v1
 WEIGHT_DECAY = 5e-4
 
 Outputs = namedtuple("Outputs",
-                     "logits probabilities aux_logits pre_norm pre_norm_kept read")
+                     "logits probabilities aux_logits pre_norm pre_norm_kept read stream_reads")
 Outputs.__doc__ = """logits/probabilities at input resolution; aux_logits: head
 scope -> logits resized to the input (empty without aux); pre_norm: conv
 scope -> the conv's output before batch norm (what the taylor criterion
 differentiates); read: conv scope -> the output its consumers read, after
 batch norm, ReLU and pooling, before any gate (what removing a channel
 deletes: taylor_out); pre_norm_kept: for a masked conv3, whose outputs are
-scattered to the residual width, scope -> the positions of its own channels."""
+scattered to the residual width, scope -> the positions of its own channels;
+stream_reads: residual stream -> every tensor its readers read (each unit's
+pre-activation output and the block output), before any gate."""
 
 
 class AdapNet_pp:
@@ -73,10 +75,11 @@ class AdapNet_pp:
             raise ValueError("fold_masks builds inference graphs only, not training=True")
         self._path = atrous.resolve_path(self.atrous_path)
         self._gates = dict(gates or {})
-        unknown = sorted(set(self._gates) - {g.name for g in self.architecture.prunable_groups()})
+        unknown = sorted(set(self._gates) - {
+            g.name for g in self.architecture.prunable_groups(streams=True)})
         if unknown:
             raise ValueError(f"gates for groups that are not prunable: {unknown}")
-        tensors, pre_norm, self._read = {}, {}, {}
+        tensors, pre_norm, self._read, self._stream_reads = {}, {}, {}, {}
         with tf1.variable_scope(OUTER_SCOPE):
             with tf1.variable_scope("conv0"):
                 tensors[IMAGE] = layers.batch_norm(images, training)
@@ -100,7 +103,7 @@ class AdapNet_pp:
                          for unit in self.architecture.units
                          if unit.name in self.kept_channels}
         return Outputs(logits, tf.nn.softmax(logits), aux_logits, pre_norm, pre_norm_kept,
-                       self._read)
+                       self._read, self._stream_reads)
 
     def _residual_units(self, tensors, pre_norm, training):
         architecture = self.architecture
@@ -109,7 +112,8 @@ class AdapNet_pp:
             convs = architecture.unit_convs(unit)
             unit_input = convs["conv1"].inputs[0]
             if previous is not None:
-                tensors[unit_input] = self._pre_activation(residual_sum, previous, training)
+                tensors[unit_input] = self._stream_read(
+                    previous, self._pre_activation(residual_sum, previous, training))
             self._apply(convs["conv1"], tensors, pre_norm, training)
             self._apply(convs["conv2"], tensors, pre_norm, training)
             scatter = None
@@ -125,8 +129,15 @@ class AdapNet_pp:
                 residual_sum = branch + self._apply(convs["shortcut"], tensors, pre_norm,
                                                     training, store=False)
             previous = unit
-        tensors[previous.residual_group] = self._pre_activation(residual_sum, previous,
-                                                                training)
+        tensors[previous.residual_group] = self._stream_read(
+            previous, self._pre_activation(residual_sum, previous, training))
+
+    def _stream_read(self, unit, y):
+        """A pre-activation output as its readers see it: times the stream's
+        gate, if any (a gate on every read of a stream is its removal)."""
+        group = unit.residual_group
+        self._stream_reads.setdefault(group, []).append(y)
+        return y * self._gates[group] if group in self._gates else y
 
     @staticmethod
     def _pre_activation(residual_sum, unit, training):
@@ -178,7 +189,8 @@ class AdapNet_pp:
         if conv.pooling is Pooling.MAX_AFTER:
             y = tf.nn.max_pool2d(y, 3, 2, "SAME")
         self._read[conv.scope] = y
-        y = self._gated(conv, y, scatter)
+        if not self.architecture.group(conv.outputs[0]).stream:  # gated where it is read
+            y = self._gated(conv, y, scatter)
         if store:
             if len(conv.outputs) == 1:
                 tensors[conv.outputs[0]] = y

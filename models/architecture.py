@@ -113,6 +113,11 @@ class Group:
     short_name: str = ""
     # A residual unit's conv3: removed channels leave through the unit's mask.
     through_mask: bool = False
+    # A block's residual stream: written by the first unit's shortcut and
+    # every unit's conv3 (added), normalised in every conv3 scope, read by
+    # the units' conv1s and what reads the block output (docs/design.md).
+    # Pruned only when asked for (prunable_groups(streams=True)).
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -225,8 +230,23 @@ class Architecture:
                 return conv
         raise KeyError(group_name)
 
-    def prunable_groups(self):
-        return [g for g in self.groups if g.prunable]
+    def prunable_groups(self, streams=False):
+        """Prunable groups in declaration order; the residual streams only
+        with ``streams`` (they are pruned only when asked for)."""
+        return [g for g in self.groups if g.prunable and (streams or not g.stream)]
+
+    def stream_groups(self):
+        return [g for g in self.groups if g.stream]
+
+    def stream_units(self, group_name):
+        """The units whose additions and pre-activations make up a stream."""
+        return [unit for unit in self.units if unit.residual_group == group_name]
+
+    def stream_writers(self, group_name):
+        """Convs adding into a stream: the first unit's shortcut, then every
+        unit's conv3 (a masked conv3 at its kept positions)."""
+        units = self.stream_units(group_name)
+        return [self.producer_of(group_name)] + [self.unit_convs(u)["conv3"] for u in units]
 
     def consumers_of(self, group_name):
         """Convs that read ``group_name``: list of (conv, position in conv.inputs)."""
@@ -317,7 +337,8 @@ def adapnet_pp():
     previous = "conv1"
     for block in BLOCKS:
         units = [u for u in UNITS if u.block == block]
-        groups.append(Group(f"{block}/residual", ParamWidth(units[0].key, 3), False, block))
+        groups.append(Group(f"{block}/residual", ParamWidth(units[0].key, 3), True, block,
+                            short_name="residual", stream=True))
         for unit in units:
             unit_groups, unit_convs = _unit_declarations(unit, previous)
             groups += unit_groups

@@ -41,12 +41,29 @@ def check_fractions(fractions):
     return sorted(set(fractions))
 
 
-def compare(config, ranks, fractions=DEFAULT_FRACTIONS, oracle_layers=(), progress=True):
-    """Returns {"baseline": mIoU, "rows": [(criterion, fraction, removed
+def compared_layers(ranks, streams=False):
+    """The rank file's layers a fraction is removed from: residual streams
+    only with ``streams``."""
+    from models.architecture import adapnet_pp
+
+    stream_names = {g.name for g in adapnet_pp().stream_groups()}
+    layers = [layer for layer in ranks.layers if streams or layer not in stream_names]
+    if streams and not stream_names.intersection(layers):
+        raise UserError(f"rank file {ranks.path} has no residual stream scores (written "
+                        f"before streams were ranked): regenerate it with "
+                        f"get_oracle_rank.py")
+    return layers
+
+
+def compare(config, ranks, fractions=DEFAULT_FRACTIONS, oracle_layers=(), progress=True,
+            streams=False):
+    """``streams``: remove the fractions from the residual streams too.
+    Returns {"baseline": mIoU, "rows": [(criterion, fraction, removed
     channels, mIoU)], "oracle": {layer: {"loss_change": array, "spearman":
     {criterion: rho}}}} over config['val_data']."""
     data_path = config["val_data"]
     fractions = check_fractions(fractions)
+    layers = compared_layers(ranks, streams)
     unknown = [layer for layer in oracle_layers if layer not in ranks.layers]
     if unknown:
         raise UserError(f"--oracle {unknown[0]}: not a prunable layer (one of "
@@ -72,7 +89,7 @@ def compare(config, ranks, fractions=DEFAULT_FRACTIONS, oracle_layers=(), progre
             for criterion in CRITERIA:
                 for fraction in fractions:
                     removed = {layer: lowest(scores[criterion][layer], fraction)
-                               for layer in ranks.layers}
+                               for layer in layers}
                     matrix, _ = gated.evaluate(session, removed, num_classes, bar)
                     result["rows"].append((criterion, fraction,
                                            sum(len(r) for r in removed.values()),

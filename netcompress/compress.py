@@ -506,10 +506,14 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     model_def, masks = load_model_def(model_def_path), load_masks(mask_path)
     normalised = load_normalised_scores(rank_path, model_def, num_classes,
                                         config["criterion"], config["normalisation"])
-    raw = RankSums.load(rank_path).scores(config["criterion"])
     # A latency target sizes its steps in MACs (docs/compress.md).
     sized = "macs" if config["target"] == "latency" else config["target"]
-    layers = [group.name for group in adapnet_pp().prunable_groups()]
+    layers = [group.name for group in
+              adapnet_pp().prunable_groups(streams=config.get("streams", False))]
+    _check_stream_scores(rank_path, normalised, layers)
+    normalised = {layer: normalised[layer] for layer in layers}
+    raw = {layer: values for layer, values in
+           RankSums.load(rank_path).scores(config["criterion"]).items() if layer in layers}
     costs = channel_costs(model_def, masks, num_classes, height, width, sized, layers)
     orders = orderings(raw, normalised, costs, config["min_channels"])
     given = rows[0][sized]
@@ -618,7 +622,7 @@ def _search(config, model, rank_path, log, progress):
     scores = load_normalised_scores(rank_path, load_model_def(model["model_def"]),
                                     config["num_classes"], config["criterion"],
                                     config["normalisation"])
-    groups = search_groups(config["search"])
+    groups = search_groups(config["search"], streams=config.get("streams", False))
     gated = GatedGraph(model, config["val_data"])
     floor = config["miou_floor"] or None
     with tf.compat.v1.Session(graph=gated.graph) as session, \
@@ -645,6 +649,13 @@ def _search(config, model, rank_path, log, progress):
         f"{found.goal:.2f}), {found.removed_count} channels; thresholds {shown}; "
         f"{found.evaluations} candidates, {found.per_second:.1f} candidates/s")
     return found, groups, scores
+
+
+def _check_stream_scores(rank_path, scores, layers):
+    missing = [layer for layer in layers if layer not in scores]
+    if missing:
+        raise UserError(f"rank file {rank_path} has no scores for {missing[0]} (written "
+                        f"before residual streams were ranked): regenerate it")
 
 
 def _search_record(found):
@@ -676,6 +687,8 @@ def _prune(config, model, rank_path, groups, scores, found, directory, log):
                         config["min_channels"], config["round_to"])
     planned = {cut.layer: list(cut.removed) for cut in plan.pruned_layers}
     searched = {layer: [int(i) for i in indices] for layer, indices in found.removed.items()}
+    for layer, channel in plan.given_back.items():  # a conv3 emptied by its stream
+        searched[layer] = [i for i in searched[layer] if i != channel]
     if planned != searched:
         raise RuntimeError("the pruning plan differs from the searched removal")
     lines = []
@@ -902,7 +915,7 @@ def layer_widths(config, rows):
     from models.model_def import load_model_def
 
     architecture = adapnet_pp()
-    layers = [g.name for g in architecture.prunable_groups()]
+    layers = [g.name for g in architecture.prunable_groups(config.get("streams", False))]
     first = resolve_widths(load_model_def(_stage_model(config, rows[0])[0]),
                            config["num_classes"], architecture)
     last = resolve_widths(load_model_def(_stage_model(config, rows[-1])[0]),

@@ -90,6 +90,10 @@ PRUNE_SETTINGS = (
             "upsample1 (conv41), upsample2 (conv16), decoder_conv1 (conv89, conv96), "
             "decoder_conv2 (conv88, conv95), or all"),
     Setting("all_convs", "bool", True, "true: every prunable layer of the phase"),
+    Setting("streams", "bool", False,
+            "true: the residual streams of the phase too (block1/residual ... "
+            "block4/residual: all four in phase all, the block's in a block phase); "
+            "conv_name may then name one (residual in a block phase)"),
     Setting("conv_name", "optional_text", None,
             "the layer within the phase when all_convs is false: conv1, conv2, conv3, "
             "conv2/A, conv2/B in a block or unit; an eASPP conv; conv1/conv2 of a decoder "
@@ -169,6 +173,9 @@ COMPRESS_SETTINGS = (
             "how ranks become scores: " + ", ".join(CRITERIA), choices=tuple(CRITERIA)),
     Setting("normalisation", "choice", "max",
             "max (divide by the layer maximum) or l2", choices=tuple(NORMALISATIONS)),
+    Setting("streams", "bool", False,
+            "true: the residual streams (block1/residual .. block4/residual) are "
+            "prunable layers too, with each block's section; false: as before"),
     Setting("stage_rule", "choice", "after_retraining",
             "after_retraining: each stage removes a step toward the target and is kept "
             "if its validation mIoU after retraining stays within tolerance of the "

@@ -91,7 +91,8 @@ class GatedGraph:
                                    config["width"], config["num_classes"])
             self.iterator = tf1.data.make_initializable_iterator(dataset)
             images, labels = self.iterator.get_next()
-            self.layers = [g.name for g in self.model.architecture.prunable_groups()]
+            self.layers = [g.name for g in
+                           self.model.architecture.prunable_groups(streams=True)]
             widths = self.model.widths
             self.gates = {name: tf1.placeholder_with_default(
                 tf.ones([widths[name]]), [widths[name]], name=f"gate{i}")

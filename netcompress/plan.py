@@ -3,7 +3,8 @@
 ``plan_pruning`` decides, per selected layer, which output channels go and,
 from the architecture declaration, every tensor slice that carries them (the
 producer's kernel and batch norm, every consumer's input slice at its
-concatenation offset, the residual masks), plus the new model_def and masks.
+concatenation offset, the residual masks; for a residual stream every writer,
+batch norm and reader), plus the new model_def and masks.
 ``remove_channels`` deletes the slices; ``zero_channels`` keeps shapes and
 zeros what the consumers read (and a residual conv3's own outputs). Both read
 one plan, so the zeroed network computes what the pruned one computes.
@@ -62,6 +63,8 @@ class PruningPlan:
     num_classes: int
     threshold: float = 0.0
     notes: list = field(default_factory=list)
+    # {conv3 layer: channel} kept although its score removed it (see _give_back_conv3)
+    given_back: dict = field(default_factory=dict)
 
     @property
     def pruned_layers(self):
@@ -103,12 +106,93 @@ def _slices_for(group, removed, widths, architecture):
     return slices
 
 
+def _stream_slices(group, removed, widths, masks, architecture):
+    """Every tensor slice carrying ``removed`` channels of a residual stream:
+    the writers' kernel outputs (a masked conv3 at the kept positions among
+    them), every pre-activation batch norm on it, and every reader's input."""
+    removed = np.asarray(removed, np.int64)
+    width = widths[group.name]
+    slices = []
+    for writer in architecture.stream_writers(group.name):
+        if writer.unit and writer.outputs != (group.name,):  # a unit's conv3
+            unit = architecture.unit(writer.unit)
+            positions = np.asarray(masks.get(unit.name, (np.arange(width), width))[0])
+            columns = np.flatnonzero(np.isin(positions, removed))
+            out_channels = len(positions)
+        else:
+            columns, out_channels = removed, width
+        if len(columns):
+            slices.append(ChannelSlice(_variable(writer.scope), 3, out_channels,
+                                       tuple(int(c) for c in columns), "output"))
+    at_stream = tuple(int(i) for i in removed)
+    for unit in architecture.stream_units(group.name):
+        slices += [ChannelSlice(_variable(f"{unit.scope}/conv3", f"BatchNorm/{name}"), 0,
+                                width, at_stream, "output")
+                   for name in BATCH_NORM_VARIABLES]
+    for consumer, position in architecture.consumers_of(group.name):
+        offsets, in_channels = input_offsets(consumer, widths)
+        slices.append(ChannelSlice(_variable(consumer.scope), 3 if consumer.transposed else 2,
+                                   in_channels,
+                                   tuple(int(offsets[position] + i) for i in removed),
+                                   "input", optional=consumer.aux))
+    return slices
+
+
+def _unit_masks(unit, cuts, masks, new_model_def, new_masks, architecture, model_def):
+    """Update the mask and conv3 width of ``unit`` after its conv3 and/or its
+    stream lost channels. Mask indices refer to the stream's full width: a
+    conv3 cut selects among the unit's current channels (old_kept[kept]); a
+    stream cut drops the removed positions and renumbers the rest."""
+    full = architecture.residual_width(model_def, unit)
+    positions = np.asarray(masks.get(unit.name, (np.arange(full), full))[0], np.int64)
+    conv3_cut = cuts.get(f"{unit.scope}/conv3")
+    stream_cut = cuts.get(unit.residual_group)
+    if conv3_cut is not None:
+        positions = positions[np.asarray(conv3_cut.kept, np.int64)]
+    stream_kept = np.arange(full) if stream_cut is None \
+        else np.asarray(stream_cut.kept, np.int64)
+    positions = np.searchsorted(stream_kept, positions[np.isin(positions, stream_kept)])
+    if not len(positions):
+        raise UserError(f"{unit.name}: its conv3 would keep no channel (every channel it "
+                        f"writes is removed from {unit.residual_group}); keep more of the "
+                        f"stream or of the conv3")
+    new_model_def["params"][unit.key][2] = len(positions)
+    if len(positions) == len(stream_kept):
+        new_masks.pop(unit.name, None)  # writes the whole stream again: no mask
+    else:
+        new_masks[unit.name] = (positions, len(stream_kept))
+
+
+def _give_back_conv3(cuts, masks, widths, architecture, notes, given_back):
+    """A conv3 whose kept channels all sit at stream positions the stream's
+    cut removes would keep none: it keeps instead its first channel at a
+    position the stream keeps (as round_to, a channel given back; noted)."""
+    by_layer = {cut.layer: cut for cut in cuts}
+    for unit in architecture.units:
+        conv3, stream = by_layer.get(f"{unit.scope}/conv3"), by_layer.get(unit.residual_group)
+        if conv3 is None or stream is None or not conv3.removed or not stream.removed:
+            continue
+        full = widths[unit.residual_group]
+        positions = np.asarray(masks.get(unit.name, (np.arange(full), full))[0], np.int64)
+        surviving = np.flatnonzero(np.isin(positions, stream.kept))
+        if not len(surviving) or np.isin(positions[list(conv3.kept)], stream.kept).any():
+            continue  # fine, or nothing to give back (_unit_masks says so)
+        channel = int(surviving[0])
+        given_back[conv3.layer] = channel
+        by_layer[conv3.layer] = LayerCut(conv3.layer, conv3.width,
+                                         tuple(sorted(conv3.kept + (channel,))))
+        notes.append(f"{conv3.layer}: keeps channel {channel} too, every channel it kept "
+                     f"being removed from {unit.residual_group}")
+    return [by_layer[cut.layer] for cut in cuts]
+
+
 def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, threshold,
                  min_channels=1, round_to=1, architecture=None):
     """The plan for pruning ``layers`` (names) of the model ``model_def`` +
     ``masks`` ({unit: (kept indices, residual width)}, as from load_masks):
     channels with normalised score < ``threshold`` go (see channels_to_keep).
-    ``normalised_scores``: {layer: array or None (no signal)}."""
+    ``normalised_scores``: {layer: array or None (no signal)}. Layers may
+    include residual streams (docs/design.md, "Residual streams")."""
     architecture = architecture or adapnet_pp()
     validate_model_def(model_def)
     check_masks(model_def, masks)
@@ -122,8 +206,11 @@ def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, thres
                  for unit, (kept, width) in masks.items()}
     cuts, slices, notes = [], [], []
     selected = set(layers)
-    for group in (g for g in architecture.prunable_groups() if g.name in selected):
+    for group in (g for g in architecture.prunable_groups(streams=True) if g.name in selected):
         width = widths[group.name]
+        if group.name not in normalised_scores:
+            raise UserError(f"no scores for {group.name} (a rank file written before "
+                            f"residual streams were ranked?): regenerate the rank file")
         scores = normalised_scores[group.name]
         if scores is None:
             cuts.append(LayerCut(group.name, width, tuple(range(width)), no_signal=True))
@@ -132,22 +219,31 @@ def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, thres
         if len(scores) != width:
             raise UserError(f"{group.name}: {len(scores)} scores for {width} channels")
         kept = channels_to_keep(scores, threshold, min_channels, round_to)
-        cut = LayerCut(group.name, width, tuple(int(k) for k in kept))
-        cuts.append(cut)
+        cuts.append(LayerCut(group.name, width, tuple(int(k) for k in kept)))
+    given_back = {}
+    cuts = _give_back_conv3(cuts, masks, widths, architecture, notes, given_back)
+    for cut in cuts:
         if not cut.removed:
             continue
-        slices += _slices_for(group, cut.removed, widths, architecture)
-        group.width.assign(new_model_def, len(kept))
-        if group.through_mask:
-            unit = architecture.unit(group.unit)
-            full = architecture.residual_width(model_def, unit)
-            # Mask indices always refer to the full residual width.
-            previous = new_masks.get(unit.name, (np.arange(full), full))[0]
-            new_masks[unit.name] = (np.asarray(previous)[kept], full)
+        group = groups[cut.layer]
+        if group.stream:
+            slices += _stream_slices(group, cut.removed, widths, masks, architecture)
+            for unit in architecture.stream_units(group.name):
+                # A unit's 4th entry is read only in the first unit; kept equal.
+                if len(new_model_def["params"][unit.key]) == 4:
+                    new_model_def["params"][unit.key][3] = len(cut.kept)
+        else:
+            slices += _slices_for(group, cut.removed, widths, architecture)
+        group.width.assign(new_model_def, len(cut.kept))
+    cut_by_layer = {cut.layer: cut for cut in cuts if cut.removed}
+    for unit in architecture.units:
+        if {f"{unit.scope}/conv3", unit.residual_group} & set(cut_by_layer):
+            _unit_masks(unit, cut_by_layer, masks, new_model_def, new_masks, architecture,
+                        model_def)
     validate_model_def(new_model_def, source="pruned model_def")
     check_masks(new_model_def, new_masks, source="pruned masks")
     return PruningPlan(cuts, slices, model_def, new_model_def, masks, new_masks, num_classes,
-                       threshold, notes)
+                       threshold, notes, given_back)
 
 
 # ---- applying the plan to checkpoint values --------------------------------

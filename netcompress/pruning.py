@@ -106,10 +106,16 @@ def prepare(settings):
     model_def = load_model_def(settings.model_def)
     masks = load_masks(settings.mask_load)
     check_masks(model_def, masks, source=settings.mask_load or "mask")
-    layers = select_layers(settings.phase, settings.conv_name, settings.all_convs)
+    layers = select_layers(settings.phase, settings.conv_name, settings.all_convs,
+                           streams=settings.streams)
     scores = load_normalised_scores(settings.rank_file, model_def,
                                     settings.num_classes, settings.criterion,
                                     settings.normalisation)
+    missing = [layer for layer in layers if layer not in scores]
+    if missing:
+        raise UserError(f"rank file {settings.rank_file} has no scores for {missing[0]} "
+                        f"(written before residual streams were ranked): regenerate it "
+                        f"with get_oracle_rank.py")
     job = PruneJob(settings, model_def, masks, layers, scores)
     if settings.decide_threshold:
         return job

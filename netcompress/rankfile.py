@@ -170,9 +170,12 @@ class RankSums:
             sums.metadata[key] = str(array(f"meta/{key}", 0))
         return sums
 
-    def check_model(self, widths, prunable_layers, source):
-        """The rank file covers exactly these layers with these channel counts."""
-        if self.layers != list(prunable_layers):
+    def check_model(self, widths, prunable_layers, source, streams=()):
+        """The rank file covers exactly these layers with these channel counts;
+        a file written before residual streams were ranked may lack all of
+        ``streams`` (then pruning a stream asks to regenerate it)."""
+        if self.layers != list(prunable_layers) and \
+                self.layers != [n for n in prunable_layers if n not in set(streams)]:
             missing = [n for n in prunable_layers if n not in self.layers]
             extra = [n for n in self.layers if n not in prunable_layers]
             detail = (f"missing layer {missing[0]}" if missing else

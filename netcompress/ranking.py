@@ -42,40 +42,64 @@ from netcompress.sharding import parse_shard, records_in_shard, shard_label
 tf1 = tf.compat.v1
 
 def rank_layers(architecture=None):
-    """Prunable layer names in declaration order: the rank file's keys."""
+    """Prunable layer names in declaration order, residual streams included:
+    the rank file's keys."""
     architecture = architecture or adapnet_pp()
-    return [group.name for group in architecture.prunable_groups()]
+    return [group.name for group in architecture.prunable_groups(streams=True)]
 
 
 def ranked_convs(architecture=None):
-    """Convs writing at least one prunable layer, in declaration order."""
+    """Convs writing at least one prunable layer other than a stream, in
+    declaration order (a stream is scored from all its writers and reads)."""
     architecture = architecture or adapnet_pp()
-    prunable = set(rank_layers(architecture))
+    prunable = {g.name for g in architecture.prunable_groups()}
     return [conv for conv in architecture.convs if prunable.intersection(conv.outputs)]
 
 
-def per_example_taylor(loss, pre_norm, convs, pre_norm_kept=None, read=None):
+def per_example_taylor(loss, pre_norm, convs, pre_norm_kept=None, read=None,
+                       stream_reads=None, architecture=None):
     """{conv scope: t [N, C_out]}, the per-example spatial mean of z * dC/dz
     for every conv in ``convs`` (z: its output before batch norm), and, when
     ``read`` (the tensors consumers read) is given, {conv scope: t_out
     [N, C_out]}, the per-example spatial *sum* of a * dC/da: the derivative
     of the example's loss by a gate on the channel. One ``tf.gradients``
     call for both. ``pre_norm_kept``: scope -> the conv's own channels within
-    a tensor the builder scattered to a wider (masked) width."""
+    a tensor the builder scattered to a wider (masked) width.
+
+    ``stream_reads`` ({stream: [tensors its readers read]}, with ``read``)
+    adds each residual stream, keyed by its name: t = the sum of its writers'
+    t (at the stream's width; the derivative by one scale on all of them), and
+    t_out = the sum over its reads (the derivative by a gate on the stream)."""
+    architecture = architecture or adapnet_pp()
     pre_norm_kept = pre_norm_kept or {}
-    wanted = [(conv, "t", pre_norm[conv.scope], tf.reduce_mean) for conv in convs]
+    streams = list(stream_reads or {})
+    writers = {name: architecture.stream_writers(name) for name in streams}
+    z_convs = list(convs) + [w for name in streams for w in writers[name]
+                             if w not in convs]
+    wanted = [(conv.scope, "t", pre_norm[conv.scope], tf.reduce_mean) for conv in z_convs]
     if read is not None:
-        wanted += [(conv, "t_out", read[conv.scope], tf.reduce_sum) for conv in convs]
+        wanted += [(conv.scope, "t_out", read[conv.scope], tf.reduce_sum) for conv in convs]
+        wanted += [(name, "t_out", tensor, tf.reduce_sum) for name in streams
+                   for tensor in stream_reads[name]]
     gradients = tf.gradients(loss, [tensor for _, _, tensor, _ in wanted])
-    results = {"t": {}, "t_out": {}}
-    for (conv, kind, tensor, reduce), gradient in zip(wanted, gradients):
+    full = {"t": {}, "t_out": {}}
+    for (key, kind, tensor, reduce), gradient in zip(wanted, gradients):
         if gradient is None:
-            raise ValueError(f"the loss does not depend on {conv.scope} "
+            raise ValueError(f"the loss does not depend on {key} "
                              f"(were the aux heads built?)")
         t = reduce(tensor * gradient, axis=[1, 2])
-        if conv.scope in pre_norm_kept:
-            t = tf.gather(t, pre_norm_kept[conv.scope], axis=1)
-        results[kind][conv.scope] = t
+        full[kind][key] = full[kind][key] + t if key in full[kind] else t
+    results = {"t": {}, "t_out": {}}
+    for conv in convs:
+        for kind in ("t", "t_out") if read is not None else ("t",):
+            t = full[kind][conv.scope]
+            if conv.scope in pre_norm_kept:
+                t = tf.gather(t, pre_norm_kept[conv.scope], axis=1)
+            results[kind][conv.scope] = t
+    for name in streams:
+        # A masked conv3's z already has the stream's width (zeros elsewhere).
+        results["t"][name] = tf.add_n([full["t"][w.scope] for w in writers[name]])
+        results["t_out"][name] = full["t_out"][name]
     return results["t"] if read is None else (results["t"], results["t_out"])
 
 
@@ -84,8 +108,8 @@ class BatchTaylorSums:
 
     ``fetches`` evaluates to (packed [3, total channels] float32, batch size):
     rows in rankfile.SUMS order (sum_n |t_n|, sum_n t_n, sum_n |t_out_n|),
-    convs' channels concatenated; ``accumulate`` unpacks a fetched value into
-    RankSums.
+    convs' channels concatenated, then the residual streams'; ``accumulate``
+    unpacks a fetched value into RankSums.
     """
 
     def __init__(self, model, outputs, labels):
@@ -94,18 +118,19 @@ class BatchTaylorSums:
         self.widths = {name: model.widths[name] for name in self.layers}
         # Per-example losses summed: see the module docstring.
         loss = tf.reduce_sum(model.per_example_loss(outputs, labels))
-        t_by_conv, t_out_by_conv = per_example_taylor(
+        streams = {g.name: outputs.stream_reads[g.name] for g in architecture.stream_groups()}
+        t_by_key, t_out_by_key = per_example_taylor(
             loss, outputs.pre_norm, ranked_convs(architecture), outputs.pre_norm_kept,
-            outputs.read)
+            outputs.read, streams, architecture)
         rows = {"taylor": [], "reference": [], "taylor_out": []}
-        for conv_scope, t in t_by_conv.items():
+        for key, t in t_by_key.items():
             rows["taylor"].append(tf.reduce_sum(tf.abs(t), axis=0))
             rows["reference"].append(tf.reduce_sum(t, axis=0))
-            rows["taylor_out"].append(tf.reduce_sum(tf.abs(t_out_by_conv[conv_scope]), axis=0))
+            rows["taylor_out"].append(tf.reduce_sum(tf.abs(t_out_by_key[key]), axis=0))
         # Layers are sliced out of each conv's [A | B] output on the host
         # (offsets below), so a split conv is one reduction, not two.
-        self._conv_order = list(t_by_conv)
-        self._conv_widths = [int(t.shape[1]) for t in t_by_conv.values()]
+        self._key_order = list(t_by_key)
+        self._key_widths = [int(t.shape[1]) for t in t_by_key.values()]
         self.packed = tf.stack([tf.concat(rows[kind], 0) for kind in SUMS])
         # Examples counted: a padding example (all-zero labels, not even
         # void; dataset/pipeline.py) adds zero to every sum and is not one.
@@ -114,12 +139,15 @@ class BatchTaylorSums:
         self._slices = self._layer_slices(architecture, model.widths)
 
     def _layer_slices(self, architecture, widths):
-        conv_start = dict(zip(self._conv_order,
-                              np.concatenate([[0], np.cumsum(self._conv_widths)[:-1]])))
+        key_start = dict(zip(self._key_order,
+                             np.concatenate([[0], np.cumsum(self._key_widths)[:-1]])))
         slices = {}
         for name in self.layers:
-            conv = architecture.producer_of(name)
-            start = int(conv_start[conv.scope]) + output_offset(conv, name, widths)
+            if architecture.group(name).stream:
+                start = int(key_start[name])
+            else:
+                conv = architecture.producer_of(name)
+                start = int(key_start[conv.scope]) + output_offset(conv, name, widths)
             slices[name] = slice(start, start + widths[name])
         return slices
 
@@ -141,17 +169,36 @@ class BatchTaylorSums:
         sums.count += int(batch_size)
 
 
-def filter_l1(values, architecture, widths):
+def _column_l1(values, conv, widths):
+    """sum of |w| of each output column of ``conv``'s kernel, float64."""
+    kernel = np.abs(np.asarray(values[f"{OUTER_SCOPE}/{conv.scope}/weights"], np.float64))
+    axis = 2 if conv.transposed else 3
+    return kernel.sum(axis=tuple(a for a in range(4) if a != axis))
+
+
+def filter_l1(values, architecture, widths, kept_channels=None):
     """{layer: l1 norm of each output channel's filter} from checkpoint values
-    (a split half's columns; a transposed conv's output axis is 2)."""
+    (a split half's columns; a transposed conv's output axis is 2). A
+    residual stream's channel sums the columns of all its writers (a masked
+    conv3's at its kept positions, ``kept_channels``: {unit: positions})."""
+    kept_channels = kept_channels or {}
     norms = {}
-    for group in architecture.prunable_groups():
+    for group in architecture.prunable_groups(streams=True):
+        if group.stream:
+            total = np.zeros(widths[group.name])
+            for writer in architecture.stream_writers(group.name):
+                columns = _column_l1(values, writer, widths)
+                positions = kept_channels.get(writer.unit) if writer.unit and \
+                    writer.outputs != (group.name,) else None
+                if positions is None:
+                    total += columns
+                else:
+                    total[np.asarray(positions, np.int64)] += columns
+            norms[group.name] = total
+            continue
         conv = architecture.producer_of(group.name)
-        kernel = np.abs(np.asarray(values[f"{OUTER_SCOPE}/{conv.scope}/weights"], np.float64))
-        axis = 2 if conv.transposed else 3
         start = output_offset(conv, group.name, widths)
-        columns = np.take(kernel, np.arange(start, start + widths[group.name]), axis=axis)
-        norms[group.name] = columns.sum(axis=tuple(a for a in range(4) if a != axis))
+        norms[group.name] = _column_l1(values, conv, widths)[start:start + widths[group.name]]
     return norms
 
 
@@ -207,7 +254,7 @@ def rank(config, shard=None, progress=True):
     sums.metadata.update(rank_metadata(config, shard, inference.model.model_def))
     model = inference.model
     sums.l1 = filter_l1(read_checkpoint(sums.metadata["checkpoint"]), model.architecture,
-                        model.widths)
+                        model.widths, model.kept_channels)
     return sums
 
 

@@ -31,7 +31,8 @@ def load_ranks(rank_path, model_def, num_classes, architecture=None):
     architecture = architecture or adapnet_pp()
     ranks = RankSums.load(rank_path)
     widths = resolve_widths(model_def, num_classes, architecture)
-    ranks.check_model(widths, [g.name for g in architecture.prunable_groups()], rank_path)
+    ranks.check_model(widths, [g.name for g in architecture.prunable_groups(streams=True)],
+                      rank_path, [g.name for g in architecture.stream_groups()])
     return ranks
 
 

@@ -33,11 +33,12 @@ def search_section(phase):
     return phase if phase in OWN_SECTIONS else DECODER
 
 
-def search_groups(mode, architecture=None):
-    """{group name: [layers]} in network order: sections, or one group 'all'."""
+def search_groups(mode, architecture=None, streams=False):
+    """{group name: [layers]} in network order: sections, or one group 'all';
+    ``streams``: each block's residual stream is in its section."""
     architecture = architecture or adapnet_pp()
     groups = {}
-    for group in architecture.prunable_groups():
+    for group in architecture.prunable_groups(streams):
         key = ALL if mode == ALL else search_section(group.section)
         groups.setdefault(key, []).append(group.name)
     return groups

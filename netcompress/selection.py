@@ -8,8 +8,8 @@ from models.architecture import adapnet_pp
 ALL_PHASE = "all"
 
 
-def _phase_groups(phase, architecture):
-    prunable = architecture.prunable_groups()
+def _phase_groups(phase, architecture, streams=False):
+    prunable = architecture.prunable_groups(streams)
     if phase == ALL_PHASE:
         return prunable
     if phase in architecture.sections():
@@ -24,6 +24,8 @@ def _names_of(group, architecture):
     """Names a ``conv_name`` may use for ``group``: its own, its conv's scope,
     its short name (conv1, conv2/A, ...) and, for a split half, the short
     name of the whole conv (conv2 = both halves)."""
+    if group.stream:  # not its shortcut's scope: that conv is one of its writers
+        return {group.name, group.short_name}
     names = {group.name, architecture.producer_of(group.name).scope}
     if group.short_name:
         names.add(group.short_name)
@@ -31,12 +33,19 @@ def _names_of(group, architecture):
     return names
 
 
-def select_layers(phase, conv_name=None, all_convs=False, architecture=None):
+def select_layers(phase, conv_name=None, all_convs=False, architecture=None, streams=False):
     """Prunable layer names of ``phase``: all of them with ``all_convs``, else
     those ``conv_name`` names (unit-relative names such as conv2/A match in
-    every unit of a block; conv2 means both halves of a split conv2)."""
+    every unit of a block; conv2 means both halves of a split conv2).
+    ``streams``: the phase's residual streams are among them."""
     architecture = architecture or adapnet_pp()
-    groups = _phase_groups(phase, architecture)
+    groups = _phase_groups(phase, architecture, streams)
+    stream_names = {g.name for g in architecture.stream_groups()}
+    if not streams and conv_name is not None and not all_convs and (
+            conv_name in stream_names or (conv_name == "residual" and phase in
+                                          {g.section for g in architecture.stream_groups()})):
+        raise UserError(f"conv_name {conv_name!r} is a residual stream: set streams true "
+                        f"to prune it")
     if all_convs:
         return [g.name for g in groups]
     valid = []

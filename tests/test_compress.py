@@ -137,6 +137,29 @@ def test_nothing_left_to_remove_stops():
     assert kept is None and len(tries) == 1 and "no channel left" in tries[0].note
 
 
+def test_streams_reach_macs_goals_the_convs_alone_cannot():
+    """With every removable channel gone (each layer keeps its best one), the
+    streams' readers and writers still run at full stream width unless the
+    streams are prunable too; a goal between the two is reached only with
+    them, through a plan that stays valid (conv3s given back a channel)."""
+    model_def = scaled_model_def(8)
+    rng = np.random.default_rng(1)
+    widths = resolve_widths(model_def, NUM_CLASSES, adapnet_pp())
+    given = resource_of(model_def, {}, NUM_CLASSES, HEIGHT, WIDTH, "macs")
+    reachable = {}
+    for streams in (False, True):
+        layers = search_groups("all", streams=streams)["all"]
+        raw = {layer: rng.random(widths[layer]) for layer in layers}
+        order = orderings(raw, raw, {layer: 1.0 for layer in layers})["global"]
+        removed, after = removal_for_goal(order, 0.0, model_def, {}, NUM_CLASSES, HEIGHT,
+                                          WIDTH, "macs")
+        assert any(layer.endswith("/residual") for layer in removed) == streams
+        reachable[streams] = after / given
+    print(f"smallest MACs fraction: convs {reachable[False]:.3f}, "
+          f"with streams {reachable[True]:.3f}")
+    assert reachable[True] < 0.5 * reachable[False]
+
+
 def test_removal_meets_the_step_with_the_shortest_prefix():
     """The chosen removal is the shortest prefix of the order that reaches the
     goal, its layers keep their best channel, and the plan counts it."""

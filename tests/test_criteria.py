@@ -24,7 +24,7 @@ from helpers import FLOAT32_PASS_TOLERANCE, REPO, scaled_model_def, write_config
 from models.architecture import OUTER_SCOPE, adapnet_pp
 from models.model_def import load_masks, save_masks, save_model_def
 from netcompress.checkpoints import read_checkpoint, write_checkpoint
-from netcompress.compare import lowest
+from netcompress.compare import compared_layers, lowest
 from netcompress.config import load_config
 from netcompress.evaluation import GatedGraph, evaluate
 from netcompress.plan import model_values, plan_pruning, zero_channels
@@ -243,6 +243,14 @@ def test_compare_reads_only_val_data_and_writes_table_csv_and_plot(tiny, tmp_pat
     assert os.path.getsize(stem + ".compare.png") > 1000
 
 
+def test_compare_takes_streams_only_when_asked(tiny):
+    layers = tiny["ranks"].layers
+    streams = [f"block{b}/residual" for b in (1, 2, 3, 4)]
+    assert set(streams) < set(layers)
+    assert compared_layers(tiny["ranks"]) == [name for name in layers if name not in streams]
+    assert compared_layers(tiny["ranks"], streams=True) == layers
+
+
 def test_compare_errors_are_one_line(tiny, tmp_path):
     def run(*extra, **changes):
         command = [sys.executable, os.path.join(REPO, "get_oracle_rank.py"), "-c",
@@ -256,5 +264,5 @@ def test_compare_errors_are_one_line(tiny, tmp_path):
     assert "is the ranking data (test_data)" in run(
         "--compare", val_data=tiny["config"]["test_data"])
     assert "not a fraction between 0 and 1" in run("--compare", "--fractions", "1.5")
-    assert "--fractions and --oracle go with --compare" in run("--oracle", "conv1")
+    assert "--fractions, --oracle and --streams go with --compare" in run("--oracle", "conv1")
     assert "rank first" in run("--compare", rank_save=str(tmp_path / "none.npz"))

@@ -52,6 +52,7 @@ SESSION_CONFIG = tf1.ConfigProto()
 # Graph rewriting costs more than these tiny graphs ever run.
 SESSION_CONFIG.graph_options.rewrite_options.disable_meta_optimizer = True
 LAYERS = [g.name for g in ARCHITECTURE.prunable_groups()]
+STREAMS = [g.name for g in ARCHITECTURE.stream_groups()]
 
 
 def _variable_behind(tensor):
@@ -156,7 +157,7 @@ def removal_scores(model_def, layers, fraction=0.5, seed=0):
     rng = np.random.default_rng(seed)
     widths = resolve_widths(model_def, NUM_CLASSES)
     scores = {}
-    for layer in LAYERS:
+    for layer in LAYERS + STREAMS:
         values = rng.uniform(0.2, 1.0, widths[layer])
         values /= values.max()
         if layer in layers:
@@ -237,6 +238,14 @@ EXACTNESS_CASES = {
     "decoder": [
         "conv41", "conv16",  # transposed; feed a concat and an aux head
         "conv89", "conv96", "conv88", "conv95"],
+    # Every block's stream: its writers (shortcut, conv3s), its pre-activation
+    # batch norms and every reader (units' conv1s, the next block's conv1 and
+    # shortcut, the skips conv32 / conv174, the eASPP's 1x1s and image pooling).
+    "streams": STREAMS,
+    # A stream and conv3s of its block (masked) and of another block.
+    "stream_and_conv3": ["block3/residual", "block3/unit_1/bottleneck_v1/conv3",
+                         "block3/unit_4/bottleneck_v1/conv3",
+                         "block1/unit_2/bottleneck_v1/conv3"],
 }
 
 
@@ -291,6 +300,67 @@ def test_plan_slices_follow_the_declaration(source):
         remove_channels(plan, wrong)
 
 
+def test_stream_plan_follows_the_declaration(source):
+    """A stream's slices, widths and masks by hand: block2's stream (32 wide)
+    loses channels 1 and 2 while block2/unit_3's conv3 is masked (it lacks
+    stream positions 1 and 5)."""
+    model_def = json.loads(json.dumps(source["model_def"]))
+    model_def["params"]["7"][2] = 30
+    kept = np.array([c for c in range(32) if c not in (1, 5)])
+    masks = {"block2/unit_3": (kept, 32)}
+
+    def stream_plan(removed, masks=masks, model_def=model_def):
+        scores = removal_scores(model_def, [])
+        scores["block2/residual"] = normalise(
+            np.where(np.isin(np.arange(32), removed), 0.0, 1.0), "max")
+        return plan_pruning(model_def, masks, NUM_CLASSES, scores, ["block2/residual"], 0.1)
+
+    plan = stream_plan([1, 2])
+    cuts = {(s.variable.split("/", 1)[1], s.axis): (s.indices, s.length, s.role)
+            for s in plan.slices}
+    unit = "block{}/unit_{}/bottleneck_v1/{}".format
+    assert cuts[(unit(2, 1, "shortcut/weights"), 3)] == ((1, 2), 32, "output")
+    for u in (1, 2, 4):
+        assert cuts[(unit(2, u, "conv3/weights"), 3)] == ((1, 2), 32, "output")
+    # The masked conv3's column 1 sits at stream position 2.
+    assert cuts[(unit(2, 3, "conv3/weights"), 3)] == ((1,), 30, "output")
+    for u in (1, 2, 3, 4):  # every pre-activation batch norm on the stream
+        assert cuts[(unit(2, u, "conv3/BatchNorm/moving_variance"), 0)] == \
+            ((1, 2), 32, "output")
+    readers = [unit(2, u, "conv1/weights") for u in (2, 3, 4)] + [
+        unit(3, 1, "conv1/weights"), unit(3, 1, "shortcut/weights"), "conv174/weights"]
+    for reader in readers:
+        assert cuts[(reader, 2)] == ((1, 2), 32, "input")
+    assert len(plan.slices) == 5 + 4 * 4 + len(readers)
+    assert {s.variable for s in plan.zeroing_slices()} == \
+        {f"resnet_v2_50/{r}" for r in readers}
+    after = plan.model_def_after["params"]
+    assert after["5"] == [8, 8, 30, 30]
+    assert [after[k][2] for k in ("6", "7", "8")] == [30, 29, 30]
+    # Positions renumbered in the 30-wide stream: old 5 is now 3.
+    assert plan.masks_after["block2/unit_3"][0].tolist() == \
+        [c for c in range(30) if c != 3]
+    assert plan.masks_after["block2/unit_3"][1] == 30
+    # Removing exactly what the mask lacks: the conv3 writes the whole stream again.
+    plan = stream_plan([1, 5])
+    assert plan.masks_after == {} and plan.model_def_after["params"]["7"][2] == 30
+    # The masked conv3 keeps only channel 0 (stream position 0), which the
+    # stream loses: it keeps its channel 1 (position 2, now 0) instead.
+    scores = removal_scores(model_def, [])
+    scores["block2/residual"] = normalise(np.r_[0.0, 0.0, np.ones(30)], "max")
+    scores["block2/unit_3/bottleneck_v1/conv3"] = normalise(np.r_[1.0, np.zeros(29)], "max")
+    plan = plan_pruning(model_def, masks, NUM_CLASSES, scores,
+                        ["block2/residual", "block2/unit_3/bottleneck_v1/conv3"], 0.1)
+    assert plan.given_back == {"block2/unit_3/bottleneck_v1/conv3": 1}
+    assert plan.masks_after["block2/unit_3"][0].tolist() == [0]
+    assert plan.model_def_after["params"]["7"][2] == 1
+    assert "keeps channel 1 too" in plan.notes[0]
+    narrow = json.loads(json.dumps(source["model_def"]))
+    narrow["params"]["7"][2] = 2
+    with pytest.raises(UserError, match=r"block2/unit_3: its conv3 would keep no channel"):
+        stream_plan([0, 1], {"block2/unit_3": (np.array([0, 1]), 32)}, narrow)
+
+
 def test_pruned_files_restore_exactly(source, tmp_path):
     """prune() on files: the graph of the new model_def + mask restores the
     new checkpoint with no missing or unexpected variable; sources untouched."""
@@ -331,7 +401,9 @@ def test_checkpoint_of_another_model_is_refused(source):
 
 def test_second_pruning_composes_masks(source, tmp_path):
     """Stage 1 masks block2/unit_1 and block1/unit_2; stage 2 prunes
-    block2/unit_1 again: its mask composes, block1/unit_2's is carried."""
+    block2/unit_1 again: its mask composes, block1/unit_2's is carried.
+    Stage 3 prunes block2's stream: the mask is renumbered, and removal
+    equals try_zeros on the masked model."""
     unit1, unit2 = "block2/unit_1/bottleneck_v1/conv3", "block1/unit_2/bottleneck_v1/conv3"
     first_removed = {unit1: [1, 5, 7], unit2: [0, 15]}
     rank_path = write_rank_file(tmp_path / "rank1.npz", source["model_def"], [],
@@ -376,6 +448,33 @@ def test_second_pruning_composes_masks(source, tmp_path):
         assert_same_outputs(pruned, zeroed)
         unpruned = stage1_network.run(stage1_values, source["images"])
         assert np.max(np.abs(unpruned["softmax"] - pruned["softmax"])) > 10 * TOLERANCE
+
+        # Stage 3: block2's stream on the masked model. Its mask renumbers.
+        stage2 = settings
+        rank_path = write_rank_file(tmp_path / "rank3.npz",
+                                    load_model_def(stage2.new_model_def), [],
+                                    removed={"block2/residual": [0, 4, 6, 9]})
+        settings = next_stage(stage2, tmp_path / "stage3", source, rank_path)
+        settings.phase, settings.conv_name, settings.streams = "block2", "residual", True
+        pruning.prune(settings, log=quiet)  # both checkpoints checked against their model
+        stage3_def = load_model_def(settings.new_model_def)
+        assert stage3_def["params"]["5"] == [8, 8, 25, 28]
+        assert [stage3_def["params"][k][2] for k in ("6", "7", "8")] == [28, 28, 28]
+        positions = [c for c in range(32) if c not in (0, 1, 4, 5, 7, 6, 9)]
+        assert load_masks(settings.mask_save)["block2/unit_1"][0].tolist() == [
+            c - sum(r < c for r in (0, 4, 6, 9)) for c in positions]
+        zeroed_settings = next_stage(stage2, tmp_path / "zeros3", source, rank_path)
+        zeroed_settings.phase, zeroed_settings.conv_name = "block2", "residual"
+        zeroed_settings.streams, zeroed_settings.try_zeros = True, True
+        pruning.prune(zeroed_settings, log=quiet, verify=False)
+        zeroed = stage2_network.run(read_checkpoint(zeroed_settings.new_checkpoint_save),
+                                    source["images"])
+        stage3_network = Network(stage3_def, load_masks(settings.mask_save))
+        try:
+            assert_same_outputs(stage3_network.run(
+                read_checkpoint(settings.new_checkpoint_save), source["images"]), zeroed)
+        finally:
+            stage3_network.session.close()
     finally:
         stage1_network.session.close()
         stage2_network.session.close()
@@ -422,6 +521,32 @@ def test_select_layers():
         select_layers("easpp", "conv12")
     with pytest.raises(UserError, match=r"unknown phase 'block5'.*easpp"):
         select_layers("block5", "conv1")
+
+
+def test_select_streams(source, tmp_path):
+    """Streams only when asked for; a rank file without stream scores loads
+    for everything else and names the problem when a stream is selected."""
+    assert select_layers("all", all_convs=True, streams=True) == \
+        [g.name for g in ARCHITECTURE.prunable_groups(streams=True)]
+    assert len(select_layers("all", all_convs=True, streams=True)) == 81
+    block2 = select_layers("block2", all_convs=True, streams=True)
+    assert block2[0] == "block2/residual" and len(block2) == 14
+    assert select_layers("block2", all_convs=True) == block2[1:]
+    assert select_layers("block3", "residual", streams=True) == ["block3/residual"]
+    assert select_layers("all", "block4/residual", streams=True) == ["block4/residual"]
+    assert "residual" not in str(select_layers("block2/unit_1", all_convs=True, streams=True))
+    with pytest.raises(UserError, match=r"conv_name 'residual' is a residual stream: set "
+                                        r"streams true to prune it"):
+        select_layers("block3", "residual")
+    old = write_rank_file(tmp_path / "old.npz", source["model_def"], ["conv1"], streams=False)
+    settings = make_settings(source, tmp_path, old, phase="block1", all_convs=False,
+                             conv_name="conv1")
+    assert len(pruning.prepare(settings).layers) == 3  # every unit's conv1
+    settings.conv_name, settings.streams = "residual", True
+    with pytest.raises(UserError, match=r"rank file .*old.npz has no scores for "
+                                        r"block1/residual \(written before residual streams "
+                                        r"were ranked\): regenerate it"):
+        pruning.prepare(settings)
 
 
 def test_normalise_and_channels_to_keep():
@@ -558,14 +683,16 @@ def quiet(*_):
     pass
 
 
-def write_rank_file(path, model_def, layers, removed=None):
+def write_rank_file(path, model_def, layers, removed=None, streams=True):
     """A rank file whose taylor scores remove half of each of ``layers`` at
-    threshold 0.1, or exactly the channels in ``removed`` ({layer: indices})."""
+    threshold 0.1, or exactly the channels in ``removed`` ({layer: indices});
+    without ``streams``, as written before the streams were ranked."""
     widths = resolve_widths(model_def, NUM_CLASSES)
-    ranks = RankSums(LAYERS, widths)
+    ranked = [g.name for g in ARCHITECTURE.prunable_groups(streams)]
+    ranks = RankSums(ranked, widths)
     ranks.count = 1
     scores = removal_scores(model_def, layers)
-    for layer in LAYERS:
+    for layer in ranked:
         values = np.asarray(scores[layer], np.float64)
         if removed and layer in removed:
             values = np.ones(widths[layer])
@@ -578,7 +705,8 @@ def write_rank_file(path, model_def, layers, removed=None):
 
 def make_settings(source, directory, rank_path, **overrides):
     directory = str(directory)
-    values = dict(decide_threshold=False, phase="all", all_convs=True, conv_name=None,
+    values = dict(decide_threshold=False, phase="all", all_convs=True, streams=False,
+                  conv_name=None,
                   rank_file=rank_path, threshold=0.1,
                   checkpoint_name=source["checkpoint"], gpu_id="", try_zeros=False,
                   new_checkpoint_save=os.path.join(directory, "pruned", "model.ckpt"),

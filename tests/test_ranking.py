@@ -96,9 +96,13 @@ class TinyModel:
                 outputs = model.build(self.images, training=False, aux=True)
             self.per_example_loss = model.per_example_loss(outputs, self.labels)
             self.z = {scope: outputs.pre_norm[scope] for scope in scopes}
+            # What each residual stream's readers read (its gate's derivative).
+            self.reads = {(name, i): tensor for name, tensors in outputs.stream_reads.items()
+                          for i, tensor in enumerate(tensors)}
             gradients = tf.gradients(tf.reduce_sum(self.per_example_loss),
-                                     list(self.z.values()))
+                                     list(self.z.values()) + list(self.reads.values()))
             self.dz = dict(zip(scopes, gradients))
+            self.dreads = dict(zip(self.reads, gradients[len(scopes):]))
             self.saver = tf1.train.Saver([v for v in checkpoints.model_variables(self.graph)
                                           if "Adam" not in v.name.rsplit("/", 1)[-1]])
             # Grappler's graph rewrites take longer than these few small runs.
@@ -139,7 +143,9 @@ EXACTNESS_LAYERS = (
 def tiny(workspace, tiny_def, examples):
     """The tiny model after a few dozen Adam steps, and its checkpoint."""
     architecture = adapnet_pp()
-    scopes = sorted({architecture.producer_of(name).scope for name in EXACTNESS_LAYERS})
+    scopes = sorted({architecture.producer_of(name).scope for name in EXACTNESS_LAYERS} |
+                    {conv.scope for group in architecture.stream_groups()
+                     for conv in architecture.stream_writers(group.name)})
     model = TinyModel(tiny_def, scopes)
     model.train(examples, TRAIN_STEPS)
     model.checkpoint = model.saver.save(model.session, str(workspace / "tiny" / "model.ckpt"),
@@ -161,9 +167,12 @@ def full_pass(trained, data, tiny_def):
 
 # ---- the layer list ----------------------------------------------------------------
 
-def test_default_layer_list_has_77_layers_in_declaration_order():
+def test_default_layer_list_has_77_layers_and_4_streams_in_declaration_order():
     layers = rank_layers()
-    assert len(layers) == 77 == len(set(layers))
+    assert len(layers) == 81 == len(set(layers))
+    # Each block's stream comes before its units' layers.
+    assert [layers.index(f"block{b}/residual") for b in (1, 2, 3, 4)] == [1, 11, 25, 48]
+    layers = [name for name in layers if not name.endswith("/residual")]
     assert layers[:4] == ["conv1", "block1/unit_1/bottleneck_v1/conv1",
                           "block1/unit_1/bottleneck_v1/conv2",
                           "block1/unit_1/bottleneck_v1/conv3"]
@@ -182,7 +191,7 @@ def test_default_layer_widths_follow_the_model_def():
     model_def = load_model_def(os.path.join(REPO, "models", "default.json"))
     widths = resolve_widths(model_def, NUM_CLASSES)
     layer_widths = [widths[name] for name in rank_layers()]
-    assert layer_widths[:4] == [64, 64, 64, 256]
+    assert layer_widths[:5] == [64, 256, 64, 64, 256]  # conv1, block1 stream, unit_1
     assert widths["block2/unit_4/bottleneck_v1/conv2/A"] == 64
     assert widths["block4/unit_3/bottleneck_v1/conv2/B"] == 256
     assert widths["conv41"] == 256 and widths["conv95"] == 256
@@ -220,6 +229,39 @@ def test_rank_pass_equals_numpy_reference(full_pass, tiny, examples):
     print(f"largest relative error vs the float64 reference: {worst:.2e}")
     taylor = full_pass.scores("taylor")["conv41"]
     np.testing.assert_allclose(taylor, full_pass.sums["taylor"]["conv41"] / NUM_RECORDS)
+
+
+@pytest.mark.onednn
+def test_stream_rank_sums_equal_numpy_reference(full_pass, tiny, examples):
+    """A stream's t is the sum of its writers' t (shortcut and conv3s), its
+    t_out the sum over every tensor its readers read, its l1 the sum of its
+    writers' column norms; computed here one example at a time in float64."""
+    architecture = adapnet_pp()
+    streams = [group.name for group in architecture.stream_groups()]
+    expected = {kind: {name: 0.0 for name in streams}
+                for kind in ("taylor", "reference", "taylor_out")}
+    for example in examples:
+        z, dz, reads, dreads = tiny.session.run([tiny.z, tiny.dz, tiny.reads, tiny.dreads],
+                                                tiny.feed([example]))
+        for name in streams:
+            t = sum((z[w.scope].astype(np.float64) * dz[w.scope]).mean(axis=(1, 2))
+                    for w in architecture.stream_writers(name))
+            t_out = sum((reads[key].astype(np.float64) * dreads[key]).sum(axis=(1, 2))
+                        for key in reads if key[0] == name)
+            expected["taylor"][name] += np.abs(t).sum(axis=0)
+            expected["reference"][name] += t.sum(axis=0)
+            expected["taylor_out"][name] += np.abs(t_out).sum(axis=0)
+    assert len([key for key in tiny.reads if key[0] == "block3/residual"]) == 6
+    values = checkpoints.read_checkpoint(tiny.checkpoint)
+    for name in streams:
+        for kind, by_stream in expected.items():
+            got = full_pass.sums[kind][name]
+            assert got.shape == (tiny.widths[name],)
+            error = np.abs(got - by_stream[name]).max() / np.abs(by_stream[name]).max()
+            assert error <= FLOAT32_PASS_TOLERANCE, (name, kind, error)
+        l1 = sum(np.abs(values[f"resnet_v2_50/{w.scope}/weights"].astype(np.float64)).sum(
+            axis=(0, 1, 2)) for w in architecture.stream_writers(name))
+        np.testing.assert_allclose(full_pass.l1[name], l1, rtol=1e-12)
 
 
 # ---- sharding and merging ----------------------------------------------------------
