@@ -137,7 +137,10 @@ _PRIMARY = ".primary"  # in a set's other staging directories: the journal's dir
 def _lock(directory):
     """An open descriptor holding ``directory``'s exclusive lock, or None
     when another open description (a live run) holds it."""
-    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return None  # not ours to judge (another user's)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -164,12 +167,19 @@ def _read_journal(staging):
     primary = os.path.join(staging, _PRIMARY)
     if os.path.isfile(primary):
         with open(primary, encoding="utf-8") as f:
-            directory = f.read()
+            directory = os.path.normpath(os.path.join(staging, f.read()))
     try:
         with open(os.path.join(directory, _JOURNAL), encoding="utf-8") as f:
-            return json.load(f)
+            journal = json.load(f)
     except (OSError, ValueError):
         return None
+    # Paths are relative to the journal's directory's parent: a directory
+    # moved after a kill is still finished in its new place.
+    base = os.path.dirname(os.path.abspath(directory))
+    return {"moves": [(os.path.join(base, t), os.path.join(base, f), key)
+                      for t, f, key in journal["moves"]],
+            "removals": [os.path.join(base, f) for f in journal["removals"]],
+            "staging": [os.path.join(base, d) for d in journal["staging"]]}
 
 
 def _finish(journal):
@@ -215,9 +225,29 @@ def remove_leftovers(directory):
             shutil.rmtree(path, ignore_errors=True)
         except OSError as exc:
             raise UserError(f"cannot finish the interrupted write staged in {path}: "
-                            f"{exc.strerror or exc}") from None
+                            f"{exc.strerror or exc} (delete {path} to give it up)") from None
         finally:
             os.close(fd)
+
+
+def interrupted_commit(final):
+    """The staging directory holding the new ``final`` of a committed set
+    not moved in whole yet (a killed run's, or a live one's for
+    microseconds); None when there is none. For readers' messages."""
+    final = os.path.abspath(final)
+    directory = os.path.dirname(final)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return None
+    for name in sorted(names):
+        path = os.path.join(directory, name)
+        if name.startswith(STAGING_PREFIX) and os.path.isdir(path):
+            journal = _read_journal(path)
+            if journal and any(f == final and os.path.lexists(t)
+                               for t, f, _ in journal["moves"]):
+                return path
+    return None
 
 
 class Staging:
@@ -241,7 +271,7 @@ class Staging:
             self._locks.append(fd)
             if self._directories:
                 with open(os.path.join(staging, _PRIMARY), "w", encoding="utf-8") as f:
-                    f.write(next(iter(self._directories.values())))
+                    f.write(os.path.relpath(next(iter(self._directories.values())), staging))
             self._directories[directory] = staging
         temporary = os.path.join(self._directories[directory], os.path.basename(final))
         self._moves.append((temporary, os.path.abspath(final), bool(key)))
@@ -262,8 +292,14 @@ class Staging:
         primary = next(iter(self._directories.values()))
         journal = {"moves": self._moves, "removals": self._removals,
                    "staging": list(self._directories.values())}
+        base = os.path.dirname(primary)
+
+        def relative(path):
+            return os.path.relpath(path, base)
         with open(os.path.join(primary, _JOURNAL + ".tmp"), "w", encoding="utf-8") as f:
-            json.dump(journal, f)
+            json.dump({"moves": [(relative(t), relative(f), key) for t, f, key in self._moves],
+                       "removals": [relative(f) for f in self._removals],
+                       "staging": [relative(d) for d in journal["staging"]]}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(os.path.join(primary, _JOURNAL + ".tmp"), os.path.join(primary, _JOURNAL))

@@ -692,7 +692,9 @@ def test_a_kill_at_any_rename_leaves_the_old_set_no_checkpoint_or_the_new_set(
         if not killed:
             assert calls[0] < n and state == new and hidden_names(directory) == []
             break
-        # The next run into the same place finishes the committed set.
+        # The next run into the same place finishes the committed set, also
+        # when the directory was moved meanwhile.
+        directory = directory.rename(tmp_path / f"moved{n}")
         remove_leftovers(str(directory))
         assert read_set(directory) in (old, new) and hidden_names(directory) == []
         if state == new or "m.ckpt.index" not in state:
@@ -719,7 +721,9 @@ def test_a_killed_checkpoint_write_never_leaves_a_mixed_pair(tmp_path, monkeypat
         try:
             outcomes.append("old" if holds(old_values) else "other")
         except UserError as exc:
-            assert f"not found (no {prefix}.index)" in str(exc)
+            assert f"checkpoint {prefix} is not there: the run replacing it stopped " \
+                   f"before it finished; its new files are complete in " \
+                   f"{tmp_path / 'run' / '.staging-'}" in str(exc)
             outcomes.append("none")
         # Another run into the directory finishes the committed one.
         checkpoints.write_checkpoint(old_values, str(tmp_path / "run" / "other.ckpt"))
