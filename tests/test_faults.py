@@ -615,15 +615,18 @@ def test_converter_interrupted_by_sigint(tmp_path):
 # of a commit is simulated by failing the n-th rename: the process then
 # leaves on disk what a kill there leaves (the staging lock goes with it).
 
-def failing_nth_rename(monkeypatch, n):
-    """os.replace raises at its n-th call from common/files.py; returns the
-    call count so far (a list of one int)."""
+def failing_nth_rename(monkeypatch, n, into=None):
+    """os.replace raises at its n-th call from common/files.py (counting
+    only renames to ``into`` when given); returns the count so far (a list
+    of one int)."""
     from common import files
 
     calls = [0]
     real_replace = os.replace
 
     def replace(source, destination):
+        if into is not None and str(destination) != str(into):
+            return real_replace(source, destination)
         calls[0] += 1
         if calls[0] == n:
             raise OSError(5, "simulated kill")
@@ -700,6 +703,46 @@ def test_a_kill_at_any_rename_leaves_the_old_set_no_checkpoint_or_the_new_set(
         if state == new or "m.ckpt.index" not in state:
             assert read_set(directory) == new
     assert seen == {"old", "no checkpoint", "new"}
+
+
+def test_a_real_kill_at_any_rename_is_finished_by_the_next_run(tmp_path):
+    """SIGKILL itself at each rename of a commit (a process without
+    TensorFlow): the lock dies with it and the next run finishes the set."""
+    from common.files import remove_leftovers
+
+    code = ("import os, signal, sys\n"
+            f"sys.path.insert(0, {REPO!r})\n"
+            "from common import files\n"
+            "real, n, calls = os.replace, int(sys.argv[2]), []\n"
+            "def replace(a, b):\n"
+            "    calls.append(1)\n"
+            "    if len(calls) == n:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    real(a, b)\n"
+            "files.os.replace = replace\n"
+            "with files.staged() as staging:\n"  # as write_set(directory, 'new')
+            "    for name in ('m.ckpt.data', 'm.ckpt.index', 'model_def.json', 'mask.npy'):\n"
+            "        place = staging.place(os.path.join(sys.argv[1], name),\n"
+            "                              key=name.endswith('.index'))\n"
+            "        with open(place, 'w') as f:\n"
+            "            f.write('new ' + name)\n")
+    new = {name: f"new {name}" for name in ("m.ckpt.data", "m.ckpt.index", "model_def.json",
+                                              "mask.npy")}
+    for n in range(1, 6):  # the journal, then data, model_def, mask, index
+        directory = tmp_path / f"kill{n}"
+        directory.mkdir()
+        write_set(directory, "old")
+        process = subprocess.run([sys.executable, "-c", code, str(directory), str(n)],
+                                 capture_output=True, text=True)
+        assert process.returncode == -signal.SIGKILL, process.stderr
+        old = {name: f"old {name}" for name in new}
+        if n == 1:  # before the journal: the old set, whole
+            assert read_set(directory) == old
+        else:
+            assert "m.ckpt.index" not in read_set(directory), n
+        remove_leftovers(str(directory))
+        assert read_set(directory) == (old if n == 1 else new)
+        assert hidden_names(directory) == []
 
 
 def test_a_killed_checkpoint_write_never_leaves_a_mixed_pair(tmp_path, monkeypatch):
@@ -821,11 +864,14 @@ def test_a_pruned_set_is_replaced_whole_or_not_at_all(tiny, tmp_path, monkeypatc
 
     # A threshold that leaves no residual mask: the old mask goes with the
     # commit; a kill at the .index rename (the last) leaves no checkpoint.
-    calls = failing_nth_rename(monkeypatch, 9)
+    calls = failing_nth_rename(monkeypatch, 1, into=pruned / "model.ckpt.index")
     with pytest.raises(UserError, match="simulated kill.*the next run writing there"):
         _prune_in_process(tiny, rank_path, pruned, threshold=0.0)
     monkeypatch.undo()
-    assert calls[0] == 9 and not os.path.exists(pruned / "model.ckpt.index")
+    assert calls[0] == 1 and not os.path.exists(pruned / "model.ckpt.index")
+    assert not os.path.exists(pruned / "mask.npy")  # went before the .index
+    with pytest.raises(UserError, match="the run replacing it stopped before it finished"):
+        checkpoints.read_checkpoint(str(pruned / "model.ckpt"))
     assert hidden_names(pruned)
     _prune_in_process(tiny, rank_path, pruned, new_checkpoint_save=str(pruned / "other.ckpt"),
                       new_model_def=str(pruned / "other.json"),
