@@ -879,3 +879,8 @@ def test_a_pruned_set_is_replaced_whole_or_not_at_all(tiny, tmp_path, monkeypatc
     assert hidden_names(pruned) == [] and not os.path.exists(pruned / "mask.npy")
     verify_checkpoint(str(pruned / "model.ckpt"), load_model_def(pruned / "model_def.json"),
                       {}, NUM_CLASSES, HEIGHT, WIDTH, "pruned")
+    # A damaged manifest is one line too, before any work.
+    (pruned / "model.ckpt.set.json").write_text("{not json")
+    result = run_script("prun_model.py", *_prune_arguments(tiny, rank_path, pruned))
+    assert_one_line_error(result, f"set manifest {pruned / 'model.ckpt.set.json'} is "
+                                  f"unreadable or damaged")
