@@ -310,7 +310,7 @@ class Staging:
             raise UserError(f"cannot move the new {self._moves[0][1]} and the files "
                             f"written with it into place ({exc.strerror or exc}); they "
                             f"stay complete in {primary}, and the next run writing there "
-                            f"moves them in") from None
+                            f"(a pruning, an export, a checkpoint) moves them in") from None
 
     def close(self):
         """Delete the staging directories (kept when a committed set could

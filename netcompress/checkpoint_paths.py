@@ -111,7 +111,8 @@ def _check_files(prefix, what):
         if pending:  # docs/outputs.md, "Results of several files"
             raise UserError(f"{what} is not there: the run replacing it stopped before it "
                             f"finished; its new files are complete in {pending}, and the "
-                            f"next run writing into {os.path.dirname(pending)} moves them in")
+                            f"next run writing into {os.path.dirname(pending)} (a pruning, "
+                            f"an export, a checkpoint) moves them in")
         raise UserError(f"{what} not found (no {index})")
     if not os.path.isfile(index):
         raise UserError(f"{what} is not usable: {index} is not a file")
