@@ -7,7 +7,7 @@ import os
 import re
 
 from common.errors import UserError
-from common.files import replace_atomically
+from common.files import interrupted_commit, replace_atomically
 
 CHECKPOINT_SUFFIXES = (".index", ".data-00000-of-00001")
 STATE_FILE = "checkpoint"  # TensorFlow's checkpoint state file in a checkpoint directory
@@ -107,6 +107,12 @@ def _check_files(prefix, what):
     opens them (its messages do not say which file is missing)."""
     index = prefix + ".index"
     if not os.path.exists(index):
+        pending = interrupted_commit(index)
+        if pending:  # docs/outputs.md, "Results of several files"
+            raise UserError(f"{what} is not there: the run replacing it stopped before it "
+                            f"finished; its new files are complete in {pending}, and the "
+                            f"next run writing into {os.path.dirname(pending)} (a pruning, "
+                            f"an export, a checkpoint) moves them in")
         raise UserError(f"{what} not found (no {index})")
     if not os.path.isfile(index):
         raise UserError(f"{what} is not usable: {index} is not a file")

@@ -206,7 +206,8 @@ def write_checkpoint(values, path):
             assign_values(session, {variables[n]: v for n, v in values.items()})
             try:
                 with staged() as staging:
-                    places = [staging.place(f) for f in checkpoint_files(path)]
+                    places = [staging.place(f, key=f.endswith(CHECKPOINT_SUFFIXES[0]))
+                              for f in checkpoint_files(path)]
                     staged_prefix = places[0][:-len(CHECKPOINT_SUFFIXES[0])]
                     saver.save(session, staged_prefix, write_meta_graph=False,
                                write_state=False)

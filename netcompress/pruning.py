@@ -56,7 +56,9 @@ def planned_files(settings, with_mask=True):
         written = {"histogram_save": [settings.histogram_save]} \
             if settings.histogram_save else {}
         return written, inputs
-    written = {"new_checkpoint_save": checkpoint_files(settings.new_checkpoint_save)}
+    # The set's manifest goes with its checkpoint (docs/outputs.md).
+    written = {"new_checkpoint_save": checkpoint_files(settings.new_checkpoint_save)
+               + [outputs.set_manifest(settings.new_checkpoint_save)]}
     if not settings.try_zeros:
         written["new_model_def"] = [settings.new_model_def]
         if with_mask and settings.mask_save is not None:
@@ -68,6 +70,7 @@ def _check_outputs(settings):
     """Nothing the run writes may replace one of its inputs or each other."""
     outputs.check_outputs(*planned_files(settings))
     if not settings.decide_threshold:
+        outputs.check_sets(planned_files(settings)[0], [])
         _check_new_checkpoint_directory(settings.new_checkpoint_save, settings.checkpoint_name)
 
 
@@ -173,15 +176,24 @@ def execute(job, log=print, verify=True):
 
 
 def _write_result(settings, plan, new_values, verify):
-    """Write the new checkpoint (and model_def and mask) through staging
-    places, moved in only when all are written and the new checkpoint
-    restores into its model. Returns the paths written."""
+    """Write the new checkpoint (and model_def and mask) and the set's
+    manifest through staging places, moved in only when all are written and
+    the new checkpoint restores into its model; the files of a replaced set
+    that the new one lacks (a mask) go with the move. Returns the paths
+    written."""
     from netcompress.checkpoints import write_checkpoint
 
     files, _ = planned_files(settings, with_mask=bool(plan.masks_after))
+    prefix = settings.new_checkpoint_save
+    manifest = outputs.set_manifest(prefix)
+    stale = outputs.check_sets(planned_files(settings)[0],
+                               [path for paths in files.values() for path in paths])
     with staged() as staging:
-        places = {path: staging.place(path) for paths in files.values() for path in paths}
-        staged_prefix = places[settings.new_checkpoint_save + ".index"][:-len(".index")]
+        places = {path: staging.place(path, key=path == prefix + ".index")
+                  for paths in files.values() for path in paths}
+        for path in stale:
+            staging.remove(path)
+        staged_prefix = places[prefix + ".index"][:-len(".index")]
         write_checkpoint(new_values, staged_prefix)
         if not settings.try_zeros:
             if plan.masks_after:
@@ -191,8 +203,12 @@ def _write_result(settings, plan, new_values, verify):
                 verify_checkpoint(staged_prefix, plan.model_def_after, plan.masks_after,
                                   settings.num_classes, settings.height, settings.width,
                                   f"pruned model_def {settings.new_model_def}")
-    record_in_state_file(settings.new_checkpoint_save)
-    return [settings.new_checkpoint_save] + [
+        with open(places[manifest], "w", encoding="utf-8") as f:
+            f.write(outputs.manifest_text(manifest, {
+                key: [path for path in paths if path != manifest]
+                for key, paths in files.items()}))
+    record_in_state_file(prefix)
+    return [prefix] + [
         getattr(settings, key) for key in ("mask_save", "new_model_def") if key in files]
 
 

@@ -34,7 +34,7 @@ from common.errors import UserError
 from common.files import replace_atomically
 from netcompress import checkpoints
 from netcompress.checkpoint_paths import resolve_checkpoint
-from netcompress.config import TRAIN_OPTIONAL, load_config
+from netcompress.config import load_config
 from netcompress.models import model_class
 from netcompress.rankfile import RankSums
 
@@ -897,3 +897,279 @@ def test_a_worker_that_never_starts_is_named_after_the_timeout():
     finally:
         listening.close()
         silent.close()
+
+
+# ---- sets of files: kills between renames, partial replacements, leftovers --------
+# docs/outputs.md, "Results of several files". A kill between two renames
+# of a commit is simulated by failing the n-th rename: the process then
+# leaves on disk what a kill there leaves (the staging lock goes with it).
+
+def failing_nth_rename(monkeypatch, n, into=None):
+    """os.replace raises at its n-th call from common/files.py (counting
+    only renames to ``into`` when given); returns the count so far (a list
+    of one int)."""
+    from common import files
+
+    calls = [0]
+    real_replace = os.replace
+
+    def replace(source, destination):
+        if into is not None and str(destination) != str(into):
+            return real_replace(source, destination)
+        calls[0] += 1
+        if calls[0] == n:
+            raise OSError(5, "simulated kill")
+        return real_replace(source, destination)
+    monkeypatch.setattr(files.os, "replace", replace)
+    return calls
+
+
+def hidden_names(directory):
+    return sorted(name for name in os.listdir(directory) if name.startswith("."))
+
+
+def write_set(directory, content, with_mask=True):
+    """A model-like set through common.files.staged: .index is the key."""
+    from common.files import staged
+
+    names = ["m.ckpt.data", "m.ckpt.index", "model_def.json"] + (["mask.npy"] if with_mask
+                                                                  else [])
+    with staged() as staging:
+        for name in names:
+            with open(staging.place(os.path.join(directory, name),
+                                    key=name.endswith(".index")), "w") as f:
+                f.write(f"{content} {name}")
+        if not with_mask:
+            staging.remove(os.path.join(directory, "mask.npy"))
+
+
+def read_set(directory):
+    """{name: content} of the set's files that are there."""
+    found = {}
+    for name in ("m.ckpt.data", "m.ckpt.index", "model_def.json", "mask.npy"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                found[name] = f.read()
+    return found
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_a_kill_at_any_rename_leaves_the_old_set_no_checkpoint_or_the_new_set(
+        tmp_path, monkeypatch, with_mask):
+    from common.files import remove_leftovers
+
+    old = {name: f"old {name}" for name in ("m.ckpt.data", "m.ckpt.index", "model_def.json",
+                                              "mask.npy")}
+    new = {name: f"new {name}" for name in old if with_mask or name != "mask.npy"}
+    seen = set()
+    for n in range(1, 10):
+        directory = tmp_path / f"kill{n}"
+        directory.mkdir()
+        write_set(directory, "old")
+        calls = failing_nth_rename(monkeypatch, n)
+        try:
+            write_set(directory, "new", with_mask)
+            killed = False
+        except (OSError, UserError):
+            killed = True
+        monkeypatch.undo()
+        state = read_set(directory)
+        # A reader opens the .index first: with it, the whole set is one run's.
+        if "m.ckpt.index" in state:
+            assert state in (old, new), (n, state)
+            seen.add("old" if state == old else "new")
+        else:
+            seen.add("no checkpoint")
+        if not killed:
+            assert calls[0] < n and state == new and hidden_names(directory) == []
+            break
+        # The next run into the same place finishes the committed set, also
+        # when the directory was moved meanwhile.
+        directory = directory.rename(tmp_path / f"moved{n}")
+        remove_leftovers(str(directory))
+        assert read_set(directory) in (old, new) and hidden_names(directory) == []
+        if state == new or "m.ckpt.index" not in state:
+            assert read_set(directory) == new
+    assert seen == {"old", "no checkpoint", "new"}
+
+
+def test_a_real_kill_at_any_rename_is_finished_by_the_next_run(tmp_path):
+    """SIGKILL itself at each rename of a commit (a process without
+    TensorFlow): the lock dies with it and the next run finishes the set."""
+    from common.files import remove_leftovers
+
+    code = ("import os, signal, sys\n"
+            f"sys.path.insert(0, {REPO!r})\n"
+            "from common import files\n"
+            "real, n, calls = os.replace, int(sys.argv[2]), []\n"
+            "def replace(a, b):\n"
+            "    calls.append(1)\n"
+            "    if len(calls) == n:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    real(a, b)\n"
+            "files.os.replace = replace\n"
+            "with files.staged() as staging:\n"  # as write_set(directory, 'new')
+            "    for name in ('m.ckpt.data', 'm.ckpt.index', 'model_def.json', 'mask.npy'):\n"
+            "        place = staging.place(os.path.join(sys.argv[1], name),\n"
+            "                              key=name.endswith('.index'))\n"
+            "        with open(place, 'w') as f:\n"
+            "            f.write('new ' + name)\n")
+    new = {name: f"new {name}" for name in ("m.ckpt.data", "m.ckpt.index", "model_def.json",
+                                              "mask.npy")}
+    for n in range(1, 6):  # the journal, then data, model_def, mask, index
+        directory = tmp_path / f"kill{n}"
+        directory.mkdir()
+        write_set(directory, "old")
+        process = subprocess.run([sys.executable, "-c", code, str(directory), str(n)],
+                                 capture_output=True, text=True)
+        assert process.returncode == -signal.SIGKILL, process.stderr
+        old = {name: f"old {name}" for name in new}
+        if n == 1:  # before the journal: the old set, whole
+            assert read_set(directory) == old
+        else:
+            assert "m.ckpt.index" not in read_set(directory), n
+        remove_leftovers(str(directory))
+        assert read_set(directory) == (old if n == 1 else new)
+        assert hidden_names(directory) == []
+
+
+def test_a_killed_checkpoint_write_never_leaves_a_mixed_pair(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "run" / "model.ckpt")
+    old_values = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.int64)}
+    new_values = {key: value + 1 for key, value in old_values.items()}
+
+    def holds(values):
+        read = checkpoints.read_checkpoint(prefix)
+        return read.keys() == values.keys() and all(np.array_equal(read[k], v)
+                                                    for k, v in values.items())
+    checkpoints.write_checkpoint(old_values, prefix)
+    outcomes = []
+    for n in (1, 2, 3):  # the journal, the .data, the .index
+        failing_nth_rename(monkeypatch, n)
+        with pytest.raises(UserError, match="simulated kill"):
+            checkpoints.write_checkpoint(new_values, prefix)
+        monkeypatch.undo()
+        try:
+            outcomes.append("old" if holds(old_values) else "other")
+        except UserError as exc:
+            assert f"checkpoint {prefix} is not there: the run replacing it stopped " \
+                   f"before it finished; its new files are complete in " \
+                   f"{tmp_path / 'run' / '.staging-'}" in str(exc)
+            outcomes.append("none")
+        # Another run into the directory finishes the committed one.
+        checkpoints.write_checkpoint(old_values, str(tmp_path / "run" / "other.ckpt"))
+        assert hidden_names(tmp_path / "run") == []
+        assert holds(old_values if n == 1 else new_values)
+        checkpoints.write_checkpoint(old_values, prefix)
+    assert outcomes == ["old", "none", "none"]
+
+
+def test_leftovers_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    """An uncommitted staging directory and a temporary file of a dead
+    process go; a live run's (locked) staging directory stays."""
+    from common.files import _lock, replace_atomically
+
+    directory = tmp_path / "out"
+    directory.mkdir()
+    dead = directory / ".staging-killed"
+    dead.mkdir()
+    (dead / "m.ckpt.data").write_bytes(b"x" * 1000)
+    live = directory / ".staging-live"
+    live.mkdir()
+    fd = _lock(str(live))
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    stale_tmp = directory / f".mask.npy.tmp{child.stdout.strip()}"  # its process is gone
+    stale_tmp.write_bytes(b"y")
+    try:
+        write_set(str(directory), "new")
+        assert sorted(os.listdir(directory)) == sorted(
+            [".mask.npy.tmp" + child.stdout.strip(), ".staging-live", "m.ckpt.data",
+             "m.ckpt.index", "mask.npy", "model_def.json"])
+        replace_atomically(str(directory / "mask.npy"), lambda tmp: open(tmp, "w").close())
+        assert hidden_names(directory) == [".staging-live"]
+    finally:
+        os.close(fd)
+    write_set(str(directory), "again")
+    assert hidden_names(directory) == []
+
+
+def _prune_arguments(tiny, rank_path, directory, **settings):
+    """prun_model.py's arguments writing model.ckpt, model_def.json and
+    mask.npy in ``directory``; ``settings`` replace any."""
+    values = dict(checkpoint_name=tiny["checkpoint"], save_nvidia_name=rank_path,
+                  model_def=tiny["model_def_path"], Num_classes=NUM_CLASSES, height=HEIGHT,
+                  width=WIDTH, phase="block1", all_convs="true", mask_load="None",
+                  histogram_save="None", new_checkpoint_save=directory / "model.ckpt",
+                  mask_save=directory / "mask.npy",
+                  new_model_def=directory / "model_def.json")
+    values.update(settings)
+    return [item for key, value in values.items() for item in (f"--{key}", value)]
+
+
+def _prune_in_process(tiny, rank_path, directory, **settings):
+    """The same run as prun_model.py in this process, without its graph checks."""
+    from netcompress import pruning
+
+    values = dict(decide_threshold=False, phase="block1", all_convs=True, conv_name=None,
+                  rank_file=rank_path, threshold=0.2, checkpoint_name=tiny["checkpoint"],
+                  gpu_id="", try_zeros=False, mask_load=None, num_classes=NUM_CLASSES,
+                  height=HEIGHT, width=WIDTH, model_def=tiny["model_def_path"],
+                  histogram_save=None, new_checkpoint_save=str(directory / "model.ckpt"),
+                  mask_save=str(directory / "mask.npy"),
+                  new_model_def=str(directory / "model_def.json"))
+    values.update(settings)
+    return pruning.prune(pruning.PruneSettings(**values), log=lambda line: None,
+                         verify=False)
+
+
+def test_a_pruned_set_is_replaced_whole_or_not_at_all(tiny, tmp_path, monkeypatch):
+    """try_zeros into a pruned set's paths is refused (it would leave the
+    set's model_def and mask); a removal run replaces the whole set, its
+    stale mask included; a kill at its last rename is finished by the next
+    run into the directory."""
+    from models.model_def import load_model_def
+    from netcompress.pruning import verify_checkpoint
+
+    rank_path = write_rank_file(tmp_path / "rank.npz", tiny["model_def"])
+    pruned = tmp_path / "pruned"
+    _prune_in_process(tiny, rank_path, pruned, threshold=0.5)
+    assert sorted(os.listdir(pruned)) == [
+        "checkpoint", "mask.npy", "model.ckpt.data-00000-of-00001", "model.ckpt.index",
+        "model.ckpt.set.json", "model_def.json"]
+    before = hash_tree(pruned)
+    result = run_script("prun_model.py", *_prune_arguments(tiny, rank_path, pruned,
+                                                           try_zeros="true"))
+    assert_one_line_error(result, f"new_checkpoint_save '{pruned / 'model.ckpt'}.index' "
+                                  f"belongs to the set of files listed in "
+                                  f"{pruned / 'model.ckpt'}.set.json", "new_model_def",
+                          "model_def.json")
+    # Part of a set is refused as another output too.
+    result = run_script("prun_model.py", *_prune_arguments(
+        tiny, rank_path, tmp_path / "elsewhere", mask_save=pruned / "mask.npy"))
+    assert_one_line_error(result, f"mask_save '{pruned / 'mask.npy'}' belongs to the set")
+    assert hash_tree(pruned) == before
+
+    # A threshold that leaves no residual mask: the old mask goes with the
+    # commit; a kill at the .index rename (the last) leaves no checkpoint.
+    calls = failing_nth_rename(monkeypatch, 1, into=pruned / "model.ckpt.index")
+    with pytest.raises(UserError, match="simulated kill.*the next run writing there"):
+        _prune_in_process(tiny, rank_path, pruned, threshold=0.0)
+    monkeypatch.undo()
+    assert calls[0] == 1 and not os.path.exists(pruned / "model.ckpt.index")
+    assert not os.path.exists(pruned / "mask.npy")  # went before the .index
+    with pytest.raises(UserError, match="the run replacing it stopped before it finished"):
+        checkpoints.read_checkpoint(str(pruned / "model.ckpt"))
+    assert hidden_names(pruned)
+    _prune_in_process(tiny, rank_path, pruned, new_checkpoint_save=str(pruned / "other.ckpt"),
+                      new_model_def=str(pruned / "other.json"),
+                      mask_save=str(pruned / "other_mask.npy"))
+    assert hidden_names(pruned) == [] and not os.path.exists(pruned / "mask.npy")
+    verify_checkpoint(str(pruned / "model.ckpt"), load_model_def(pruned / "model_def.json"),
+                      {}, NUM_CLASSES, HEIGHT, WIDTH, "pruned")
+    # A damaged manifest is one line too, before any work.
+    (pruned / "model.ckpt.set.json").write_text("{not json")
+    result = run_script("prun_model.py", *_prune_arguments(tiny, rank_path, pruned))
+    assert_one_line_error(result, f"set manifest {pruned / 'model.ckpt.set.json'} is "
+                                  f"unreadable or damaged")
