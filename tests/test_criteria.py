@@ -109,8 +109,9 @@ def test_taylor_out_is_the_derivative_of_the_loss_by_the_channel_gate(tiny):
     assert ranks.count == 1
     gated = GatedGraph(config, tiny["one"], aux=True)  # the rank pass's loss
     with gated.graph.as_default():
-        by_gate = {layer: tf.gradients(gated.fetches["loss"], gated.gates[layer])[0]
-                   for layer in ranks.layers}
+        # One backward graph for every gate (one per layer built 81).
+        by_gate = dict(zip(ranks.layers, tf.gradients(
+            gated.fetches["loss"], [gated.gates[layer] for layer in ranks.layers])))
     step = 1e-3
     with session_for(gated, config) as session:
         session.run(gated.iterator.initializer)
