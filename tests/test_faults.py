@@ -591,7 +591,9 @@ def test_converter_interrupted_in_process(tmp_path, monkeypatch, capsys):
 
 
 def test_converter_interrupted_by_sigint(tmp_path):
-    list_path = write_pngs(tmp_path / "pngs", 300, size=(128, 256))
+    # Enough entries that a starved test process (a loaded machine) still
+    # signals long before the conversion could finish (300 did not).
+    list_path = write_pngs(tmp_path / "pngs", 3000, size=(128, 256))
     out = tmp_path / "out"
     out.mkdir()
     record = out / "train.tfrecords"
