@@ -306,6 +306,7 @@ def train_with_onednn_off(*args):
     return run_script("train.py", *args, env={"TF_ENABLE_ONEDNN_OPTS": "0"})
 
 
+@pytest.mark.slow  # two training processes
 def test_failed_op_is_reported_as_the_op_not_as_bad_data(tiny, tmp_path):
     """The issue's AMD failure, forced on any machine: native dilated convs
     with oneDNN off have no gradient kernel on the CPU (GPUs hidden)."""
