@@ -687,8 +687,9 @@ def _prune(config, model, rank_path, groups, scores, found, directory, log):
                         config["min_channels"], config["round_to"])
     planned = {cut.layer: list(cut.removed) for cut in plan.pruned_layers}
     searched = {layer: [int(i) for i in indices] for layer, indices in found.removed.items()}
-    for layer, channel in plan.given_back.items():  # a conv3 emptied by its stream
-        searched[layer] = [i for i in searched[layer] if i != channel]
+    for layer, channels in plan.given_back.items():  # a conv3 emptied by its stream
+        searched[layer] = [i for i in searched[layer] if i not in channels]
+    searched = {layer: indices for layer, indices in searched.items() if indices}
     if planned != searched:
         raise RuntimeError("the pruning plan differs from the searched removal")
     lines = []

@@ -63,7 +63,9 @@ class PruningPlan:
     num_classes: int
     threshold: float = 0.0
     notes: list = field(default_factory=list)
-    # {conv3 layer: channel} kept although its score removed it (see _give_back_conv3)
+    # {layer: channels} kept although their scores removed them: a conv3's or
+    # a stream's, so that a masked conv3 keeps a channel (_give_back_stream,
+    # _give_back_conv3)
     given_back: dict = field(default_factory=dict)
 
     @property
@@ -163,6 +165,27 @@ def _unit_masks(unit, cuts, masks, new_model_def, new_masks, architecture, model
         new_masks[unit.name] = (positions, len(stream_kept))
 
 
+def _give_back_stream(cuts, masks, widths, architecture, notes, given_back):
+    """A stream whose cut removes every position a masked conv3 writes would
+    leave that conv3 nothing: the stream keeps the first of those positions
+    (a channel given back, noted)."""
+    by_layer = {cut.layer: cut for cut in cuts}
+    for unit in architecture.units:
+        stream = by_layer.get(unit.residual_group)
+        if stream is None or not stream.removed or unit.name not in masks:
+            continue
+        positions = np.asarray(masks[unit.name][0], np.int64)
+        if np.isin(positions, stream.kept).any():
+            continue
+        position = int(positions[0])
+        given_back[stream.layer] = given_back.get(stream.layer, ()) + (position,)
+        stream = LayerCut(stream.layer, stream.width, tuple(sorted(stream.kept + (position,))))
+        by_layer[stream.layer] = stream
+        notes.append(f"{stream.layer}: keeps channel {position} too, every channel "
+                     f"{unit.name}'s conv3 writes being removed")
+    return [by_layer[cut.layer] for cut in cuts]
+
+
 def _give_back_conv3(cuts, masks, widths, architecture, notes, given_back):
     """A conv3 whose kept channels all sit at stream positions the stream's
     cut removes would keep none: it keeps instead its first channel at a
@@ -178,7 +201,7 @@ def _give_back_conv3(cuts, masks, widths, architecture, notes, given_back):
         if not len(surviving) or np.isin(positions[list(conv3.kept)], stream.kept).any():
             continue  # fine, or nothing to give back (_unit_masks says so)
         channel = int(surviving[0])
-        given_back[conv3.layer] = channel
+        given_back[conv3.layer] = (channel,)
         by_layer[conv3.layer] = LayerCut(conv3.layer, conv3.width,
                                          tuple(sorted(conv3.kept + (channel,))))
         notes.append(f"{conv3.layer}: keeps channel {channel} too, every channel it kept "
@@ -220,7 +243,8 @@ def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, thres
             raise UserError(f"{group.name}: {len(scores)} scores for {width} channels")
         kept = channels_to_keep(scores, threshold, min_channels, round_to)
         cuts.append(LayerCut(group.name, width, tuple(int(k) for k in kept)))
-    given_back = {}
+    given_back = {}  # {layer: channels kept beyond the scores}
+    cuts = _give_back_stream(cuts, masks, widths, architecture, notes, given_back)
     cuts = _give_back_conv3(cuts, masks, widths, architecture, notes, given_back)
     for cut in cuts:
         if not cut.removed:

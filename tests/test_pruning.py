@@ -351,14 +351,21 @@ def test_stream_plan_follows_the_declaration(source):
     scores["block2/unit_3/bottleneck_v1/conv3"] = normalise(np.r_[1.0, np.zeros(29)], "max")
     plan = plan_pruning(model_def, masks, NUM_CLASSES, scores,
                         ["block2/residual", "block2/unit_3/bottleneck_v1/conv3"], 0.1)
-    assert plan.given_back == {"block2/unit_3/bottleneck_v1/conv3": 1}
+    assert plan.given_back == {"block2/unit_3/bottleneck_v1/conv3": (1,)}
     assert plan.masks_after["block2/unit_3"][0].tolist() == [0]
     assert plan.model_def_after["params"]["7"][2] == 1
     assert "keeps channel 1 too" in plan.notes[0]
     narrow = json.loads(json.dumps(source["model_def"]))
     narrow["params"]["7"][2] = 2
-    with pytest.raises(UserError, match=r"block2/unit_3: its conv3 would keep no channel"):
-        stream_plan([0, 1], {"block2/unit_3": (np.array([0, 1]), 32)}, narrow)
+    # The stream removes both positions a conv3 masked to [0, 1] writes: the
+    # stream keeps position 0 (given back), the conv3 writes it alone.
+    plan = stream_plan([0, 1], {"block2/unit_3": (np.array([0, 1]), 32)}, narrow)
+    assert plan.given_back == {"block2/residual": (0,)}
+    assert "block2/residual: keeps channel 0 too" in plan.notes[0]
+    assert plan.model_def_after["params"]["5"][3] == 31
+    assert plan.model_def_after["params"]["7"][2] == 1
+    assert plan.masks_after["block2/unit_3"][0].tolist() == [0]
+    assert plan.masks_after["block2/unit_3"][1] == 31
 
 
 def test_pruned_files_restore_exactly(source, tmp_path):
