@@ -457,21 +457,27 @@ def test_second_pruning_composes_masks(source, tmp_path):
         assert np.max(np.abs(unpruned["softmax"] - pruned["softmax"])) > 10 * TOLERANCE
 
         # Stage 3: block2's stream on the masked model. Its mask renumbers.
+        # block1's stream loses every position block1/unit_2's conv3 writes
+        # (1..14): it keeps position 1 for it (given back).
         stage2 = settings
         rank_path = write_rank_file(tmp_path / "rank3.npz",
                                     load_model_def(stage2.new_model_def), [],
-                                    removed={"block2/residual": [0, 4, 6, 9]})
+                                    removed={"block2/residual": [0, 4, 6, 9],
+                                             "block1/residual": list(range(1, 15))})
         settings = next_stage(stage2, tmp_path / "stage3", source, rank_path)
-        settings.phase, settings.conv_name, settings.streams = "block2", "residual", True
+        settings.phase, settings.all_convs, settings.streams = "all", True, True
         pruning.prune(settings, log=quiet)  # both checkpoints checked against their model
         stage3_def = load_model_def(settings.new_model_def)
+        assert stage3_def["params"]["2"][2:] == [3, 3]
+        assert stage3_def["params"]["3"][2] == 1
+        assert load_masks(settings.mask_save)["block1/unit_2"][0].tolist() == [1]
         assert stage3_def["params"]["5"] == [8, 8, 25, 28]
         assert [stage3_def["params"][k][2] for k in ("6", "7", "8")] == [28, 28, 28]
         positions = [c for c in range(32) if c not in (0, 1, 4, 5, 7, 6, 9)]
         assert load_masks(settings.mask_save)["block2/unit_1"][0].tolist() == [
             c - sum(r < c for r in (0, 4, 6, 9)) for c in positions]
         zeroed_settings = next_stage(stage2, tmp_path / "zeros3", source, rank_path)
-        zeroed_settings.phase, zeroed_settings.conv_name = "block2", "residual"
+        zeroed_settings.phase, zeroed_settings.all_convs = "all", True
         zeroed_settings.streams, zeroed_settings.try_zeros = True, True
         pruning.prune(zeroed_settings, log=quiet, verify=False)
         zeroed = stage2_network.run(read_checkpoint(zeroed_settings.new_checkpoint_save),
