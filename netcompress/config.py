@@ -371,18 +371,19 @@ class StrictLoader(yaml.SafeLoader):
                                         value_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
-    def construct_yaml_int(self, node):
+    @staticmethod
+    def _check_number(node):
         problem = _number_problem(node)
         if problem:
             raise ConfigSyntaxError("%s is %s; write the number in decimal, or quote it for "
                                     "text" % (_elide(node.value), problem), node.start_mark)
+
+    def construct_yaml_int(self, node):
+        self._check_number(node)
         return super().construct_yaml_int(node)
 
     def construct_yaml_float(self, node):
-        problem = _number_problem(node)
-        if problem:
-            raise ConfigSyntaxError("%s is %s; write the number in decimal, or quote it for "
-                                    "text" % (_elide(node.value), problem), node.start_mark)
+        self._check_number(node)
         return super().construct_yaml_float(node)
 
 

@@ -99,6 +99,13 @@ def _slices_for(group, removed, widths, architecture):
         slices += [ChannelSlice(_variable(producer.scope, f"BatchNorm/{name}"), 0,
                                 out_channels, at_output, "output")
                    for name in BATCH_NORM_VARIABLES]
+    return slices + _reader_slices(group, removed, widths, architecture)
+
+
+def _reader_slices(group, removed, widths, architecture):
+    """The input slices of ``removed`` channels of ``group`` in every conv
+    that reads it (at the group's offset in that conv's concatenated input)."""
+    slices = []
     for consumer, position in architecture.consumers_of(group.name):
         offsets, in_channels = input_offsets(consumer, widths)
         slices.append(ChannelSlice(_variable(consumer.scope), 3 if consumer.transposed else 2,
@@ -131,13 +138,7 @@ def _stream_slices(group, removed, widths, masks, architecture):
         slices += [ChannelSlice(_variable(f"{unit.scope}/conv3", f"BatchNorm/{name}"), 0,
                                 width, at_stream, "output")
                    for name in BATCH_NORM_VARIABLES]
-    for consumer, position in architecture.consumers_of(group.name):
-        offsets, in_channels = input_offsets(consumer, widths)
-        slices.append(ChannelSlice(_variable(consumer.scope), 3 if consumer.transposed else 2,
-                                   in_channels,
-                                   tuple(int(offsets[position] + i) for i in removed),
-                                   "input", optional=consumer.aux))
-    return slices
+    return slices + _reader_slices(group, removed, widths, architecture)
 
 
 def _unit_masks(unit, cuts, masks, new_model_def, new_masks, architecture, model_def):
