@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from common.errors import INTERRUPT_EXIT, USER_ERROR_EXIT, UserError
-from netcompress.config import CLASSES_HELP, DECLARED, KEY_ALIASES, accepted_keys, \
-    apply_gpu_id, load_config
+from netcompress.config import CLASSES_HELP, DECLARED, KEY_ALIASES, REQUIRED, \
+    accepted_keys, apply_gpu_id, load_config
 
 
 
@@ -42,6 +42,8 @@ def _key_help(kind, key, defaults):
         # declare keys as tuples, without help texts).
         return CLASSES_HELP if key == "classes" else None
     current = (defaults or {}).get(key, declared[key].default)
+    if current is REQUIRED:
+        return f"{declared[key].help} (required)"
     return f"{declared[key].help} (now: {current!r})"
 
 

@@ -386,6 +386,11 @@ def test_prune_help_and_readme_table_come_from_the_declaration():
         assert " ".join(setting.help.split()) in help_text
     for legacy, name in KEY_ALIASES["prune"].items():
         assert re.search(rf"--{legacy} VALUE(, --[\w-]+ VALUE)? same as --{name}", help_text)
+    # Without the header's values (compress.py), required settings say so.
+    compress_help = " ".join(build_parser("compress", "compress").format_help().split())
+    assert "object at 0x" not in compress_help
+    assert "the trained model to compress (a prefix, or a directory: its newest) " \
+           "(required)" in compress_help
     # README's settings table: one row per setting, original names where the
     # header uses them, and nothing else.
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
