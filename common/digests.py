@@ -4,7 +4,8 @@ by, so that a path that now holds other content is told apart.
 
 A file's digest is the sha256 of its bytes, read in blocks; it is computed
 once per process for a file unchanged since (same real path, size,
-modification time and inode), so a checkpoint or a record file read by
+modification time and inode; a file modified in the last two seconds is
+hashed again each time), so a checkpoint or a record file read by
 several steps of one run is hashed once. A checkpoint's digest covers its
 ``.index`` and ``.data`` files by suffix, not by prefix: a copied checkpoint
 has the digest of its original."""
@@ -12,8 +13,10 @@ has the digest of its original."""
 import glob
 import hashlib
 import os
+import time
 
 BLOCK = 1 << 20
+RACY_NS = 2 * 10 ** 9  # coarser than any file system's modification times
 SHORT = 12  # hex digits shown in messages and input lines
 
 _cache = {}
@@ -24,13 +27,18 @@ def file_digest(path):
     real = os.path.realpath(path)
     stat = os.stat(real)
     key = (real, stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    if key not in _cache:
-        digest = hashlib.sha256()
-        with open(real, "rb") as handle:
-            for block in iter(lambda: handle.read(BLOCK), b""):
-                digest.update(block)
+    if key in _cache:
+        return _cache[key]
+    started = time.time_ns()
+    digest = hashlib.sha256()
+    with open(real, "rb") as handle:
+        for block in iter(lambda: handle.read(BLOCK), b""):
+            digest.update(block)
+    # A file modified within the file system's timestamp granularity of the
+    # hashing may change again without its key changing: not cached.
+    if stat.st_mtime_ns < started - RACY_NS:
         _cache[key] = digest.hexdigest()
-    return _cache[key]
+    return digest.hexdigest()
 
 
 def checkpoint_digest(prefix):
