@@ -410,13 +410,21 @@ def test_checkpoint_of_another_model_is_refused(source):
 
 def test_rank_file_of_another_checkpoint_is_refused(source, tmp_path):
     """Ranks hold for the content they were computed on: pruning another
-    checkpoint with them is refused before anything is written; a copy of
-    the ranked checkpoint is the same content; a rank file that records no
-    checkpoint digest is used with a warning."""
-    values = dict(source["values"])
-    name = sorted(values)[0]
-    values[name] = values[name] * 0.5
-    other = write_checkpoint(values, str(tmp_path / "other" / "model.ckpt"))
+    checkpoint (one weight differs) with them is refused before anything is
+    written; a copy of the ranked checkpoint is the same content; a rank
+    file that records no checkpoint digest is used with a warning."""
+    def copy_source(directory):
+        directory.mkdir()
+        for suffix in (".index", ".data-00000-of-00001"):
+            shutil.copy(source["checkpoint"] + suffix, directory / ("model.ckpt" + suffix))
+        return str(directory / "model.ckpt")
+
+    other = copy_source(tmp_path / "other")
+    with open(other + ".data-00000-of-00001", "r+b") as f:  # one weight changed
+        f.seek(64)
+        byte = f.read(1)
+        f.seek(64)
+        f.write(bytes([byte[0] ^ 1]))
     rank_path = write_rank_file(tmp_path / "rank.npz", source["model_def"], ["conv1"],
                                 checkpoint=source["checkpoint"], masks={})
     settings = make_settings(source, tmp_path, rank_path, phase="conv1", all_convs=True,
@@ -427,23 +435,18 @@ def test_rank_file_of_another_checkpoint_is_refused(source, tmp_path):
         pruning.prune(settings, log=quiet, verify=False)
     assert not os.path.exists(tmp_path / "pruned")
 
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for suffix in (".index", ".data-00000-of-00001"):
-        shutil.copy(source["checkpoint"] + suffix, copy / ("model.ckpt" + suffix))
-    settings.checkpoint_name = str(copy / "model.ckpt")
+    settings.checkpoint_name = copy_source(tmp_path / "copy")
     messages = []
     pruning.prune(settings, log=messages.append, verify=False)
-    assert f"checkpoint: {copy / 'model.ckpt'} (sha256 " \
+    assert f"checkpoint: {settings.checkpoint_name} (sha256 " \
            f"{checkpoint_digest(source['checkpoint'])[:12]})" in messages
     assert not any(line.startswith("warning") for line in messages)
 
     legacy = write_rank_file(tmp_path / "legacy.npz", source["model_def"], ["conv1"])
-    settings.rank_file = legacy
     messages = []
-    pruning.prune(settings, log=messages.append, verify=False)
-    assert f"warning: rank file {legacy} records no checkpoint digest (written before they " \
-           f"were recorded): not checked that it ranks {copy / 'model.ckpt'}" in messages
+    RankSums.load(legacy).check_checkpoint(other, checkpoint_digest(other), messages.append)
+    assert messages == [f"warning: rank file {legacy} records no checkpoint digest (written "
+                        f"before they were recorded): not checked that it ranks {other}"]
 
 
 def test_rank_file_of_another_mask_is_refused(source, tmp_path):
