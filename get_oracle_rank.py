@@ -16,6 +16,7 @@ import os
 import re
 import sys
 
+from common.digests import checkpoint_digest, checkpoint_line, records_line, short
 from common.errors import UserError
 from netcompress.checkpoint_paths import input_checkpoint_files
 from netcompress.cli import run_main, run_script
@@ -74,6 +75,9 @@ def merge_main(argv):
     merged.save(output)
     for line in summary_table(merged):
         print(line)
+    print(f"ranks checkpoint {merged.metadata['checkpoint']} (sha256 "
+          f"{short(merged.metadata['checkpoint_sha256'])}) on {merged.metadata['data']} (sha256 "
+          f"{short(merged.metadata['data_sha256'])}), as the shards record")
     print(f"saved {output} ({merged.count} examples from {len(shards)} shard file(s))")
 
 
@@ -128,10 +132,16 @@ def _compare(config, args, written):
     ranks = load_ranks(config["rank_save"], load_model_def(config["model_def"]),
                        config["num_classes"])
     checkpoint = resolve_checkpoint(config["checkpoint"])
-    if os.path.realpath(ranks.metadata["checkpoint"]) != os.path.realpath(checkpoint):
+    digest = checkpoint_digest(checkpoint)
+    if ranks.metadata["checkpoint_sha256"]:
+        ranks.check_checkpoint(checkpoint, digest)
+    elif os.path.realpath(ranks.metadata["checkpoint"]) != os.path.realpath(checkpoint):
         raise UserError(f"rank_save {config['rank_save']} ranks checkpoint "
                         f"{ranks.metadata['checkpoint']}, not {checkpoint}: rank this one first")
+    config = dict(config, checkpoint=checkpoint)  # the one compared is the one printed
+    print(checkpoint_line(checkpoint))
     result = compare(config, ranks, args.fractions, args.oracle, streams=args.streams)
+    print(records_line("val_data", config["val_data"], result["examples"]))
     for line in table(result):
         print(line)
     write_csv(result, written[0])
@@ -157,7 +167,9 @@ def _rank(config, args, prepared):
     sums.save(output)
     for line in summary_table(sums):
         print(line)
-    print(f"checkpoint: {sums.metadata['checkpoint']}")
+    print(checkpoint_line(sums.metadata["checkpoint"]))
+    print(records_line("test_data", sums.metadata["data"], sums.count)
+          + ("" if shard is None else f", shard {sums.metadata['shard']}"))
     print(f"saved {output} ({sums.count} examples, shard {sums.metadata['shard']})")
 
 

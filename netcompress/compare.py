@@ -75,10 +75,11 @@ def compare(config, ranks, fractions=DEFAULT_FRACTIONS, oracle_layers=(), progre
 
     scores = {criterion: ranks.scores(criterion) for criterion in CRITERIA}
     gated = GatedGraph(config, data_path)
-    batches = math.ceil(count_records(data_path) / config["batch_size"])
+    examples = count_records(data_path)
+    batches = math.ceil(examples / config["batch_size"])
     candidates = 1 + len(CRITERIA) * len(fractions) + sum(ranks.widths[layer]
                                                           for layer in oracle_layers)
-    result = {"rows": [], "oracle": {}}
+    result = {"rows": [], "oracle": {}, "examples": examples}
     num_classes = config["num_classes"]
     with tf.compat.v1.Session(graph=gated.graph) as session:
         gated.restore(session, config["checkpoint"], config["model_def"])

@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from common import outputs
+from common.digests import checkpoint_digest, file_digest, short
 from common.errors import UserError
 from common.files import make_directory, replace_atomically
 from netcompress.checkpoint_paths import checkpoint_exists, input_checkpoint_files
@@ -150,6 +151,55 @@ def _check_run_dir(config):
                             f"this one has {current[key]!r}: use a new run_dir to change it")
 
 
+def input_digests(config):
+    """{key: {"path", "sha256"} or None} of the inputs (PATH_KEYS) as read
+    now: a checkpoint directory by the prefix it names (common/digests.py)."""
+    from netcompress.checkpoint_paths import resolve_checkpoint
+
+    inputs = {}
+    for key in PATH_KEYS:
+        if config[key] is None:
+            inputs[key] = None
+        elif key == "checkpoint":
+            prefix = resolve_checkpoint(config[key])
+            inputs[key] = {"path": prefix, "sha256": checkpoint_digest(prefix)}
+        else:
+            inputs[key] = {"path": config[key], "sha256": file_digest(config[key])}
+    return inputs
+
+
+def check_contents(config, log=print):
+    """A rerun into run_dir reads inputs of the content its finished stages
+    were measured on (a path that now holds other content is refused);
+    returns input_digests(config). A run.json written before digests were
+    recorded is accepted with a warning (docs/compress.md)."""
+    inputs = input_digests(config)
+    run_file = os.path.join(config["run_dir"], RUN_FILE)
+    if not os.path.isfile(run_file):
+        return inputs
+    saved = _read_json(run_file).get("inputs")
+    if saved is None:
+        log(f"warning: {run_file} records no input digests (written before they were "
+            f"recorded): not checked that the inputs still hold what its stages read")
+        return inputs
+    for key in PATH_KEYS:
+        before, now = saved.get(key) or {}, inputs[key] or {}
+        if before.get("sha256") != now.get("sha256"):
+            raise UserError(f"run_dir {config['run_dir']!r} holds a run whose {key} had other "
+                            f"content ({before.get('path')}, sha256 "
+                            f"{short(before.get('sha256'))}; now {now.get('path')}, sha256 "
+                            f"{short(now.get('sha256'))}): use a new run_dir, or restore "
+                            f"that input")
+    return inputs
+
+
+def record_run(config, inputs):
+    """run_dir/run.json: the settings and the inputs' digests of this run."""
+    make_directory(config["run_dir"])
+    _write_json(os.path.join(config["run_dir"], RUN_FILE),
+                dict(run_identity(config), inputs=inputs))
+
+
 def run_identity(config):
     identity = {key: config[key] for key in RUN_KEYS}
     for key in PATH_KEYS:
@@ -245,8 +295,11 @@ def run(config, args=None, rows=None, log=print, progress=True):
     stages.csv and compression.png and log the summary table. Returns the rows."""
     run_dir = config["run_dir"]
     rows = list(rows if rows is not None else finished_rows(config))
-    make_directory(run_dir)
-    _write_json(os.path.join(run_dir, RUN_FILE), run_identity(config))
+    inputs = check_contents(config, log)
+    record_run(config, inputs)
+    for key, read in inputs.items():
+        if read is not None:
+            log(f"{key}: {read['path']} (sha256 {short(read['sha256'])})")
     if rows:
         log(f"resuming {run_dir}: stage(s) 0..{len(rows) - 1} done")
     durations = []
@@ -289,7 +342,7 @@ def run(config, args=None, rows=None, log=print, progress=True):
 
 def _announce(config, stage, durations, log):
     if stage == 0:
-        log(f"== stage 0: the model to compress ({config['checkpoint']})")
+        log(f"== stage 0: the model to compress ({_given_model(config)['checkpoint']})")
         return
     note = ""
     if durations:

@@ -5,9 +5,11 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from common.digests import checkpoint_line, records_line
 from dataset.pipeline import eval_dataset
 from dataset.records import count_records
 from netcompress import checkpoints, op_errors
+from netcompress.checkpoint_paths import resolve_checkpoint
 from netcompress.metrics import ConfusionMatrix
 from netcompress.models import model_from_config
 from netcompress.palette import config_class_names
@@ -57,8 +59,10 @@ class InferenceGraph:
         of the single pass, with a progress bar of ``total`` images.
         ``handle(fetched)`` returns the batch's image count and a progress
         note (or None)."""
+        # Resolved once: what was restored is what the caller reports.
+        self.restored = resolve_checkpoint(config["checkpoint"])
         with tf1.Session(graph=self.graph, config=self.replicas.session_config()) as session:
-            self.restore(session, config["checkpoint"], config["model_def"])
+            self.restore(session, self.restored, config["model_def"])
             if self.data_initializer is not None:
                 session.run(self.data_initializer)
             bar = tqdm(total=total, desc=desc, unit="img", disable=not progress,
@@ -154,13 +158,14 @@ def evaluate(config, log=print, class_names=None, progress=True):
     data_path = config["test_data"]
     inference = InferenceGraph(config, data_path, fold_masks=True)
     matrix = ConfusionMatrix(config["num_classes"])
-    batches = 0
+    batches = examples = 0
 
     def handle(fetched):
-        nonlocal batches
+        nonlocal batches, examples
         labels, predictions = fetched
         matrix.update(labels, predictions)
         batches += 1
+        examples += labels.shape[0]
         note = None
         if batches % config["skip_step"] == 0:
             note = f"mIoU={100 * np.nan_to_num(matrix.mean_iou()):.2f}"
@@ -168,6 +173,7 @@ def evaluate(config, log=print, class_names=None, progress=True):
 
     inference.run_pass(config, [inference.label_ids, inference.predictions], handle,
                        count_records(data_path), "evaluate", progress)
-    log(f"checkpoint: {config['checkpoint']}")
+    log(checkpoint_line(inference.restored))
+    log(records_line("test_data", data_path, examples))
     log(matrix.report(class_names))
     return matrix

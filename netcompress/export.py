@@ -17,6 +17,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from common.digests import checkpoint_line, records_line
 from common.errors import UserError
 from common.files import atomic_directory, make_directory, one_line
 from common.outputs import real
@@ -354,7 +355,9 @@ def _export_into(config, directory, images, int8, onnx, log):
             raise OSError(f"SavedModel: {type(exc).__name__}: "
                           f"{first_message_line(exc)}") from None
         frozen = frozen_graph_def(graph, session) if onnx else None
-    log(f"SavedModel written from {prefix}")
+    log(checkpoint_line(prefix))
+    log(records_line("test_data", config["test_data"], len(images)) + " (the check images)")
+    log("SavedModel written")
 
     files = [(SavedModelRunner, saved_model)]
     tflite = os.path.join(directory, TFLITE)

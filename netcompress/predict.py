@@ -30,6 +30,7 @@ import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from tqdm import tqdm
 
+from common.digests import checkpoint_line, records_line
 from common.errors import UserError
 from common.files import make_directory, replace_atomically
 from common.outputs import check_outputs
@@ -306,7 +307,9 @@ def predict(config, input_path, output, palette="auto", log=print, progress=True
                 run(batch)
     if not written:
         raise UserError(f"no image of {input_path} could be read ({len(skipped)} skipped)")
-    log(f"checkpoint: {prefix}")
+    log(checkpoint_line(prefix))
+    if source.records:
+        log(records_line("--input", input_path, len(written)))
     skipped_note = f"; skipped {len(skipped)} unreadable image(s)" if skipped else ""
     if class_set is not None:
         log(f"wrote {len(written)} prediction(s) in Cityscapes label ids "

@@ -7,6 +7,7 @@ write the zeroed or pruned checkpoint, model_def and masks together.
 import os
 from dataclasses import dataclass, field, make_dataclass
 
+from common.digests import checkpoint_digest, checkpoint_line
 from common.errors import UserError
 from common.files import staged
 from models.architecture import adapnet_pp
@@ -18,7 +19,8 @@ from netcompress.checkpoint_paths import checkpoint_directory, checkpoint_files,
 from netcompress.config import PRUNE_SETTINGS, REQUIRED
 from netcompress.plan import model_values, plan_pruning, remove_channels, zero_channels
 from netcompress.reports import cost_report, threshold_summary
-from netcompress.scores import load_normalised_scores
+from netcompress.rankfile import CRITERIA
+from netcompress.scores import load_ranks, normalised_scores
 from netcompress.selection import ALL_PHASE, select_layers
 
 
@@ -100,6 +102,7 @@ class PruneJob:
     layers: list
     scores: dict
     plan: object = None  # PruningPlan; None with decide_threshold
+    ranks: object = None  # the RankSums read (None: compress.py's own plan)
 
 
 def prepare(settings):
@@ -111,15 +114,19 @@ def prepare(settings):
     check_masks(model_def, masks, source=settings.mask_load or "mask")
     layers = select_layers(settings.phase, settings.conv_name, settings.all_convs,
                            streams=settings.streams)
-    scores = load_normalised_scores(settings.rank_file, model_def,
-                                    settings.num_classes, settings.criterion,
-                                    settings.normalisation)
+    if settings.criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {settings.criterion!r}; valid: "
+                        f"{', '.join(CRITERIA)}")
+    ranks = load_ranks(settings.rank_file, model_def, settings.num_classes)
+    if not settings.decide_threshold:  # the checkpoint's content: checked in execute
+        ranks.check_masks(masks, settings.mask_load or "no mask file")
+    scores = normalised_scores(ranks, settings.criterion, settings.normalisation)
     missing = [layer for layer in layers if layer not in scores]
     if missing:
         raise UserError(f"rank file {settings.rank_file} has no scores for {missing[0]} "
                         f"(written before residual streams were ranked): regenerate it "
                         f"with get_oracle_rank.py")
-    job = PruneJob(settings, model_def, masks, layers, scores)
+    job = PruneJob(settings, model_def, masks, layers, scores, ranks=ranks)
     if settings.decide_threshold:
         return job
     job.plan = plan_pruning(model_def, masks, settings.num_classes, scores, layers,
@@ -154,6 +161,9 @@ def execute(job, log=print, verify=True):
             f"min_channels best channels")
     source = resolve_checkpoint(settings.checkpoint_name)
     _check_new_checkpoint_directory(settings.new_checkpoint_save, source)
+    log(checkpoint_line(source))
+    if job.ranks is not None:
+        job.ranks.check_checkpoint(source, checkpoint_digest(source), log)
     if verify:
         verify_checkpoint(source, job.model_def, job.masks, settings.num_classes,
                           settings.height, settings.width,

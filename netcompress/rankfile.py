@@ -38,6 +38,9 @@ FORMAT_VERSION = 2
 RANDOM_SEED = 20171101  # the `random` criterion's scores are fixed per layer name
 METADATA_KEYS = ("model_def_json", "model_def_sha256", "masks_json", "checkpoint", "data",
                  "shard")
+# The content digests (common/digests.py) of the checkpoint ranked and the
+# record file read; files written before them lack these keys ("" when loaded).
+DIGEST_KEYS = ("checkpoint_sha256", "data_sha256")
 
 
 def model_def_digest(model_def):
@@ -55,7 +58,7 @@ class RankSums:
         self.l1 = {name: np.zeros(widths[name], np.float64) for name in self.layers}
         self.count = 0
         self.format_version = FORMAT_VERSION
-        self.metadata = {key: "" for key in METADATA_KEYS}
+        self.metadata = {key: "" for key in METADATA_KEYS + DIGEST_KEYS}
         self.path = None  # where it was loaded from, for messages
 
     def sum_of(self, kind, layer):
@@ -168,7 +171,35 @@ class RankSums:
             sums.l1[name] = values.astype(np.float64)
         for key in METADATA_KEYS:
             sums.metadata[key] = str(array(f"meta/{key}", 0))
+        for key in DIGEST_KEYS:
+            if f"meta/{key}" in data.files:
+                sums.metadata[key] = str(array(f"meta/{key}", 0))
         return sums
+
+    def check_masks(self, masks, mask_source):
+        """The ranks were computed with these masks ({unit: (kept, width)})."""
+        recorded = self.metadata["masks_json"]
+        if not recorded:  # not written by get_oracle_rank.py
+            return
+        ranked, given = json.loads(recorded), json.loads(masks_json(masks))
+        if ranked != given:
+            raise UserError(f"rank file {self.path} was computed with another mask than "
+                            f"{mask_source}: {_masks_difference(ranked, given)}; rerank with "
+                            f"get_oracle_rank.py and this mask")
+
+    def check_checkpoint(self, prefix, digest, log=print):
+        """The ranks were computed on this checkpoint's content (``prefix``,
+        its digest); a file written before digests were recorded is accepted
+        with a warning (docs/ranking.md)."""
+        recorded = self.metadata["checkpoint_sha256"]
+        if not recorded:
+            log(f"warning: rank file {self.path} records no checkpoint digest (written "
+                f"before they were recorded): not checked that it ranks {prefix}")
+        elif recorded != digest:
+            raise UserError(f"rank file {self.path} ranks another checkpoint "
+                            f"({self.metadata['checkpoint']}, sha256 {recorded[:12]}) than "
+                            f"{prefix} (sha256 {digest[:12]}): rerank this checkpoint with "
+                            f"get_oracle_rank.py")
 
     def check_model(self, widths, prunable_layers, source, streams=()):
         """The rank file covers exactly these layers with these channel counts;
@@ -199,6 +230,32 @@ def _check_finite(sums, path):
                             f"({key}): it is not usable; regenerate it "
                                 f"by rerunning get_oracle_rank.py (on a checkpoint with "
                                 f"finite weights)")
+
+
+def masks_json(masks):
+    """Masks ({unit: (kept, width)}) as the rank file records them:
+    {unit: {"width": w, "kept": [indices]}}."""
+    return json.dumps({unit: {"width": int(width), "kept": [int(i) for i in kept]}
+                       for unit, (kept, width) in sorted((masks or {}).items())})
+
+
+def _masks_difference(ranked, given):
+    """The first unit whose mask differs, in words."""
+    for unit in sorted(set(ranked) | set(given)):
+        if unit not in given:
+            return f"{unit} is masked in the rank file, not in the mask"
+        if unit not in ranked:
+            return f"{unit} is masked in the mask, not in the rank file"
+        if ranked[unit] != given[unit]:
+            return (f"{unit} keeps {_positions(ranked[unit])} in the rank file, "
+                    f"{_positions(given[unit])} in the mask")
+    return "they differ"
+
+
+def _positions(mask):
+    kept = mask["kept"]
+    shown = ", ".join(map(str, kept[:6])) + (", ..." if len(kept) > 6 else "")
+    return f"[{shown}] of {mask['width']}"
 
 
 def _describe(array):

@@ -34,9 +34,10 @@ from models.model_def import load_masks
 from netcompress import rankfile
 from netcompress.checkpoint_paths import resolve_checkpoint
 from netcompress.checkpoints import read_checkpoint
+from common.digests import checkpoint_digest, records_digest
 from common.errors import UserError
 from netcompress.evaluation import InferenceGraph
-from netcompress.rankfile import SUMS, RankSums
+from netcompress.rankfile import DIGEST_KEYS, SUMS, RankSums, masks_json
 from netcompress.sharding import parse_shard, records_in_shard, shard_label
 
 tf1 = tf.compat.v1
@@ -206,25 +207,28 @@ def filter_l1(values, architecture, widths, kept_channels=None):
 
 def masks_description(mask_path):
     """The mask file as JSON: {unit: {"width": w, "kept": [indices]}}."""
-    masks = load_masks(mask_path)
-    return json.dumps({unit: {"width": int(width), "kept": [int(i) for i in kept]}
-                       for unit, (kept, width) in sorted(masks.items())})
+    return masks_json(load_masks(mask_path))
 
 
 def rank_metadata(config, shard, model_def):
+    """``config['checkpoint']``: a resolved prefix (what was restored)."""
     return {
         "model_def_json": json.dumps(model_def),
         "model_def_sha256": rankfile.model_def_digest(model_def),
         "masks_json": masks_description(config.get("mask")),
-        "checkpoint": resolve_checkpoint(config["checkpoint"]),
+        "checkpoint": config["checkpoint"],
         "data": config["test_data"],
         "shard": shard_label(shard),
+        "checkpoint_sha256": checkpoint_digest(config["checkpoint"]),
+        "data_sha256": records_digest(config["test_data"]),
     }
 
 
 def rank(config, shard=None, progress=True):
     """One pass over ``config['test_data']`` (or one shard (index, count) of
     it) with the checkpoint restored; returns the filled RankSums."""
+    # Resolved once: the pass, the filter norms and the metadata read one prefix.
+    config = dict(config, checkpoint=resolve_checkpoint(config["checkpoint"]))
     data_path = config["test_data"]
     total = records_in_shard(count_records(data_path), shard)
     if total == 0:
@@ -270,9 +274,21 @@ def merge_shards(paths, log=print):
         raise UserError("merging needs at least one shard rank file")
     parts = [(path, RankSums.load(path)) for path in paths]
     first_path, first = parts[0]
-    for key in ("checkpoint", "data"):
-        for path, part in parts[1:]:
-            if part.metadata[key] != first.metadata[key]:
+    for path, part in parts:
+        if not all(part.metadata[key] for key in DIGEST_KEYS):
+            log(f"warning: rank file {path} records no content digests (written before they "
+                f"were recorded): shards are matched by checkpoint and data paths only")
+    for path, part in parts[1:]:
+        for key, digest_key, what in (("checkpoint", "checkpoint_sha256", "checkpoint"),
+                                      ("data", "data_sha256", "record file")):
+            ours, theirs = first.metadata[digest_key], part.metadata[digest_key]
+            if ours and theirs:
+                if ours != theirs:  # the same path may hold other content by now
+                    raise UserError(f"rank files {first_path} and {path} were computed on "
+                                    f"different {what} contents (sha256 {ours[:12]} and "
+                                    f"{theirs[:12]}): merge only shards of one checkpoint "
+                                    f"and one record file")
+            elif part.metadata[key] != first.metadata[key]:
                 raise UserError(f"rank file {path} was computed with {key} "
                                 f"{part.metadata[key]!r}, {first_path} with "
                                 f"{first.metadata[key]!r}")

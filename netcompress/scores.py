@@ -42,6 +42,11 @@ def load_normalised_scores(rank_path, model_def, num_classes, criterion, normali
     if criterion not in CRITERIA:
         raise UserError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
     ranks = load_ranks(rank_path, model_def, num_classes, architecture)
+    return normalised_scores(ranks, criterion, normalisation)
+
+
+def normalised_scores(ranks, criterion, normalisation):
+    """Loaded ranks -> {layer: normalised scores or None}."""
     return {layer: normalise(values, normalisation)
             for layer, values in ranks.scores(criterion).items()}
 

@@ -14,9 +14,11 @@ model's noisy mIoU cannot decide what the tests check."""
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -480,6 +482,47 @@ def test_rerun_with_other_settings_is_refused(runs, workspace):
         config = load_config(workspace["config"], "compress", [change])
         with pytest.raises(UserError, match=change.split("=")[0]):
             staged.check(config)
+    # The inputs' contents are recorded, and unchanged they pass.
+    config = load_config(workspace["config"], "compress")
+    recorded = json.loads((runs["run_dir"] / "run.json").read_text())["inputs"]
+    assert recorded == staged.check_contents(config)
+    assert recorded["test_data"]["sha256"] == hashlib.sha256(
+        open(workspace["files"]["test"], "rb").read()).hexdigest()
+    assert recorded["mask"] is None and recorded["checkpoint"]["path"] == workspace["checkpoint"]
+    assert f"test_data: {workspace['files']['test']} (sha256 " \
+           f"{recorded['test_data']['sha256'][:12]})" in runs["second"][0]
+
+
+def test_rerun_after_an_input_changed_is_refused(workspace, tmp_path):
+    """run.json records what the inputs held; a rerun whose test records now
+    hold other examples (same path) is refused naming them, the same bytes
+    rewritten are not a change, and a run.json without digests warns."""
+    files = {key: str(tmp_path / os.path.basename(workspace["files"][key]))
+             for key in ("train", "val", "test")}
+    for key, path in files.items():
+        shutil.copy(workspace["files"][key], path)
+    config = load_config(workspace["config"], "compress", [
+        f"run_dir={tmp_path / 'run'}", f"train_data={files['train']}",
+        f"val_data={files['val']}", f"test_data={files['test']}"])
+    staged.check(config)
+    inputs = staged.check_contents(config)
+    assert inputs["test_data"]["sha256"] == hashlib.sha256(
+        open(files["test"], "rb").read()).hexdigest()
+    staged.record_run(config, inputs)
+    shutil.copy(workspace["files"]["test"], files["test"])  # the same bytes again
+    assert staged.check_contents(config) == inputs
+    shutil.copy(workspace["files"]["val"], files["test"])  # other examples, same path
+    with pytest.raises(UserError, match=rf"holds a run whose test_data had other content "
+                                        rf"\({files['test']}, sha256 "
+                                        rf"{inputs['test_data']['sha256'][:12]}; now"):
+        staged.check_contents(config)
+    run_file = tmp_path / "run" / "run.json"
+    run_file.write_text(json.dumps(staged.run_identity(config)))
+    logged = []
+    staged.check_contents(config, log=logged.append)
+    assert logged == [f"warning: {run_file} records no input digests (written before they "
+                      f"were recorded): not checked that the inputs still hold what its "
+                      f"stages read"]
 
 
 def test_latency_target_is_measured_against_the_given_model(workspace):

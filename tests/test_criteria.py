@@ -236,6 +236,8 @@ def test_compare_reads_only_val_data_and_writes_table_csv_and_plot(tiny, tmp_pat
     out = capsys.readouterr().out
     assert "validation mIoU after removing a fraction of every prunable layer" in out
     assert "Spearman with the true loss change, conv1: taylor" in out
+    assert f"checkpoint: {tiny['checkpoint']} (sha256 " in out
+    assert f"val_data: {tiny['config']['val_data']}, " in out
     with open(stem + ".compare.csv", encoding="utf-8") as handle:
         rows = handle.read().splitlines()
     assert rows[0] == "criterion,fraction,removed_channels,miou"

@@ -30,6 +30,7 @@ from dataset import synthetic
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, resolve_widths
 from models.model_def import load_masks, save_masks
+from common import digests
 from common.errors import UserError
 from common.files import replace_atomically
 from netcompress import checkpoints
@@ -309,6 +310,23 @@ def test_state_file_names_the_checkpoint_relatively(tiny, tmp_path):
     assert resolve_checkpoint(str(copy)) == os.path.join(str(copy), "model.ckpt")
     read = checkpoints.read_checkpoint(str(copy))
     assert all(np.array_equal(read[k], v) for k, v in tiny["values"].items())
+
+
+def test_evaluate_prints_the_prefix_it_restored(tiny, tmp_path):
+    """A directory whose state file names another run's checkpoint: evaluate
+    says which prefix it restored (and its content), not the directory."""
+    directory = tmp_path / "named"
+    directory.mkdir()
+    with open(directory / "checkpoint", "w") as f:
+        f.write(f'model_checkpoint_path: "{tiny["checkpoint"]}"\n')
+    result = run_script("evaluate.py", "-c", tiny["test_config"], "--checkpoint", directory)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"checkpoint: {tiny['checkpoint']} (sha256 " \
+           f"{digests.checkpoint_digest(tiny['checkpoint'])[:12]})" in lines
+    assert f"test_data: {tiny['data']['test']}, 4 examples (sha256 " \
+           f"{digests.file_digest(tiny['data']['test'])[:12]})" in lines
+    assert not any(str(directory) in line for line in lines)
 
 
 def test_a_state_file_of_another_run_is_left_alone(tiny, tmp_path):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -24,15 +25,16 @@ import tensorflow as tf
 from helpers import FLOAT32_PASS_TOLERANCE, REPO, random_values, scaled_model_def
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, resolve_widths
-from models.model_def import load_masks, load_model_def, save_model_def
+from models.model_def import load_masks, load_model_def, save_masks, save_model_def
 from netcompress import pruning
 from netcompress.checkpoints import check_matches, checkpoint_key, model_variables, \
     read_checkpoint, write_checkpoint
+from common.digests import checkpoint_digest
 from common.errors import UserError
 from netcompress.config import load_config
 from netcompress.costs import conv_costs, inference_macs, spatial_sizes, total_parameters
 from netcompress.plan import plan_pruning, remove_channels, zero_channels
-from netcompress.rankfile import RankSums
+from netcompress.rankfile import RankSums, masks_json
 from netcompress.scores import channels_to_keep, normalise
 from netcompress.selection import select_layers
 
@@ -406,6 +408,73 @@ def test_checkpoint_of_another_model_is_refused(source):
                                   WIDTH, "model_def x")
 
 
+def test_rank_file_of_another_checkpoint_is_refused(source, tmp_path):
+    """Ranks hold for the content they were computed on: pruning another
+    checkpoint (one weight differs) with them is refused before anything is
+    written; a copy of the ranked checkpoint is the same content; a rank
+    file that records no checkpoint digest is used with a warning."""
+    def copy_source(directory):
+        directory.mkdir()
+        for suffix in (".index", ".data-00000-of-00001"):
+            shutil.copy(source["checkpoint"] + suffix, directory / ("model.ckpt" + suffix))
+        return str(directory / "model.ckpt")
+
+    other = copy_source(tmp_path / "other")
+    with open(other + ".data-00000-of-00001", "r+b") as f:  # one weight changed
+        f.seek(64)
+        byte = f.read(1)
+        f.seek(64)
+        f.write(bytes([byte[0] ^ 1]))
+    rank_path = write_rank_file(tmp_path / "rank.npz", source["model_def"], ["conv1"],
+                                checkpoint=source["checkpoint"], masks={})
+    settings = make_settings(source, tmp_path, rank_path, phase="conv1", all_convs=True,
+                             try_zeros=True, checkpoint_name=other)
+    with pytest.raises(UserError, match=rf"rank file {rank_path} ranks another checkpoint "
+                                        rf"\({source['checkpoint']}, sha256 [0-9a-f]{{12}}\) "
+                                        rf"than {other} \(sha256 [0-9a-f]{{12}}\): rerank"):
+        pruning.prune(settings, log=quiet, verify=False)
+    assert not os.path.exists(tmp_path / "pruned")
+
+    settings.checkpoint_name = copy_source(tmp_path / "copy")
+    messages = []
+    pruning.prune(settings, log=messages.append, verify=False)
+    assert f"checkpoint: {settings.checkpoint_name} (sha256 " \
+           f"{checkpoint_digest(source['checkpoint'])[:12]})" in messages
+    assert not any(line.startswith("warning") for line in messages)
+
+    legacy = write_rank_file(tmp_path / "legacy.npz", source["model_def"], ["conv1"])
+    messages = []
+    RankSums.load(legacy).check_checkpoint(other, checkpoint_digest(other), messages.append)
+    assert messages == [f"warning: rank file {legacy} records no checkpoint digest (written "
+                        f"before they were recorded): not checked that it ranks {other}"]
+
+
+def test_rank_file_of_another_mask_is_refused(source, tmp_path):
+    """Two masks keeping as many channels of block1/unit_2's conv3 give the
+    same widths; the rank file says which one it was computed with."""
+    model_def = json.loads(json.dumps(source["model_def"]))
+    residual = model_def["params"]["2"][3]
+    model_def["params"]["3"][2] = residual - 2
+    model_def_path = str(tmp_path / "masked.json")
+    save_model_def(model_def, model_def_path)
+    ranked = {"block1/unit_2": (np.arange(2, residual), residual)}
+    given = {"block1/unit_2": (np.arange(residual - 2), residual)}
+    mask_path = str(tmp_path / "given.npy")
+    save_masks(given, mask_path)
+    rank_path = write_rank_file(tmp_path / "rank.npz", model_def, ["conv1"], masks=ranked)
+    settings = make_settings(source, tmp_path, rank_path, phase="conv1", all_convs=True,
+                             model_def=model_def_path, mask_load=mask_path)
+    with pytest.raises(UserError) as info:
+        pruning.prepare(settings)
+    assert str(info.value) == (
+        f"rank file {rank_path} was computed with another mask than {mask_path}: "
+        f"block1/unit_2 keeps [2, 3, 4, 5, 6, 7, ...] of {residual} in the rank file, "
+        f"[0, 1, 2, 3, 4, 5, ...] of {residual} in the mask; rerank with get_oracle_rank.py "
+        f"and this mask")
+    save_masks(ranked, mask_path)
+    assert pruning.prepare(settings).layers == ["conv1"]
+
+
 def test_second_pruning_composes_masks(source, tmp_path):
     """Stage 1 masks block2/unit_1 and block1/unit_2; stage 2 prunes
     block2/unit_1 again: its mask composes, block1/unit_2's is carried.
@@ -696,14 +765,22 @@ def quiet(*_):
     pass
 
 
-def write_rank_file(path, model_def, layers, removed=None, streams=True):
+def write_rank_file(path, model_def, layers, removed=None, streams=True, checkpoint=None,
+                    masks=None):
     """A rank file whose taylor scores remove half of each of ``layers`` at
     threshold 0.1, or exactly the channels in ``removed`` ({layer: indices});
-    without ``streams``, as written before the streams were ranked."""
+    without ``streams``, as written before the streams were ranked. It
+    records the ``checkpoint`` prefix's content and ``masks`` when given,
+    else no source (as a file written before they were recorded)."""
     widths = resolve_widths(model_def, NUM_CLASSES)
     ranked = [g.name for g in ARCHITECTURE.prunable_groups(streams)]
     ranks = RankSums(ranked, widths)
     ranks.count = 1
+    if checkpoint is not None:
+        ranks.metadata.update(checkpoint=checkpoint,
+                              checkpoint_sha256=checkpoint_digest(checkpoint))
+    if masks is not None:
+        ranks.metadata["masks_json"] = masks_json(masks)
     scores = removal_scores(model_def, layers)
     for layer in ranked:
         values = np.asarray(scores[layer], np.float64)

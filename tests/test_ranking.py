@@ -23,6 +23,7 @@ from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, output_offset, resolve_widths
 from models.model_def import load_masks, load_model_def, save_masks, save_model_def
 from netcompress import checkpoints
+from common.digests import checkpoint_digest
 from common.errors import UserError
 from netcompress.rankfile import RankSums
 from netcompress.ranking import rank, rank_layers, summary_table
@@ -297,8 +298,11 @@ def test_shards_merged_equal_a_single_pass(full_pass, trained, data, tiny_def, w
             np.testing.assert_allclose(
                 merged.sums[criterion][name], expected, rtol=0,
                 atol=FLOAT32_PASS_TOLERANCE * np.abs(expected).max(), err_msg=name)
-    for key in ("model_def_sha256", "checkpoint", "data", "masks_json"):
+    for key in ("model_def_sha256", "checkpoint", "data", "masks_json", "checkpoint_sha256",
+                "data_sha256"):
         assert merged.metadata[key] == full_pass.metadata[key]
+    assert full_pass.metadata["data_sha256"] == file_digest(data)
+    assert full_pass.metadata["checkpoint_sha256"] == checkpoint_digest(trained)
 
     with pytest.raises(UserError, match="same shard 0/2"):
         get_oracle_rank.main(["--merge", merged_path, shard_paths[0], shard_paths[0]])
@@ -311,6 +315,45 @@ def test_shards_merged_equal_a_single_pass(full_pass, trained, data, tiny_def, w
 def file_digest(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_merge_refuses_shards_of_other_record_contents(trained, tiny_def, workspace, examples,
+                                                      full_pass, capsys):
+    """Shard 1 ranked after the record file at the same path was rewritten
+    (other examples): the shards' paths agree, their contents do not."""
+    data = str(workspace / "rewritten.tfrecords")
+    rank_save = str(workspace / "rewritten" / "rank.npz")
+    shard_paths = [shard_output_path(rank_save, (index, 2)) for index in range(2)]
+    for index, order in enumerate((examples, examples[::-1])):
+        with records.record_writer(data) as writer:
+            for image, label in order:
+                writer.write(records.encode_example(image, label))
+        rank(rank_config(trained, data, tiny_def, batch_size=5), (index, 2),
+             progress=False).save(shard_paths[index])
+    merged_path = str(workspace / "rewritten" / "merged.npz")
+    with pytest.raises(UserError, match=rf"rank files {shard_paths[0]} and {shard_paths[1]} "
+                                        rf"were computed on different record file contents"):
+        get_oracle_rank.main(["--merge", merged_path, *shard_paths])
+    assert not os.path.exists(merged_path)
+
+    # Shards written before digests were recorded merge as before, with a warning.
+    old = []
+    for index in range(2):
+        full_pass.metadata["shard"] = f"{index}/2"
+        path = str(workspace / "rewritten" / f"old.shard{index}of2.npz")
+        full_pass.save(path)
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {key: stored[key] for key in stored.files if key not in
+                      ("meta/checkpoint_sha256", "meta/data_sha256")}
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        old.append(path)
+    full_pass.metadata["shard"] = "all"
+    capsys.readouterr()
+    get_oracle_rank.main(["--merge", merged_path, *old])
+    out = capsys.readouterr().out
+    assert f"warning: rank file {old[0]} records no content digests" in out
+    assert RankSums.load(merged_path).count == 2 * NUM_RECORDS
 
 
 def test_rank_outputs_never_replace_inputs(trained, data, tiny_def, workspace, full_pass):
