@@ -62,11 +62,13 @@ def cluster_task():
         spec = json.loads(text)
         workers, task = spec["cluster"]["worker"], spec["task"]
         index = int(task["index"])
+        if not isinstance(workers, list):
+            raise TypeError
     except (ValueError, KeyError, TypeError):
         raise UserError("TF_CONFIG is not {\"cluster\": {\"worker\": [HOST:PORT, ...]}, "
                         "\"task\": {\"type\": \"worker\", \"index\": I}}") from None
-    if not isinstance(workers, list) or not isinstance(task, dict) \
-            or task.get("type") != "worker" or not 0 <= index < len(workers):
+    if not isinstance(task, dict) or task.get("type") != "worker" \
+            or not 0 <= index < len(workers):
         raise UserError(f"TF_CONFIG task {str(task)[:80]} is not one of the "
                         f"{len(workers)} workers")
     for number, address in enumerate(workers):

@@ -986,6 +986,30 @@ def test_tf_config_addresses_must_be_host_port(monkeypatch, address):
     assert cluster_task() == ({"worker": ["localhost:2222", "[::1]:2223"]}, 1)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "TF_CONFIG is not {"),
+    ('{"cluster": {"worker": ["localhost:2222"]}}', "TF_CONFIG is not {"),
+    ('{"cluster": {}, "task": {"type": "worker", "index": 0}}', "TF_CONFIG is not {"),
+    ('{"cluster": {"worker": ["localhost:2222"]}, "task": {"type": "worker", "index": "x"}}',
+     "TF_CONFIG is not {"),
+    ('{"cluster": {"worker": ["localhost:2222", "localhost:2223"]}, '
+     '"task": {"type": "worker", "index": 2}}', "TF_CONFIG task {'type': 'worker', 'index': 2} "
+                                                "is not one of the 2 workers"),
+    ('{"cluster": {"worker": ["localhost:2222"]}, "task": {"type": "ps", "index": 0}}',
+     "is not one of the 1 workers"),
+    ('{"cluster": {"worker": "localhost:2222"}, "task": {"type": "worker", "index": 0}}',
+     "TF_CONFIG is not {"),
+    ("[1, 2]", "TF_CONFIG is not {"),
+])
+def test_a_malformed_tf_config_is_one_line(monkeypatch, text, message):
+    from netcompress.replicas import cluster_task
+
+    monkeypatch.setenv("TF_CONFIG", text)
+    with pytest.raises(UserError, match=re.escape(message)) as error:
+        cluster_task()
+    assert "\n" not in str(error.value)
+
+
 def test_a_worker_that_never_starts_is_named_after_the_timeout():
     from netcompress.replicas import wait_for_workers
 
