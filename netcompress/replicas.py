@@ -135,6 +135,13 @@ def whole_cause(exc, limit=1500):
     return f"{type(exc).__name__}: {cause}"
 
 
+class PeerFailure(UserError):
+    """Another worker died: not the config's fault; exit status 1, as a
+    failed op (netcompress/op_errors.py)."""
+
+    exit_status = PEER_EXIT
+
+
 class PeerWatch:
     """The other workers during training (docs/distribute.md): a worker
     that dies is named in one line, with TensorFlow's cause when a step
@@ -187,7 +194,7 @@ class PeerWatch:
         number = remote[0] if remote else (self.dead_peer() or (None,))[0]
         if number is None:
             return None
-        return UserError(self.message(number, whole_cause(exc)))
+        return PeerFailure(self.message(number, whole_cause(exc)))
 
     @contextlib.contextmanager
     def collective(self):

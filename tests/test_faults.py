@@ -1034,11 +1034,12 @@ def test_a_worker_that_never_starts_is_named_after_the_timeout():
 
 # What a survivor's collective op raised when worker 1 was killed mid-training
 # (two train.py workers on loopback, tests/test_workers.py's setup).
-_PEER_RESET = ("From /job:worker/replica:0/task:0:\nrecvmsg:Connection reset by peer\n"
-               "Additional GRPC error information from remote target /job:worker/replica:0/"
+_PEER_RESET = ("From /job:worker/replica:0/task:0:\nCollective ops is aborted by: "
+               "recvmsg:Connection reset by peer\nAdditional GRPC error information from remote target /job:worker/replica:0/"
                "task:1 while calling /tensorflow.WorkerService/RecvBuf:\n:UNKNOWN:Error "
                "received from peer  {grpc_status:14, grpc_message:\"recvmsg:Connection reset "
-               "by peer\"}\n\t [[{{node gradients/conv2/CollectiveReduceV2}}]]")
+               "by peer\"}\nThe error could be from a previous operation. Restart your "
+               "program to reset.\n\t [[{{node gradients/conv2/CollectiveReduceV2}}]]")
 
 
 def test_a_worker_that_dies_is_named_with_its_whole_cause():
@@ -1055,11 +1056,14 @@ def test_a_worker_that_dies_is_named_with_its_whole_cause():
             raise tf.errors.UnavailableError(None, None, _PEER_RESET)
         assert str(error.value) == (
             f"worker 1 ({up}) stopped during training (this is worker 0): UnavailableError: "
-            f"From /job:worker/replica:0/task:0: recvmsg:Connection reset by peer Additional "
+            f"From /job:worker/replica:0/task:0: Collective ops is aborted by: "
+            f"recvmsg:Connection reset by peer Additional "
             f"GRPC error information from remote target /job:worker/replica:0/task:1 while "
             f"calling /tensorflow.WorkerService/RecvBuf: :UNKNOWN:Error received from peer "
-            f"{{grpc_status:14, grpc_message:\"recvmsg:Connection reset by peer\"}}; training "
+            f"{{grpc_status:14, grpc_message:\"recvmsg:Connection reset by peer\"}} The error "
+            f"could be from a previous operation. Restart your program to reset.; training "
             f"stopped; last good checkpoint: run/model.ckpt-3")
+        assert error.value.exit_status == 1
         # An error that names no worker, while every worker answers: as it was.
         with pytest.raises(tf.errors.InternalError), watch.collective():
             raise tf.errors.InternalError(None, None, "no kernel")

@@ -107,6 +107,7 @@ def test_a_worker_killed_during_training_is_named_by_the_other(workspace, when):
     lines = [line for line in errors.splitlines() if line.startswith("error:")]
     print(when, f"{waited:.1f} s:", lines)
     assert processes[0].returncode == 1 and len(lines) == 1, errors[-3000:]
+    assert waited < 60  # the watch's 10 s grace and 2 s checks
     assert re.fullmatch(re.escape(f"error: worker 1 ({cluster['worker'][1]}) stopped during "
                                   f"training (this is worker 0): ") + r".+; training stopped; "
                         r"last good checkpoint: .+", lines[0])
