@@ -913,6 +913,27 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_in_one_line(tmp_path
         assert sorted(os.listdir(run)) == before
 
 
+def test_a_checkpoint_written_past_the_file_size_limit_is_one_line_and_leaves_the_old(
+        tmp_path, monkeypatch):
+    """write_checkpoint (pruned models, compress stages) with TensorFlow's
+    write failing for real (EFBIG, as ENOSPC): its reason, not 'Graph
+    execution error:'; the old checkpoint whole, no staging left."""
+    import resource
+
+    prefix = str(tmp_path / "m.ckpt")
+    checkpoints.write_checkpoint({"a": np.zeros(10, np.float32)}, prefix)
+    before = hash_tree(tmp_path)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    monkeypatch.setattr(tf1.train.Saver, "save",
+                        _restoring_limits(tf1.train.Saver.save, limits))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, limits[1]))
+    with pytest.raises(UserError, match=re.escape(f"cannot write checkpoint {prefix}: "
+                                                  f"OutOfRangeError: ")) as error:
+        checkpoints.write_checkpoint({"a": np.ones(10000, np.float32)}, prefix)
+    assert str(error.value).endswith("File too large") and "\n" not in str(error.value)
+    assert hash_tree(tmp_path) == before and hidden_names(tmp_path) == []
+
+
 def _restoring_limits(save, limits):
     """``save``, with the file size limit set back as soon as it returns."""
     import resource
