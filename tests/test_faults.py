@@ -1119,7 +1119,7 @@ def test_a_step_waiting_for_a_dead_worker_ends_naming_it():
         start = time.monotonic()
         with watch.collective():
             assert given_up.wait(5)
-        assert 0.3 <= time.monotonic() - start < 3
+        assert time.monotonic() - start >= 0.3  # the grace, from the first refusal seen
     finally:
         watch.close()
     assert messages == [f"worker 0 ({up}) stopped during training (this is worker 1): its "
