@@ -149,6 +149,29 @@ def _lock(directory):
     return fd
 
 
+@contextlib.contextmanager
+def directory_lock(directory, busy):
+    """Hold ``directory``'s exclusive lock (flock) for the block: yields
+    True, or False where the file system cannot lock (then nobody can tell
+    a live writer's files from a killed one's). UserError ``busy`` when a
+    live process holds it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as exc:
+        raise UserError(f"cannot open directory {directory}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            raise UserError(busy) from None
+        except OSError:
+            locked = False  # e.g. ENOLCK on some network file systems
+        yield locked
+    finally:
+        os.close(fd)
+
+
 def _new_staging(parent):
     """A locked hidden staging directory in ``parent``, after the leftovers
     of killed runs there are removed: (path, lock descriptor)."""

@@ -6,6 +6,7 @@ import tensorflow as tf
 from models.architecture import OUTER_SCOPE, adapnet_pp
 from common.errors import UserError
 from common.files import staged
+from dataset.records import first_message_line
 from netcompress.checkpoint_paths import CHECKPOINT_SUFFIXES, checkpoint_files, \
     record_in_state_file, resolve_checkpoint
 
@@ -212,9 +213,10 @@ def write_checkpoint(values, path):
                     saver.save(session, staged_prefix, write_meta_graph=False,
                                write_state=False)
             except (OSError, tf.errors.OpError) as exc:
-                raise UserError(f"cannot write checkpoint {path}: "
-                                f"{getattr(exc, 'strerror', None) or _tf_reason(exc)}") \
-                    from None
+                # TensorFlow's reason (disk full) follows its graph context.
+                reason = getattr(exc, "strerror", None) or \
+                    f"{type(exc).__name__}: {first_message_line(exc)}"
+                raise UserError(f"cannot write checkpoint {path}: {reason}") from None
     record_in_state_file(path)
     return path
 

@@ -13,9 +13,13 @@ and rank sums are summed over the replicas (a replica's share of a mean is
 already divided by the global batch), operations grouped.
 """
 
+import contextlib
 import json
 import os
+import re
 import socket
+import sys
+import threading
 import time
 
 import tensorflow as tf
@@ -27,6 +31,11 @@ tf1 = tf.compat.v1
 
 # Seconds a worker waits for the others' servers (train config worker_timeout).
 WORKER_TIMEOUT = 600.0
+# A peer whose server refuses connections this long, while this worker's
+# step waits, has died: TensorFlow may wait for it forever (PeerWatch).
+PEER_GRACE = 10.0
+PEER_INTERVAL = 2.0
+PEER_EXIT = 1  # as a failed op (netcompress/op_errors.py)
 
 
 def _with_process_options(config):
@@ -53,11 +62,13 @@ def cluster_task():
         spec = json.loads(text)
         workers, task = spec["cluster"]["worker"], spec["task"]
         index = int(task["index"])
+        if not isinstance(workers, list):
+            raise TypeError
     except (ValueError, KeyError, TypeError):
         raise UserError("TF_CONFIG is not {\"cluster\": {\"worker\": [HOST:PORT, ...]}, "
                         "\"task\": {\"type\": \"worker\", \"index\": I}}") from None
-    if not isinstance(workers, list) or not isinstance(task, dict) \
-            or task.get("type") != "worker" or not 0 <= index < len(workers):
+    if not isinstance(task, dict) or task.get("type") != "worker" \
+            or not 0 <= index < len(workers):
         raise UserError(f"TF_CONFIG task {str(task)[:80]} is not one of the "
                         f"{len(workers)} workers")
     for number, address in enumerate(workers):
@@ -101,6 +112,136 @@ def wait_for_workers(workers, index, timeout, interval=0.5):
                 time.sleep(interval)
 
 
+# TensorFlow's traceback and graph context around an error's own lines.
+_TF_NOISE = re.compile(r"^(Graph execution error:|Detected at node|Node: |File \"|\[\[)")
+_REMOTE_TASK = re.compile(r"remote target /job:worker/replica:\d+/task:(\d+)")
+
+
+def whole_cause(exc, limit=1500):
+    """A TensorFlow error's own lines, on one line: all of them (a dead
+    peer's cause is on the second and later ones), without the graph
+    context and stack traces TensorFlow adds."""
+    text = getattr(exc, "message", None) or str(exc)
+    kept = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("Original stack trace"):
+            break
+        if line and not _TF_NOISE.match(line):
+            kept.append(line)
+    cause = " ".join(" ".join(kept).split()) or "no message"
+    if len(cause) > limit:
+        cause = cause[:limit] + " ..."
+    return f"{type(exc).__name__}: {cause}"
+
+
+class PeerFailure(UserError):
+    """Another worker died: not the config's fault; exit status 1, as a
+    failed op (netcompress/op_errors.py)."""
+
+    exit_status = PEER_EXIT
+
+
+class PeerWatch:
+    """The other workers during training (docs/distribute.md): a worker
+    that dies is named in one line, with TensorFlow's cause when a step
+    fails, or (a step that would wait for it forever) after its server has
+    refused connections for ``grace`` seconds while the step waits."""
+
+    def __init__(self, workers, index, interval=PEER_INTERVAL, grace=PEER_GRACE,
+                 give_up=None):
+        """``give_up(message)``: what ends the process from the watch
+        thread (tests replace it); default: the message, then exit."""
+        self.workers, self.index = workers, index
+        self.interval, self.grace = interval, grace
+        self.give_up = give_up or _exit_with
+        self.stopped = lambda: "training stopped"
+        self._run = None  # the number of the collective run in progress
+        self._runs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
+        self._thread.start()
+
+    def dead_peer(self, timeout=1.0):
+        """(number, address) of the first other worker whose server does not
+        accept a connection, else None."""
+        for number, address in enumerate(self.workers):
+            if number == self.index:
+                continue
+            try:
+                with socket.create_connection(host_and_port(address, number),
+                                              timeout=timeout):
+                    pass
+            except OSError:
+                return number, address
+        return None
+
+    def message(self, number, cause):
+        try:
+            stopped = self.stopped()
+        except Exception:  # noqa: BLE001 -- a damaged state file must not hide the worker
+            stopped = "training stopped"
+        return (f"worker {number} ({self.workers[number]}) stopped during training (this "
+                f"is worker {self.index}): {cause}; {stopped}")
+
+    def failure(self, exc):
+        """A UserError naming the worker behind ``exc`` (an op error of a
+        collective run) with its whole cause; None when no other worker is
+        named by it or found dead."""
+        remote = [int(n) for n in _REMOTE_TASK.findall(getattr(exc, "message", None)
+                                                       or str(exc))]
+        remote = [n for n in remote if n != self.index and n < len(self.workers)]
+        number = remote[0] if remote else (self.dead_peer() or (None,))[0]
+        if number is None:
+            return None
+        return PeerFailure(self.message(number, whole_cause(exc)))
+
+    @contextlib.contextmanager
+    def collective(self):
+        """Around session runs that wait for the other workers."""
+        self._runs += 1
+        self._run = self._runs
+        try:
+            yield
+        except tf.errors.OpError as exc:
+            if isinstance(exc, tf.errors.OutOfRangeError):
+                raise
+            failure = self.failure(exc)
+            if failure is None:
+                raise
+            raise failure from None
+        finally:
+            self._run = None
+
+    def _watch(self):
+        down = None  # (peer, since when, the run then waiting)
+        while not self._stop.wait(self.interval):
+            peer = self.dead_peer(timeout=self.interval)
+            run = self._run
+            if peer is None or run is None:
+                down = None
+            elif down is None or down[0] != peer or down[2] != run:
+                down = (peer, time.monotonic(), run)
+            elif time.monotonic() - down[1] >= self.grace and self._run == run:
+                self.give_up(self.message(peer[0], f"its server has refused connections for "
+                                                   f"{self.grace:g} s while this worker's step "
+                                                   f"waits for it (its own output says why)"))
+                return
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def _exit_with(message):
+    """End the process from the watch thread: the main thread is blocked in
+    TensorFlow, which would wait for the dead worker forever. Checkpoints
+    are whole (a save's temporary files are removed by the next run)."""
+    sys.stderr.write(f"\nerror: {message}\n")
+    sys.stderr.flush()
+    os._exit(PEER_EXIT)
+
+
 class Replicas:
     """How a config's step runs: ``count`` replicas, on GPUs or CPU devices,
     in this process or (TF_CONFIG) over several worker processes."""
@@ -112,6 +253,7 @@ class Replicas:
         self.on_gpus = len(listed_gpus(config.get("gpu_id", ""))) > 1
         self.strategy = None
         self.target, self.chief, self._config = "", True, None
+        self.watch = None
         cluster = cluster_task() if workers else None
         if cluster is not None:
             self._start_worker(config, *cluster)
@@ -156,6 +298,23 @@ class Replicas:
                             f"{timeout}")
         wait_for_workers(cluster["worker"], index, timeout)
         self.target, self.chief = server.target, index == 0
+        self.watch = PeerWatch(cluster["worker"], index)
+
+    def collective(self, stopped=None):
+        """Around session runs that wait for the other workers: a worker that
+        dies meanwhile is a one-line error naming it (``PeerWatch``), ending
+        with ``stopped()``."""
+        if self.watch is None:
+            return contextlib.nullcontext()
+        if stopped is not None:
+            self.watch.stopped = stopped
+        return self.watch.collective()
+
+    def close(self):
+        """Stop watching the other workers (the end of training)."""
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
 
     def scope(self):
         """Variables created under it are mirrored (a no-op for one replica)."""

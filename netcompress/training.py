@@ -1,8 +1,11 @@
 """Training loop (train.py): Adam, polynomial decay, resume, NaN guard."""
 
 import contextlib
+import functools
 import math
 import os
+import re
+import shutil
 import socket
 import time
 
@@ -12,7 +15,7 @@ from tqdm import tqdm
 
 from dataset.pipeline import train_dataset
 from dataset.records import first_message_line
-from common import outputs
+from common import files, outputs
 from netcompress import checkpoints, op_errors
 from netcompress.checkpoint_paths import STATE_FILE, checkpoint_prefix, \
     input_checkpoint_files, latest_of_run
@@ -215,10 +218,65 @@ def summary_writer(config, directory, graph):
         raise UserError(f"cannot write TensorBoard events {path}: {_reason(exc)}") from None
 
 
-def _diverged(what, directory, prefix):
+def _saver_leftovers(directory, prefix):
+    """What killed saves of this run left in ``directory`` (TensorFlow's
+    Saver writes none of it through common/files.py): temporary files of a
+    save (``PREFIX-STEP.data-*.tempstate*``, ``.index.tempstate*``), the
+    part files of a sharded save (``PREFIX-STEP_temp*/``), the state file's
+    ``checkpoint.tmp*``, and ``.data`` files without their ``.index`` (a
+    save killed before its index, a rotation killed after it): no reader
+    can open any of them (docs/outputs.md)."""
+    step = re.escape(os.path.basename(prefix)) + r"-\d+"
+    patterns = [re.compile(step + r"\.(data-\d{5}-of-\d{5}|index)\.tempstate\d*"),
+                re.compile(step + r"_temp(_[0-9a-f]{32})?"),
+                re.compile(re.escape(STATE_FILE) + r"\.tmp[0-9a-f]{32}")]
+    data = re.compile(f"({step})" + r"\.data-\d{5}-of-\d{5}")
+    found = []
+    for name in sorted(os.listdir(directory)):
+        orphan = data.fullmatch(name)
+        if any(p.fullmatch(name) for p in patterns) or (
+                orphan and not os.path.exists(os.path.join(directory,
+                                                           orphan.group(1) + ".index"))):
+            found.append(os.path.join(directory, name))
+    return found
+
+
+@contextlib.contextmanager
+def _run_directory(directory, prefix, chief, log):
+    """The checkpoint directory, locked for this run when it writes there
+    (the chief): another training run into it is refused, and what killed
+    runs left there is removed first (docs/outputs.md)."""
+    files.make_directory(directory)
+    if not chief:
+        yield
+        return
+    busy = (f"checkpoint directory {directory} is in use by another training run (it "
+            f"holds the directory's lock): wait for it to end, or give another checkpoint "
+            f"directory")
+    with files.directory_lock(directory, busy) as locked:
+        if locked:
+            files.remove_leftovers(directory)
+            leftovers = _saver_leftovers(directory, prefix)
+            for path in leftovers:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    files.remove_quietly(path)
+            if leftovers:
+                log(f"removed {len(leftovers)} leftover file(s) of an interrupted save in "
+                    f"{directory} ({os.path.basename(leftovers[0])}"
+                    f"{', ...' if len(leftovers) > 1 else ''})")
+        yield
+
+
+def _stopped(directory, prefix):
+    """What a failure mid-training ends its message with."""
     last = latest_of_run(directory, prefix)
-    return UserError(f"{what}: training stopped; last good checkpoint: "
-                     f"{last or 'none saved yet'} (lower learning_rate?)")
+    return f"training stopped; last good checkpoint: {last or 'none saved yet'}"
+
+
+def _diverged(what, directory, prefix):
+    return UserError(f"{what}: {_stopped(directory, prefix)} (lower learning_rate?)")
 
 
 def _save_if_finite(session, graph, directory, prefix, step, write=True):
@@ -235,10 +293,8 @@ def _save_if_finite(session, graph, directory, prefix, step, write=True):
             graph.saver.save(session, prefix, global_step=step, write_meta_graph=False)
         except (OSError, ValueError, tf.errors.OpError) as exc:
             # Disk full, the directory gone or made unwritable (docs/errors.md).
-            last = latest_of_run(directory, prefix)
             raise UserError(f"cannot write checkpoint {prefix}-{step}: {_reason(exc)}; "
-                            f"training stopped; last good checkpoint: "
-                            f"{last or 'none saved yet'}") from None
+                            f"{_stopped(directory, prefix)}") from None
 
 
 def _reason(exc):
@@ -257,15 +313,20 @@ def train(config, log=print, seed=None, progress=True, dropout=True):
     directory, prefix = checkpoint_prefix(config["checkpoint"])
     check_paths(config, directory)
     graph = TrainGraph(config, seed=seed, dropout=dropout)
-    os.makedirs(directory, exist_ok=True)
     max_iteration, save_step = config["max_iteration"], config["save_step"]
     history, data_history = [], []
     replicas = graph.replicas
-    with tf1.Session(replicas.target, graph=graph.graph,
-                     config=replicas.session_config()) as session:
-        step = _initialise(session, graph, config, directory, prefix, log)
-        if graph.data_initializer is not None:
-            session.run(graph.data_initializer)
+    # Several workers: one that dies is named in one line (netcompress/replicas.py).
+    collective = functools.partial(replicas.collective, lambda: _stopped(directory, prefix))
+    with contextlib.ExitStack() as stack:
+        stack.callback(replicas.close)
+        stack.enter_context(_run_directory(directory, prefix, replicas.chief, log))
+        with collective():
+            session = stack.enter_context(tf1.Session(replicas.target, graph=graph.graph,
+                                                      config=replicas.session_config()))
+            step = _initialise(session, graph, config, directory, prefix, log)
+            if graph.data_initializer is not None:
+                session.run(graph.data_initializer)
         if step >= max_iteration:
             log(f"nothing to do: step {step} >= max_iteration {max_iteration}")
             return {"step": step, "losses": history, "data_losses": data_history,
@@ -276,7 +337,7 @@ def train(config, log=print, seed=None, progress=True, dropout=True):
                    disable=not progress, dynamic_ncols=True)
         try:
             while step < max_iteration:
-                with op_errors.reported(config["train_data"], graph.graph):
+                with op_errors.reported(config["train_data"], graph.graph), collective():
                     _, loss, data_loss, learning_rate, summary = session.run(
                         [graph.train_op, graph.loss, graph.data_loss, graph.learning_rate,
                          graph.summaries])
@@ -295,10 +356,9 @@ def train(config, log=print, seed=None, progress=True, dropout=True):
                         try:
                             writer.add_summary(summary, step)
                         except (OSError, tf.errors.OpError) as exc:
-                            last = latest_of_run(directory, prefix)
                             raise UserError(f"cannot write TensorBoard events {writer.path}: "
-                                            f"{_reason(exc)}; training stopped; last good "
-                                            f"checkpoint: {last or 'none saved yet'}") from None
+                                            f"{_reason(exc)}; {_stopped(directory, prefix)}"
+                                            ) from None
                 if step % save_step == 0 or step == max_iteration:
                     _save_if_finite(session, graph, directory, prefix, step,
                                     write=replicas.chief)

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -785,7 +786,10 @@ def stand_in_training_graph():
     return graph
 
 
-def test_resume_from_a_truncated_data_file_is_one_line(tiny, tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "flipped byte"])
+def test_resume_from_a_truncated_data_file_is_one_line(tiny, tmp_path, damage):
+    """A .data file cut short, overwritten, or with one byte changed (the
+    index is intact: only the restore itself can tell)."""
     from netcompress.training import _initialise
 
     run = tmp_path / "run"
@@ -795,18 +799,103 @@ def test_resume_from_a_truncated_data_file_is_one_line(tiny, tmp_path):
         session.run(graph.initializer)
         graph.saver.save(session, str(run / "model.ckpt"), global_step=3)
         data = str(run / ("model.ckpt-3" + DATA_SUFFIX))
-        _truncate(data, os.path.getsize(data) // 2)
+        if damage == "truncated":
+            _truncate(data, os.path.getsize(data) // 2)
+        elif damage == "garbage":
+            _garbage(data)
+        else:
+            with open(data, "r+b") as f:
+                f.seek(100)
+                byte = f.read(1)
+                f.seek(100)
+                f.write(bytes([byte[0] ^ 1]))
         with pytest.raises(UserError, match=re.escape(
                 f"cannot resume from {run}/model.ckpt-3: it is damaged (")) as error:
             _initialise(session, graph, config, str(run), str(run / "model.ckpt"), print)
     message = str(error.value)
     assert "\n" not in message and "give a new checkpoint directory" in message
-    assert "Graph execution error" not in message and "Read less bytes" in message
+    assert "Graph execution error" not in message
+    assert ("Read less bytes" if damage == "truncated" else "DataLossError") in message
 
 
-@pytest.mark.parametrize("failure", ["disk full", "directory gone"])
+# A training save killed midway (SIGXFSZ past a file-size limit: the kernel
+# kills the process inside TensorFlow's own write, as a SIGKILL would).
+_KILLED_SAVE = """
+import os, resource, signal, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf
+tf1 = tf.compat.v1
+tf1.disable_eager_execution()
+with tf.Graph().as_default() as graph:
+    tf1.train.get_or_create_global_step()
+    tf1.get_variable("w", [64, 64], initializer=tf1.ones_initializer())
+    saver = tf1.train.Saver(save_relative_paths=True)
+    with tf1.Session() as session:
+        session.run(tf1.global_variables_initializer())
+        saver.save(session, sys.argv[1], global_step=1, write_meta_graph=False)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5000, 5000))
+        saver.save(session, sys.argv[1], global_step=2, write_meta_graph=False)
+"""
+
+
+def test_a_killed_save_is_cleaned_up_by_the_next_run_into_the_directory(tmp_path):
+    """What TensorFlow's Saver leaves when killed (its .tempstate file, for
+    real), and the other leftovers of killed saves (by name), go when the
+    next run takes the directory; checkpoints and other files stay."""
+    from netcompress.checkpoint_paths import latest_of_run
+    from netcompress.training import _run_directory
+
+    run = tmp_path / "run"
+    process = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(run / "model.ckpt")],
+                             capture_output=True, text=True)
+    assert process.returncode == -signal.SIGXFSZ, process.stderr[-2000:]
+    killed = [n for n in os.listdir(run) if n.startswith("model.ckpt-2")]
+    assert len(killed) == 1 and re.fullmatch(r"model\.ckpt-2\.data-00000-of-00001\.tempstate\d+",
+                                             killed[0]), killed
+    (run / "model.ckpt-3_temp").mkdir()  # a sharded save's part files
+    (run / "model.ckpt-3_temp" / "part-00000-of-00001.index").write_bytes(b"i")
+    (run / "model.ckpt-4.index.tempstate123").write_bytes(b"i")
+    (run / ("model.ckpt-5" + DATA_SUFFIX)).write_bytes(b"d")  # no .index
+    (run / ("checkpoint.tmp" + "0123456789abcdef" * 2)).write_text("x")
+    (run / ".staging-killed").mkdir()
+    kept = sorted(["model.ckpt-1.index", "model.ckpt-1" + DATA_SUFFIX, "checkpoint",
+                   "other.ckpt-7" + DATA_SUFFIX, "model.ckpt-best" + DATA_SUFFIX, "notes.txt"])
+    for name in kept[-3:]:
+        (run / name).write_text("user's")
+    lines = []
+    with _run_directory(str(run), str(run / "model.ckpt"), True, lines.append):
+        assert sorted(os.listdir(run)) == kept
+        assert latest_of_run(str(run), str(run / "model.ckpt")) == str(run / "model.ckpt-1")
+    assert lines == [f"removed 5 leftover file(s) of an interrupted save in {run} "
+                     f"(checkpoint.tmp{'0123456789abcdef' * 2}, ...)"]
+
+
+def test_two_training_runs_into_one_directory_are_refused(tmp_path):
+    """The second is refused while the first holds the directory (and a
+    worker that is not the chief neither locks nor cleans)."""
+    from netcompress.training import _run_directory
+
+    run, prefix = str(tmp_path / "run"), str(tmp_path / "run" / "model.ckpt")
+    with _run_directory(run, prefix, True, print):
+        (tmp_path / "run" / "model.ckpt-2.index.tempstate9").write_bytes(b"live")
+        with pytest.raises(UserError, match=re.escape(
+                f"checkpoint directory {run} is in use by another training run")):
+            with _run_directory(run, prefix, True, print):
+                pass
+        with _run_directory(run, prefix, False, print):
+            assert os.listdir(run) == ["model.ckpt-2.index.tempstate9"]
+    with _run_directory(run, prefix, True, print):
+        assert os.listdir(run) == []
+
+
+@pytest.mark.parametrize("failure", ["disk full", "file size limit", "directory gone"])
 def test_a_checkpoint_that_cannot_be_written_stops_training_in_one_line(tmp_path, failure,
                                                                         monkeypatch):
+    """"file size limit": TensorFlow's own write fails for real (EFBIG, as
+    ENOSPC would; Python ignores SIGXFSZ), and leaves nothing behind."""
+    import resource
+
     from netcompress.training import _save_if_finite
 
     run = tmp_path / "run"
@@ -821,6 +910,12 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_in_one_line(tmp_path
                     f"00001.tempstate; No space left on device\n\tmore lines")
             monkeypatch.setattr(graph.saver, "save", full)
             reason = "No space left on device"
+        elif failure == "file size limit":
+            before = sorted(os.listdir(run))
+            limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4000, limits[1]))
+            monkeypatch.setattr(graph.saver, "save", _restoring_limits(graph.saver.save, limits))
+            reason = "File too large"
         else:  # the run directory replaced by a file while training
             shutil.rmtree(run)
             run.write_text("")
@@ -830,8 +925,43 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_in_one_line(tmp_path
             _save_if_finite(session, graph, str(run), str(run / "model.ckpt"), 2)
     message = str(error.value)
     assert "\n" not in message and reason in message and "training stopped" in message
-    if failure == "disk full":
+    if failure != "directory gone":
         assert message.endswith(f"last good checkpoint: {run}/model.ckpt-1")
+    if failure == "file size limit":
+        assert sorted(os.listdir(run)) == before
+
+
+def test_a_checkpoint_written_past_the_file_size_limit_is_one_line_and_leaves_the_old(
+        tmp_path, monkeypatch):
+    """write_checkpoint (pruned models, compress stages) with TensorFlow's
+    write failing for real (EFBIG, as ENOSPC): its reason, not 'Graph
+    execution error:'; the old checkpoint whole, no staging left."""
+    import resource
+
+    prefix = str(tmp_path / "m.ckpt")
+    checkpoints.write_checkpoint({"a": np.zeros(10, np.float32)}, prefix)
+    before = hash_tree(tmp_path)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    monkeypatch.setattr(tf1.train.Saver, "save",
+                        _restoring_limits(tf1.train.Saver.save, limits))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, limits[1]))
+    with pytest.raises(UserError, match=re.escape(f"cannot write checkpoint {prefix}: "
+                                                  f"OutOfRangeError: ")) as error:
+        checkpoints.write_checkpoint({"a": np.ones(10000, np.float32)}, prefix)
+    assert str(error.value).endswith("File too large") and "\n" not in str(error.value)
+    assert hash_tree(tmp_path) == before and hidden_names(tmp_path) == []
+
+
+def _restoring_limits(save, limits):
+    """``save``, with the file size limit set back as soon as it returns."""
+    import resource
+
+    def limited(*args, **kwargs):
+        try:
+            return save(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    return limited
 
 
 def test_export_with_the_disk_full_is_one_line_and_leaves_nothing(tiny, tmp_path, monkeypatch):
@@ -895,9 +1025,31 @@ def test_tf_config_addresses_must_be_host_port(monkeypatch, address):
     assert cluster_task() == ({"worker": ["localhost:2222", "[::1]:2223"]}, 1)
 
 
-def test_a_worker_that_never_starts_is_named_after_the_timeout():
-    import socket
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "TF_CONFIG is not {"),
+    ('{"cluster": {"worker": ["localhost:2222"]}}', "TF_CONFIG is not {"),
+    ('{"cluster": {}, "task": {"type": "worker", "index": 0}}', "TF_CONFIG is not {"),
+    ('{"cluster": {"worker": ["localhost:2222"]}, "task": {"type": "worker", "index": "x"}}',
+     "TF_CONFIG is not {"),
+    ('{"cluster": {"worker": ["localhost:2222", "localhost:2223"]}, '
+     '"task": {"type": "worker", "index": 2}}', "TF_CONFIG task {'type': 'worker', 'index': 2} "
+                                                "is not one of the 2 workers"),
+    ('{"cluster": {"worker": ["localhost:2222"]}, "task": {"type": "ps", "index": 0}}',
+     "is not one of the 1 workers"),
+    ('{"cluster": {"worker": "localhost:2222"}, "task": {"type": "worker", "index": 0}}',
+     "TF_CONFIG is not {"),
+    ("[1, 2]", "TF_CONFIG is not {"),
+])
+def test_a_malformed_tf_config_is_one_line(monkeypatch, text, message):
+    from netcompress.replicas import cluster_task
 
+    monkeypatch.setenv("TF_CONFIG", text)
+    with pytest.raises(UserError, match=re.escape(message)) as error:
+        cluster_task()
+    assert "\n" not in str(error.value)
+
+
+def test_a_worker_that_never_starts_is_named_after_the_timeout():
     from netcompress.replicas import wait_for_workers
 
     listening = socket.socket()
@@ -917,6 +1069,80 @@ def test_a_worker_that_never_starts_is_named_after_the_timeout():
     finally:
         listening.close()
         silent.close()
+
+
+# What a survivor's collective op raised when worker 1 was killed mid-training
+# (two train.py workers on loopback, tests/test_workers.py's setup).
+_PEER_RESET = ("From /job:worker/replica:0/task:0:\nCollective ops is aborted by: "
+               "recvmsg:Connection reset by peer\nAdditional GRPC error information from remote target /job:worker/replica:0/"
+               "task:1 while calling /tensorflow.WorkerService/RecvBuf:\n:UNKNOWN:Error "
+               "received from peer  {grpc_status:14, grpc_message:\"recvmsg:Connection reset "
+               "by peer\"}\nThe error could be from a previous operation. Restart your "
+               "program to reset.\n\t [[{{node gradients/conv2/CollectiveReduceV2}}]]")
+
+
+def test_a_worker_that_dies_is_named_with_its_whole_cause():
+    from netcompress.replicas import PeerWatch
+
+    listening = socket.socket()
+    listening.bind(("localhost", 0))
+    listening.listen()
+    up = f"localhost:{listening.getsockname()[1]}"
+    watch = PeerWatch(["localhost:1", up], 0, interval=60)
+    watch.stopped = lambda: "training stopped; last good checkpoint: run/model.ckpt-3"
+    try:
+        with pytest.raises(UserError) as error, watch.collective():
+            raise tf.errors.UnavailableError(None, None, _PEER_RESET)
+        assert str(error.value) == (
+            f"worker 1 ({up}) stopped during training (this is worker 0): UnavailableError: "
+            f"From /job:worker/replica:0/task:0: Collective ops is aborted by: "
+            f"recvmsg:Connection reset by peer Additional "
+            f"GRPC error information from remote target /job:worker/replica:0/task:1 while "
+            f"calling /tensorflow.WorkerService/RecvBuf: :UNKNOWN:Error received from peer "
+            f"{{grpc_status:14, grpc_message:\"recvmsg:Connection reset by peer\"}} The error "
+            f"could be from a previous operation. Restart your program to reset.; training "
+            f"stopped; last good checkpoint: run/model.ckpt-3")
+        assert error.value.exit_status == 1
+        # An error that names no worker, while every worker answers: as it was.
+        with pytest.raises(tf.errors.InternalError), watch.collective():
+            raise tf.errors.InternalError(None, None, "no kernel")
+    finally:
+        watch.close()
+        listening.close()
+
+
+def test_a_step_waiting_for_a_dead_worker_ends_naming_it():
+    """TensorFlow can wait for a dead worker forever (killed during the first
+    step): the watch gives up once its server has refused connections for
+    the grace time, and only while a step waits."""
+    import threading
+
+    from netcompress.replicas import PeerWatch
+
+    listening = socket.socket()
+    listening.bind(("localhost", 0))
+    listening.listen()
+    up = f"localhost:{listening.getsockname()[1]}"
+    given_up, messages = threading.Event(), []
+
+    def give_up(message):
+        messages.append(message)
+        given_up.set()
+    watch = PeerWatch([up, up], 1, interval=0.05, grace=0.3, give_up=give_up)
+    try:
+        with watch.collective():
+            assert not given_up.wait(0.6)  # the peer answers
+        listening.close()
+        assert not given_up.wait(0.6)  # dead, but no step waits for it
+        start = time.monotonic()
+        with watch.collective():
+            assert given_up.wait(5)
+        assert time.monotonic() - start >= 0.3  # the grace, from the first refusal seen
+    finally:
+        watch.close()
+    assert messages == [f"worker 0 ({up}) stopped during training (this is worker 1): its "
+                        f"server has refused connections for 0.3 s while this worker's step "
+                        f"waits for it (its own output says why); training stopped"]
 
 
 # ---- sets of files: kills between renames, partial replacements, leftovers --------

@@ -6,8 +6,11 @@ import json
 import os
 import shutil
 import socket
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -68,3 +71,46 @@ def test_two_worker_processes_train_like_one_replica_of_the_whole_batch(workspac
     assert difference < GRADIENT_TOLERANCE
     assert len([name for name in os.listdir(root / "workers")
                 if name.startswith("events.")]) == 2  # the init run's and the chief's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["first step", "later step"])
+def test_a_worker_killed_during_training_is_named_by_the_other(workspace, when):
+    """train.py on two workers; worker 1 is killed (SIGKILL) once the chief
+    has started its first step (TensorFlow would then wait for it forever:
+    the peer watch ends it), or after two checkpoints (a collective op fails:
+    its whole cause is kept). The chief ends in one line naming worker 1."""
+    run = workspace["root"] / f"killed {when}"
+    cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
+    processes = []
+    for index in range(2):
+        task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        processes.append(subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "train.py"), "-c", workspace["train_config"],
+             "--checkpoint", str(run / "model.ckpt"), "--max_iteration", "1000",
+             "--save_step", "1000" if when == "first step" else "1"],
+            env=dict(os.environ, TF_CONFIG=json.dumps(task)), cwd=REPO, text=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    sign = "events.out" if when == "first step" else "model.ckpt-2.index"
+    try:
+        deadline = time.monotonic() + 900
+        while not (run.is_dir() and any(n.startswith(sign) for n in os.listdir(run))):
+            assert time.monotonic() < deadline and processes[0].poll() is None
+            time.sleep(0.5)
+        processes[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, errors = processes[0].communicate(timeout=120)
+        waited = time.monotonic() - killed
+    finally:
+        for process in processes:
+            process.kill()
+    lines = [line for line in errors.splitlines() if line.startswith("error:")]
+    print(when, f"{waited:.1f} s:", lines)
+    assert processes[0].returncode == 1 and len(lines) == 1, errors[-3000:]
+    assert waited < 60  # the watch's 10 s grace and 2 s checks
+    assert re.fullmatch(re.escape(f"error: worker 1 ({cluster['worker'][1]}) stopped during "
+                                  f"training (this is worker 0): ") + r".+; training stopped; "
+                        r"last good checkpoint: .+", lines[0])
+    if when == "later step":
+        assert "remote target /job:worker/replica:0/task:1" in lines[0]
+        assert lines[0].endswith(f"{run}/model.ckpt-" + lines[0].rsplit("-", 1)[1])
