@@ -247,6 +247,7 @@ def run(config, args=None, rows=None, log=print, progress=True):
     rows = list(rows if rows is not None else finished_rows(config))
     make_directory(run_dir)
     _write_json(os.path.join(run_dir, RUN_FILE), run_identity(config))
+    config = given_model_files(config)
     if rows:
         log(f"resuming {run_dir}: stage(s) 0..{len(rows) - 1} done")
     durations = []
@@ -362,6 +363,35 @@ def _resource_percent(config, rows, model, parameters, macs, log, progress):
     log(f"latency {latencies['new']:.2f} ms, {percent:.1f} % of the given model's "
         f"{latencies['given']:.2f} ms")
     return percent
+
+
+GIVEN_DIR = "given"  # the given checkpoint's model_def and mask, when it describes them
+
+
+def given_model_files(config):
+    """``config`` with the given model's model_def and mask files and
+    num_classes: when the checkpoint describes its model (netcompress/
+    description.py), the config's (if given) must equal it, and what the
+    config leaves out is written from the description into run_dir/given/
+    (every stage reads files); else the config's, as before."""
+    from models.model_def import save_masks, save_model_def
+    from netcompress.description import checkpoint_model
+
+    found = checkpoint_model(config["checkpoint"], config["model_def"], config["mask"],
+                             config["num_classes"])
+    config = dict(config, num_classes=found.num_classes)
+    if found.description is None:
+        return config
+    directory = os.path.join(config["run_dir"], GIVEN_DIR)
+    if config["model_def"] is None:
+        make_directory(directory)
+        config["model_def"] = os.path.join(directory, "model_def.json")
+        save_model_def(found.model_def, config["model_def"])
+    if config["mask"] is None and found.masks:
+        make_directory(directory)
+        config["mask"] = os.path.join(directory, "mask.npy")
+        save_masks(found.masks, config["mask"])
+    return config
 
 
 def _given_model(config):

@@ -8,6 +8,7 @@ from tqdm import tqdm
 from dataset.pipeline import eval_dataset
 from dataset.records import count_records
 from netcompress import checkpoints, op_errors
+from netcompress.description import with_checkpoint_model
 from netcompress.metrics import ConfusionMatrix
 from netcompress.models import model_from_config
 from netcompress.palette import config_class_names
@@ -30,6 +31,8 @@ class InferenceGraph:
 
     def __init__(self, config, data_path, aux=False, shard=None, per_replica=None,
                  fold_masks=False):
+        config = with_checkpoint_model(config)
+        self.model_def_path = config.get("model_def")
         self.data_path = data_path
         self.replicas = Replicas(config if per_replica else {})
         self.data_initializer = None
@@ -58,7 +61,7 @@ class InferenceGraph:
         ``handle(fetched)`` returns the batch's image count and a progress
         note (or None)."""
         with tf1.Session(graph=self.graph, config=self.replicas.session_config()) as session:
-            self.restore(session, config["checkpoint"], config["model_def"])
+            self.restore(session, config["checkpoint"], self.model_def_path)
             if self.data_initializer is not None:
                 session.run(self.data_initializer)
             bar = tqdm(total=total, desc=desc, unit="img", disable=not progress,
@@ -83,6 +86,7 @@ class GatedGraph:
     InferenceGraph): nothing here differentiates the kernels."""
 
     def __init__(self, config, data_path, aux=False):
+        config = with_checkpoint_model(config)
         self.data_path = data_path
         self.graph = tf.Graph()
         with self.graph.as_default():
@@ -149,6 +153,7 @@ def iterate_batches(session, fetches, data_path):
 def evaluate(config, log=print, class_names=None, progress=True):
     """Returns the ConfusionMatrix; logs the per-class report, mIoU last.
     ``class_names`` default: the config's optional `classes` file."""
+    config = with_checkpoint_model(config)
     if class_names is None:
         class_names = config_class_names(config)  # read before the pass
     data_path = config["test_data"]

@@ -53,13 +53,30 @@ def check_model_size(model_def, num_classes, source):
 
 def model_from_config(config, **options):
     """``options``: further keyword arguments of the model class (e.g.
-    AdapNet_pp's fold_masks for inference graphs)."""
-    model_def = load_model_def(config["model_def"])
-    masks = load_masks(config.get("mask"))
+    AdapNet_pp's fold_masks for inference graphs). The model_def and masks
+    are a checkpoint's when the config went through
+    netcompress.description.with_checkpoint_model, else the config's files."""
+    found = config.get("checkpoint_model")
+    if found is not None:
+        model_def, masks, source = found.model_def, found.masks, found.source
+    else:
+        if config.get("model_def") is None:
+            raise UserError("no model_def given (needed unless the checkpoint describes "
+                            "its model)")
+        model_def = load_model_def(config["model_def"])
+        masks = load_masks(config.get("mask"))
+        source = f"{config['model_def']} / mask {config.get('mask')}"
     cls = model_class(config["model"])  # its errors name the model, not the model_def
-    check_model_size(model_def, config["num_classes"], config["model_def"])
+    check_model_size(model_def, config["num_classes"], source)
     try:
         return cls(model_def, config["num_classes"], masks,
                    atrous_path=config.get("atrous_path", "auto"), **options)
     except UserError as exc:
-        raise UserError(f"{config['model_def']} / mask {config.get('mask')}: {exc}") from None
+        raise UserError(f"{source}: {exc}") from None
+
+
+def model_source(config):
+    """How messages name a config's model: its model_def file, or the
+    checkpoint that describes it."""
+    found = config.get("checkpoint_model")
+    return found.source if found is not None else f"model_def {config.get('model_def')}"

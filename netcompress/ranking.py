@@ -34,6 +34,7 @@ from models.model_def import load_masks
 from netcompress import rankfile
 from netcompress.checkpoint_paths import resolve_checkpoint
 from netcompress.checkpoints import read_checkpoint
+from netcompress.description import with_checkpoint_model
 from common.errors import UserError
 from netcompress.evaluation import InferenceGraph
 from netcompress.rankfile import SUMS, RankSums
@@ -204,18 +205,21 @@ def filter_l1(values, architecture, widths, kept_channels=None):
 
 # ---- the ranking pass ------------------------------------------------------------
 
-def masks_description(mask_path):
-    """The mask file as JSON: {unit: {"width": w, "kept": [indices]}}."""
-    masks = load_masks(mask_path)
+def masks_description(mask_path, masks=None):
+    """The mask file (or ``masks``, as load_masks gives) as JSON:
+    {unit: {"width": w, "kept": [indices]}}."""
+    masks = load_masks(mask_path) if masks is None else masks
     return json.dumps({unit: {"width": int(width), "kept": [int(i) for i in kept]}
                        for unit, (kept, width) in sorted(masks.items())})
 
 
-def rank_metadata(config, shard, model_def):
+def rank_metadata(config, shard, model_def, masks=None):
+    """``masks``: the ranked model's (the checkpoint's, which the config's
+    mask file may leave unnamed); default: the config's mask file."""
     return {
         "model_def_json": json.dumps(model_def),
         "model_def_sha256": rankfile.model_def_digest(model_def),
-        "masks_json": masks_description(config.get("mask")),
+        "masks_json": masks_description(config.get("mask"), masks),
         "checkpoint": resolve_checkpoint(config["checkpoint"]),
         "data": config["test_data"],
         "shard": shard_label(shard),
@@ -225,6 +229,7 @@ def rank_metadata(config, shard, model_def):
 def rank(config, shard=None, progress=True):
     """One pass over ``config['test_data']`` (or one shard (index, count) of
     it) with the checkpoint restored; returns the filled RankSums."""
+    config = with_checkpoint_model(config)
     data_path = config["test_data"]
     total = records_in_shard(count_records(data_path), shard)
     if total == 0:
@@ -251,7 +256,8 @@ def rank(config, shard=None, progress=True):
         if not np.isfinite(sums.sums["taylor"][name]).all():
             raise UserError(f"the Taylor values of {name} are not finite: the loss of "
                             f"checkpoint {config['checkpoint']} on {data_path} overflows")
-    sums.metadata.update(rank_metadata(config, shard, inference.model.model_def))
+    sums.metadata.update(rank_metadata(config, shard, inference.model.model_def,
+                                       inference.model.masks))
     model = inference.model
     sums.l1 = filter_l1(read_checkpoint(sums.metadata["checkpoint"]), model.architecture,
                         model.widths, model.kept_channels)
