@@ -575,7 +575,7 @@ def _check_setting(setting, value, source):
         return str(value).strip()
     # The kinds config files share: one check each (_check_value).
     shared = {"gpu_id": "gpu_id", "num_classes": "num_classes", "size": "height",
-              "optional_path": "mask", "path": "model_def"}[kind]
+              "optional_path": "mask", "path": "train_data"}[kind]
     return _check_value(shared, value, source, name=name)
 
 
@@ -715,7 +715,7 @@ def _check_value(key, value, source, name=None):
             fail("a model name such as 'AdapNet_pp.AdapNet_pp'")
         return value.strip()
 
-    if key in ("mask", "initialize", "val_data", "classes"):
+    if key in ("mask", "initialize", "val_data", "classes", "model_def"):
         if value is None or (isinstance(value, str)
                              and value.strip().lower() in NONE_STRINGS):
             return None

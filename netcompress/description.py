@@ -177,7 +177,8 @@ class CheckpointModel:
     masks: dict
     num_classes: int
     description: object  # Description or None
-    source: str  # names the model in messages
+    source: str  # where it comes from: the model_def file, or the checkpoint
+    label: str  # names the model in messages
 
     @property
     def model(self):
@@ -216,15 +217,15 @@ def checkpoint_model(checkpoint, model_def_path=None, mask_path=None, num_classe
         raise UserError(f"num_classes {num_classes} differs from the checkpoint's "
                         f"({where}): {described.num_classes}")
     return CheckpointModel(described.model_def, described.masks, num_classes, described,
-                           f"the model described in checkpoint {where}")
+                           f"the description in checkpoint {where}",
+                           f"model described in checkpoint {where}")
 
 
 def files_model(model_def_path, mask_path, num_classes, model_def_name="model_def",
                 mask_name="mask"):
     """The CheckpointModel of a model_def and mask file (no description)."""
     model_def, masks = load_model_def(model_def_path), load_masks(mask_path)
-    check_masks(model_def, masks, source=mask_path or mask_name)
-    return CheckpointModel(model_def, masks, num_classes, None,
+    return CheckpointModel(model_def, masks, num_classes, None, model_def_path,
                            f"{model_def_name} {model_def_path} (mask {mask_path})")
 
 

@@ -4,7 +4,6 @@ import importlib
 import inspect
 import re
 
-from models.model_def import load_masks, load_model_def
 from common.errors import UserError
 
 # `Module` or `Module.Class`: a file models/Module.py and a class in it.
@@ -56,27 +55,20 @@ def model_from_config(config, **options):
     AdapNet_pp's fold_masks for inference graphs). The model_def and masks
     are a checkpoint's when the config went through
     netcompress.description.with_checkpoint_model, else the config's files."""
+    from netcompress.description import files_model
+
     found = config.get("checkpoint_model")
-    if found is not None:
-        model_def, masks, source = found.model_def, found.masks, found.source
-    else:
+    if found is None:
         if config.get("model_def") is None:
             raise UserError("no model_def given (needed unless the checkpoint describes "
                             "its model)")
-        model_def = load_model_def(config["model_def"])
-        masks = load_masks(config.get("mask"))
-        source = f"{config['model_def']} / mask {config.get('mask')}"
+        found = files_model(config["model_def"], config.get("mask"), config["num_classes"])
     cls = model_class(config["model"])  # its errors name the model, not the model_def
-    check_model_size(model_def, config["num_classes"], source)
+    check_model_size(found.model_def, config["num_classes"], found.source)
     try:
-        return cls(model_def, config["num_classes"], masks,
+        return cls(found.model_def, config["num_classes"], found.masks,
                    atrous_path=config.get("atrous_path", "auto"), **options)
     except UserError as exc:
-        raise UserError(f"{source}: {exc}") from None
-
-
-def model_source(config):
-    """How messages name a config's model: its model_def file, or the
-    checkpoint that describes it."""
-    found = config.get("checkpoint_model")
-    return found.source if found is not None else f"model_def {config.get('model_def')}"
+        where = found.source if found.description else \
+            f"{found.source} / mask {config.get('mask')}"
+        raise UserError(f"{where}: {exc}") from None

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, make_dataclass
 from common.errors import UserError
 from common.files import staged
 from models.architecture import adapnet_pp
-from models.model_def import save_masks, save_model_def
+from models.model_def import check_masks, save_masks, save_model_def
 from common import outputs
 from netcompress.checkpoint_paths import checkpoint_directory, checkpoint_files, \
     input_checkpoint_files, record_in_state_file, resolve_checkpoint
@@ -123,6 +123,7 @@ def prepare(settings):
                              settings.num_classes, mask_name="mask_load")
     settings = dataclasses.replace(settings, num_classes=found.num_classes)
     model_def, masks = found.model_def, found.masks
+    check_masks(model_def, masks, source=settings.mask_load or "mask")
     class_names = read_class_names(settings.classes, found.num_classes) \
         if settings.classes else (found.description and found.description.class_names())
     layers = select_layers(settings.phase, settings.conv_name, settings.all_convs,
@@ -137,7 +138,7 @@ def prepare(settings):
                         f"with get_oracle_rank.py")
     job = PruneJob(settings, model_def, masks, layers, scores,
                    model_name=found.model or DEFAULT_MODEL, class_names=class_names,
-                   source=found.source)
+                   source=found.label)
     if settings.decide_threshold:
         return job
     job.plan = plan_pruning(model_def, masks, settings.num_classes, scores, layers,
