@@ -723,12 +723,19 @@ def _prune(config, model, rank_path, groups, scores, found, directory, log):
     if planned != searched:
         raise RuntimeError("the pruning plan differs from the searched removal")
     lines = []
-    execute(PruneJob(settings, model_def, masks, layers, scaled_scores, plan), log=lines.append)
+    execute(PruneJob(settings, model_def, masks, layers, scaled_scores, plan,
+                     **_described_as(config)), log=lines.append)
     _write_lines(os.path.join(directory, "prune.txt"), lines)
     mask = settings.mask_save if plan.masks_after else None
     log(f"pruned {found.removed_count} channels of {len(planned)} layers -> {pruned_dir}")
     return dict(model, model_def=settings.new_model_def, mask=mask,
                 checkpoint=settings.new_checkpoint_save)
+
+
+def _described_as(config):
+    """What a stage's checkpoint description names besides its model_def and
+    masks (netcompress/description.py)."""
+    return {"model_name": config["model"], "class_names": config_class_names(config)}
 
 
 def prune_settings(config, model, rank_path, directory, threshold):
@@ -766,7 +773,8 @@ def prune_removal(config, model, rank_path, removed, directory, log=None):
     settings = prune_settings(config, model, rank_path, directory, threshold=0.5)
     outputs.check_outputs(*planned_files(settings))
     lines = []
-    execute(PruneJob(settings, model_def, masks, layers, scores, plan), log=lines.append)
+    execute(PruneJob(settings, model_def, masks, layers, scores, plan,
+                     **_described_as(config)), log=lines.append)
     _write_lines(os.path.join(directory, "prune.txt"), lines)
     count = sum(len(cut.removed) for cut in plan.layers)
     if log is not None:
