@@ -218,3 +218,16 @@ def test_pruned_checkpoint_describes_the_files_beside_it(tiny, tmp_path):
     prune(prune_settings(tiny, zeros, try_zeros=True), log=lambda line: None, verify=False)
     zeroed = description.read_description(str(zeros / "model.ckpt"))
     assert zeroed.model_def == tiny["model_def"] and zeroed.masks == {}
+
+
+def test_compress_takes_the_given_model_from_its_description(tiny, tmp_path):
+    from netcompress.compress import given_model_files
+
+    config = dict(checkpoint=tiny["described"], model_def=None, mask=None, num_classes=None,
+                  run_dir=str(tmp_path / "run"))
+    given = given_model_files(config)
+    assert given["num_classes"] == NUM_CLASSES and given["mask"] is None
+    assert load_model_def(given["model_def"]) == tiny["model_def"]
+    with pytest.raises(UserError, match=f"{SPLIT_MESSAGE} .*: {SPLIT_DIFFERENCE}"
+                       .replace("[", "\\[").replace("]", "\\]")):
+        given_model_files(dict(config, model_def=tiny["file_def_path"]))
