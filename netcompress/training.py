@@ -23,6 +23,7 @@ from netcompress.replicas import Replicas
 
 tf1 = tf.compat.v1
 
+
 def training_model(config):
     """``config`` with the model to train (netcompress/description.py): the
     description of the checkpoint it resumes, which the config's model_def,
@@ -35,10 +36,13 @@ def training_model(config):
     given = (config.get("model_def"), config.get("mask"), config.get("num_classes"))
     latest = latest_of_run(directory, prefix)
     initialize = config.get("initialize")
+    described = description.read_description(initialize) \
+        if latest is None and initialize else None
     if latest is not None:
         found = description.checkpoint_model(latest, *given)
-    elif initialize and description.read_description(initialize) is not None:
-        found = description.checkpoint_model(initialize, *given, head_may_differ=True)
+    elif described is not None:
+        found = description.checkpoint_model(initialize, *given, head_may_differ=True,
+                                             description=described)
     else:
         if given[0] is None or given[2] is None:
             missing = "model_def" if given[0] is None else "num_classes"
