@@ -105,14 +105,6 @@ class TrainGraph:
         config = training_model(config)
         self.replicas = Replicas(config, workers=True)
         self.graph = tf.Graph()
-        with self.graph.as_default():
-            # Saved with every checkpoint (netcompress/description.py); made
-            # outside the replicas' scope: one plain variable, never mirrored.
-            found = config["checkpoint_model"]
-            self.description = tf1.Variable(
-                description.describe(found.model_def, found.masks, config["num_classes"],
-                                     config["model"], config_class_names(config)),
-                dtype=tf.string, trainable=False, name=description.KEY)
         with self.graph.as_default(), self.replicas.scope():
             if seed is not None:
                 tf1.set_random_seed(seed)
@@ -135,6 +127,16 @@ class TrainGraph:
             # every replica's build; run them all (docs/distribute.md).
             self.train_op = tf.group(step["train_op"],
                                      *tf1.get_collection(tf1.GraphKeys.UPDATE_OPS))
+        with self.graph.as_default():
+            # Saved with every checkpoint (netcompress/description.py): one
+            # plain variable outside the replicas' scope (never mirrored),
+            # made after every seeded op (an op's seed follows the op count).
+            found = config["checkpoint_model"]
+            self.description = tf1.Variable(
+                description.describe(found.model_def, found.masks, config["num_classes"],
+                                     config["model"], config_class_names(config)),
+                dtype=tf.string, trainable=False, name=description.KEY)
+        with self.graph.as_default(), self.replicas.scope():
             self.model_variables = checkpoints.model_variables(self.graph)
             self.saved_variables = tf1.global_variables()
             self.restored_variables = [v for v in self.saved_variables

@@ -178,7 +178,7 @@ def test_divergence_never_leaves_a_non_finite_checkpoint(tiny, tmp_path):
     assert os.path.basename(last) in state.splitlines()[0]
     for path in remaining:
         for name, value in checkpoint_tensors(path[:-len(".index")]).items():
-            if value.dtype.kind == "f":
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":  # not the description
                 assert np.isfinite(value).all(), (path, name)
 
 
