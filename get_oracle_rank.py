@@ -120,16 +120,18 @@ def _check_compare(config, args):
 
 
 def _run(config, args, prepared):
+    from netcompress.description import with_checkpoint_model
+
+    config = with_checkpoint_model(config)  # model_def, mask, num_classes: the checkpoint's
     return (_compare if args.compare else _rank)(config, args, prepared)
 
 
 def _compare(config, args, written):
-    from models.model_def import load_model_def
     from netcompress.checkpoint_paths import resolve_checkpoint
     from netcompress.compare import compare, table, write_csv, write_plot
     from netcompress.scores import load_ranks
 
-    ranks = load_ranks(config["rank_save"], load_model_def(config["model_def"]),
+    ranks = load_ranks(config["rank_save"], config["checkpoint_model"].model_def,
                        config["num_classes"])
     checkpoint = resolve_checkpoint(config["checkpoint"])
     digest = checkpoint_digest(checkpoint)

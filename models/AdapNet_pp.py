@@ -43,6 +43,7 @@ class AdapNet_pp:
         self.fold_masks = fold_masks
         self.model_def = model_def
         self.num_classes = num_classes
+        self.masks = dict(masks or {})
         self.architecture = adapnet_pp()
         self.widths = resolve_widths(model_def, num_classes, self.architecture)
         self.kept_channels = check_masks(model_def, masks or {})

@@ -7,6 +7,7 @@ from models.architecture import OUTER_SCOPE, adapnet_pp
 from common.errors import UserError
 from common.files import staged
 from dataset.records import first_message_line
+from netcompress.description import KEY as DESCRIPTION_KEY
 from netcompress.checkpoint_paths import CHECKPOINT_SUFFIXES, checkpoint_files, \
     record_in_state_file, resolve_checkpoint
 
@@ -33,7 +34,7 @@ def _tf_reason(exc):
     return reason
 
 
-def _damaged(prefix, exc, detail=""):
+def damaged_error(prefix, exc, detail=""):
     return UserError(f"checkpoint {prefix} is damaged or not a TensorFlow checkpoint"
                      f"{detail}: {_tf_reason(exc)}")
 
@@ -45,7 +46,7 @@ def _open_reader(path):
         reader = tf1.train.NewCheckpointReader(prefix)
         shapes = reader.get_variable_to_shape_map()
     except _READER_ERRORS as exc:
-        raise _damaged(prefix, exc) from None
+        raise damaged_error(prefix, exc) from None
     return prefix, reader, shapes
 
 
@@ -57,11 +58,12 @@ def read_checkpoint(path):
     otherwise carry them on silently."""
     prefix, reader, shapes = _open_reader(path)
     values = {}
-    for name in sorted(shapes):
+    # The description (netcompress/description.py) is no tensor of the model.
+    for name in sorted(set(shapes) - {DESCRIPTION_KEY}):
         try:
             value = reader.get_tensor(name)
         except _READER_ERRORS as exc:
-            raise _damaged(prefix, exc, f" (reading {checkpoint_key(name)})") from None
+            raise damaged_error(prefix, exc, f" (reading {checkpoint_key(name)})") from None
         key = checkpoint_key(name)
         if (isinstance(value, np.ndarray) and value.dtype.kind in "fc"
                 and not _is_optimizer_slot(key) and not np.isfinite(value).all()):
@@ -166,7 +168,8 @@ def restore_model(session, path, variables, model_def_path, widened=None):
     """restore_strict for a graph of a model_def, whose checkpoint may hold
     auxiliary heads the graph does not build (inference); ``widened``: the
     model's folded_kernels()."""
-    restore_strict(session, path, variables, model_name=f"model_def {model_def_path}",
+    name = f"model_def {model_def_path}" if model_def_path else "model the checkpoint describes"
+    restore_strict(session, path, variables, model_name=name,
                    optional_scopes=adapnet_pp().aux_scopes(), widened=widened)
 
 
@@ -192,18 +195,25 @@ def restore_matching(session, path, variables):
     return restored, missing
 
 
-def write_checkpoint(values, path):
+def write_checkpoint(values, path, description=None):
     """Write ``{name: array}`` as a TF checkpoint at prefix ``path``, through
     staging files (common/files.py); the directory's state file names it only when the
-    directory has none of another run (see record_in_state_file)."""
+    directory has none of another run (see record_in_state_file). ``description``:
+    the JSON text of netcompress/description.py, which every checkpoint the
+    project writes carries (only tests write without)."""
     graph = tf.Graph()
     with graph.as_default():
         # Graph names are generic: checkpoint keys may hold ':0', op names may not.
         variables = {name: tf1.Variable(tf.zeros(np.shape(value), np.asarray(value).dtype),
                                         name=f"v{i}", trainable=False)
                      for i, (name, value) in enumerate(values.items())}
+        if description is not None:
+            variables[DESCRIPTION_KEY] = tf1.Variable(description, dtype=tf.string,
+                                                      name="description", trainable=False)
         saver = tf1.train.Saver(variables, write_version=tf1.train.SaverDef.V2)
         with tf1.Session(graph=graph) as session:
+            if description is not None:
+                session.run(variables[DESCRIPTION_KEY].initializer)
             assign_values(session, {variables[n]: v for n, v in values.items()})
             try:
                 with staged() as staging:

@@ -295,11 +295,16 @@ def run(config, args=None, rows=None, log=print, progress=True):
     stages.csv and compression.png and log the summary table. Returns the rows."""
     run_dir = config["run_dir"]
     rows = list(rows if rows is not None else finished_rows(config))
-    inputs = check_contents(config, log)
+    make_directory(run_dir)
+    # run.json records the settings as given; the digests, the files read
+    # (a described checkpoint's model_def and mask are written to run_dir/given/).
+    given = given_model_files(config)
+    inputs = check_contents(given, log)
     record_run(config, inputs)
     for key, read in inputs.items():
         if read is not None:
             log(f"{key}: {read['path']} (sha256 {short(read['sha256'])})")
+    config = given
     if rows:
         log(f"resuming {run_dir}: stage(s) 0..{len(rows) - 1} done")
     durations = []
@@ -415,6 +420,35 @@ def _resource_percent(config, rows, model, parameters, macs, log, progress):
     log(f"latency {latencies['new']:.2f} ms, {percent:.1f} % of the given model's "
         f"{latencies['given']:.2f} ms")
     return percent
+
+
+GIVEN_DIR = "given"  # the given checkpoint's model_def and mask, when it describes them
+
+
+def given_model_files(config):
+    """``config`` with the given model's model_def and mask files and
+    num_classes: when the checkpoint describes its model (netcompress/
+    description.py), the config's (if given) must equal it, and what the
+    config leaves out is written from the description into run_dir/given/
+    (every stage reads files); else the config's, as before."""
+    from models.model_def import save_masks, save_model_def
+    from netcompress.description import checkpoint_model
+
+    found = checkpoint_model(config["checkpoint"], config["model_def"], config["mask"],
+                             config["num_classes"])
+    config = dict(config, num_classes=found.num_classes)
+    if found.description is None:
+        return config
+    directory = os.path.join(config["run_dir"], GIVEN_DIR)
+    if config["model_def"] is None:
+        make_directory(directory)
+        config["model_def"] = os.path.join(directory, "model_def.json")
+        save_model_def(found.model_def, config["model_def"])
+    if config["mask"] is None and found.masks:
+        make_directory(directory)
+        config["mask"] = os.path.join(directory, "mask.npy")
+        save_masks(found.masks, config["mask"])
+    return config
 
 
 def _given_model(config):
@@ -746,12 +780,19 @@ def _prune(config, model, rank_path, groups, scores, found, directory, log):
     if planned != searched:
         raise RuntimeError("the pruning plan differs from the searched removal")
     lines = []
-    execute(PruneJob(settings, model_def, masks, layers, scaled_scores, plan), log=lines.append)
+    execute(PruneJob(settings, model_def, masks, layers, scaled_scores, plan,
+                     **_described_as(config)), log=lines.append)
     _write_lines(os.path.join(directory, "prune.txt"), lines)
     mask = settings.mask_save if plan.masks_after else None
     log(f"pruned {found.removed_count} channels of {len(planned)} layers -> {pruned_dir}")
     return dict(model, model_def=settings.new_model_def, mask=mask,
                 checkpoint=settings.new_checkpoint_save)
+
+
+def _described_as(config):
+    """What a stage's checkpoint description names besides its model_def and
+    masks (netcompress/description.py)."""
+    return {"model_name": config["model"], "class_names": config_class_names(config)}
 
 
 def prune_settings(config, model, rank_path, directory, threshold):
@@ -789,7 +830,8 @@ def prune_removal(config, model, rank_path, removed, directory, log=None):
     settings = prune_settings(config, model, rank_path, directory, threshold=0.5)
     outputs.check_outputs(*planned_files(settings))
     lines = []
-    execute(PruneJob(settings, model_def, masks, layers, scores, plan), log=lines.append)
+    execute(PruneJob(settings, model_def, masks, layers, scores, plan,
+                     **_described_as(config)), log=lines.append)
     _write_lines(os.path.join(directory, "prune.txt"), lines)
     count = sum(len(cut.removed) for cut in plan.layers)
     if log is not None:

@@ -13,6 +13,8 @@ current working directory of the process, as the original scripts did (not
 against the directory of the config file). ``~`` is expanded.
 
 Defaults: ``gpu_id`` ('' = all devices / CPU), ``mask`` (None),
+``model_def`` and ``num_classes`` (None: the checkpoint's own description,
+netcompress/description.py; required for checkpoints without one),
 ``atrous_path`` (auto), ``replicas`` (None: one per GPU listed in gpu_id,
 else 1), ``classes`` (None: no class names) and, for training,
 ``initialize`` (None = train from scratch) may be left out. Every other key
@@ -110,14 +112,18 @@ PRUNE_SETTINGS = (
             "they are read, to evaluate a threshold"),
     Setting("new_checkpoint_save", "path", REQUIRED,
             "where the new checkpoint goes (another directory than checkpoint_name)"),
-    Setting("mask_load", "optional_path", None, "the current mask file (None: no mask)"),
+    Setting("mask_load", "optional_path", None,
+            "the current mask file (None: the checkpoint's, or no mask)"),
     Setting("mask_save", "optional_path", None,
             "where the new mask file goes (written when the pruned model has masks)"),
-    Setting("num_classes", "num_classes", REQUIRED,
-            "number of classes, void included (header: Num_classes)"),
+    Setting("num_classes", "num_classes", None,
+            "number of classes, void included (header: Num_classes; None: the "
+            "checkpoint's)"),
     Setting("height", "size", REQUIRED, "input height, for the FLOPs report and graph checks"),
     Setting("width", "size", REQUIRED, "input width, for the FLOPs report and graph checks"),
-    Setting("model_def", "path", REQUIRED, "the current model definition"),
+    Setting("model_def", "optional_path", None,
+            "the current model definition (None: the one the checkpoint describes; "
+            "required for checkpoints without a description)"),
     Setting("new_model_def", "path", REQUIRED, "where the pruned model definition goes"),
     Setting("criterion", "choice", "taylor_out",
             "how ranks become scores: " + ", ".join(CRITERIA) + " (docs/ranking.md; "
@@ -143,9 +149,13 @@ TARGET_RESOURCES = ("parameters", "macs", "latency")  # netcompress/schedule.py
 COMPRESS_SETTINGS = (
     Setting("gpu_id", "gpu_id", "", "GPU to use ('' = all GPUs / CPU only)"),
     Setting("model", "text", "AdapNet_pp", "name of the model (models/AdapNet_pp.py)"),
-    Setting("num_classes", "num_classes", REQUIRED, "number of classes, void included"),
-    Setting("model_def", "path", REQUIRED, "the model definition of the model to compress"),
-    Setting("mask", "optional_path", None, "its residual mask file (None: no mask)"),
+    Setting("num_classes", "num_classes", None,
+            "number of classes, void included (None: the checkpoint's)"),
+    Setting("model_def", "optional_path", None,
+            "the model definition of the model to compress (None: the one the checkpoint "
+            "describes; required for checkpoints without a description)"),
+    Setting("mask", "optional_path", None,
+            "its residual mask file (None: the checkpoint's, or no mask)"),
     Setting("checkpoint", "path", REQUIRED,
             "the trained model to compress (a prefix, or a directory: its newest)"),
     Setting("train_data", "path", REQUIRED, "training records: ranking and retraining"),
@@ -234,6 +244,7 @@ KEY_ALIASES = {
 }
 
 OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_path": "auto",
+                     "model_def": None, "num_classes": None,
                      "val_data": None, "replicas": None, "classes": None}
 
 # Keys a train config may add, with their defaults (train.py's `optional`).
@@ -564,7 +575,7 @@ def _check_setting(setting, value, source):
         return str(value).strip()
     # The kinds config files share: one check each (_check_value).
     shared = {"gpu_id": "gpu_id", "num_classes": "num_classes", "size": "height",
-              "optional_path": "mask", "path": "model_def"}[kind]
+              "optional_path": "mask", "path": "train_data"}[kind]
     return _check_value(shared, value, source, name=name)
 
 
@@ -704,7 +715,7 @@ def _check_value(key, value, source, name=None):
             fail("a model name such as 'AdapNet_pp.AdapNet_pp'")
         return value.strip()
 
-    if key in ("mask", "initialize", "val_data", "classes"):
+    if key in ("mask", "initialize", "val_data", "classes", "model_def"):
         if value is None or (isinstance(value, str)
                              and value.strip().lower() in NONE_STRINGS):
             return None
@@ -746,7 +757,7 @@ def _check_paths(config, kind, sources, config_path):
         return sources.get(key, config_path)
 
     for key in INPUT_FILE_KEYS:
-        if key in config and not os.path.exists(config[key]):
+        if config.get(key) is not None and not os.path.exists(config[key]):
             raise UserError("%s: %r file %s does not exist (relative paths are "
                             "taken from the current directory %s)"
                             % (source(key), key, _show(config[key], PATH_SHOWN_LENGTH),

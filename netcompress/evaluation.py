@@ -10,6 +10,7 @@ from dataset.pipeline import eval_dataset
 from dataset.records import count_records
 from netcompress import checkpoints, op_errors
 from netcompress.checkpoint_paths import resolve_checkpoint
+from netcompress.description import with_checkpoint_model
 from netcompress.metrics import ConfusionMatrix
 from netcompress.models import model_from_config
 from netcompress.palette import config_class_names
@@ -32,6 +33,8 @@ class InferenceGraph:
 
     def __init__(self, config, data_path, aux=False, shard=None, per_replica=None,
                  fold_masks=False):
+        config = with_checkpoint_model(config)
+        self.model_def_path = config.get("model_def")
         self.data_path = data_path
         self.replicas = Replicas(config if per_replica else {})
         self.data_initializer = None
@@ -62,7 +65,7 @@ class InferenceGraph:
         # Resolved once: what was restored is what the caller reports.
         self.restored = resolve_checkpoint(config["checkpoint"])
         with tf1.Session(graph=self.graph, config=self.replicas.session_config()) as session:
-            self.restore(session, self.restored, config["model_def"])
+            self.restore(session, self.restored, self.model_def_path)
             if self.data_initializer is not None:
                 session.run(self.data_initializer)
             bar = tqdm(total=total, desc=desc, unit="img", disable=not progress,
@@ -87,6 +90,7 @@ class GatedGraph:
     InferenceGraph): nothing here differentiates the kernels."""
 
     def __init__(self, config, data_path, aux=False):
+        config = with_checkpoint_model(config)
         self.data_path = data_path
         self.graph = tf.Graph()
         with self.graph.as_default():
@@ -153,6 +157,7 @@ def iterate_batches(session, fetches, data_path):
 def evaluate(config, log=print, class_names=None, progress=True):
     """Returns the ConfusionMatrix; logs the per-class report, mIoU last.
     ``class_names`` default: the config's optional `classes` file."""
+    config = with_checkpoint_model(config)
     if class_names is None:
         class_names = config_class_names(config)  # read before the pass
     data_path = config["test_data"]

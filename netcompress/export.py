@@ -23,6 +23,7 @@ from common.files import atomic_directory, make_directory, one_line
 from common.outputs import real
 from dataset.records import first_message_line, read_examples, require_record_file
 from netcompress import serving
+from netcompress.description import with_checkpoint_model
 from netcompress.metrics import ConfusionMatrix
 
 tf1 = tf.compat.v1
@@ -324,6 +325,7 @@ def export(config, output, int8=False, onnx=False, check_images=8, log=print):
 
     Everything is written into a hidden directory beside ``output`` and
     renamed to it once every file is written and checked."""
+    config = with_checkpoint_model(config)  # num_classes, model: the checkpoint's
     check_output_directory(output, {key: config.get(key) for key in
                                     ("checkpoint", "model_def", "mask", "test_data")})
     require_record_file(config["test_data"])

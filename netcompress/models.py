@@ -4,7 +4,6 @@ import importlib
 import inspect
 import re
 
-from models.model_def import load_masks, load_model_def
 from common.errors import UserError
 
 # `Module` or `Module.Class`: a file models/Module.py and a class in it.
@@ -53,13 +52,23 @@ def check_model_size(model_def, num_classes, source):
 
 def model_from_config(config, **options):
     """``options``: further keyword arguments of the model class (e.g.
-    AdapNet_pp's fold_masks for inference graphs)."""
-    model_def = load_model_def(config["model_def"])
-    masks = load_masks(config.get("mask"))
+    AdapNet_pp's fold_masks for inference graphs). The model_def and masks
+    are a checkpoint's when the config went through
+    netcompress.description.with_checkpoint_model, else the config's files."""
+    from netcompress.description import files_model
+
+    found = config.get("checkpoint_model")
+    if found is None:
+        if config.get("model_def") is None:
+            raise UserError("no model_def given (needed unless the checkpoint describes "
+                            "its model)")
+        found = files_model(config["model_def"], config.get("mask"), config["num_classes"])
     cls = model_class(config["model"])  # its errors name the model, not the model_def
-    check_model_size(model_def, config["num_classes"], config["model_def"])
+    check_model_size(found.model_def, config["num_classes"], found.source)
     try:
-        return cls(model_def, config["num_classes"], masks,
+        return cls(found.model_def, config["num_classes"], found.masks,
                    atrous_path=config.get("atrous_path", "auto"), **options)
     except UserError as exc:
-        raise UserError(f"{config['model_def']} / mask {config.get('mask')}: {exc}") from None
+        where = found.source if found.description else \
+            f"{found.source} / mask {config.get('mask')}"
+        raise UserError(f"{where}: {exc}") from None

@@ -134,7 +134,13 @@ def read_class_names(path, num_classes=None):
 def config_class_names(config):
     """{class id: name} from a config's optional `classes` file, or None."""
     path = config.get("classes")
-    return read_class_names(path, config["num_classes"]) if path else None
+    if path:
+        return read_class_names(path, config["num_classes"])
+    found = config.get("checkpoint_model")  # netcompress/description.py
+    described = found.description if found is not None else None
+    if described is None or described.num_classes != config["num_classes"]:
+        return None
+    return described.class_names()
 
 
 class Palette:

@@ -37,6 +37,7 @@ from common.outputs import check_outputs
 from dataset.records import count_records, read_examples
 from netcompress import serving
 from netcompress.checkpoint_paths import input_checkpoint_files
+from netcompress.description import with_checkpoint_model
 from netcompress.palette import config_class_names, make_palette
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -244,7 +245,7 @@ def _check_output(source, config, output, cityscapes_ids=False, overlays=None):
             + [os.path.join(colour_dir, LEGEND)])
     inputs = {"--input": source.files,
               "checkpoint": input_checkpoint_files(config["checkpoint"]),
-              "model_def": [config["model_def"]],
+              "model_def": [config["model_def"]] if config.get("model_def") else [],
               "mask": [config["mask"]] if config.get("mask") else [],
               "classes": [config["classes"]] if config.get("classes") else []}
     check_outputs(written, inputs)
@@ -259,6 +260,7 @@ def predict(config, input_path, output, palette="auto", log=print, progress=True
     ``cityscapes_ids``: only CITY_SEQ_FRAME_labelIds.png into ``output``
     (Cityscapes label ids); the colour files go to ``overlays`` if given.
     Class names come from the config's optional `classes` file."""
+    config = with_checkpoint_model(config)  # num_classes, model: the checkpoint's
     class_set = None
     if cityscapes_ids:
         from dataset.cityscapes import class_set_for

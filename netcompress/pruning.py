@@ -4,6 +4,7 @@ them (scores.py), plan (plan.py), then print the summary (reports.py) or
 write the zeroed or pruned checkpoint, model_def and masks together.
 """
 
+import dataclasses
 import os
 from dataclasses import dataclass, field, make_dataclass
 
@@ -11,12 +12,13 @@ from common.digests import checkpoint_digest, checkpoint_line
 from common.errors import UserError
 from common.files import staged
 from models.architecture import adapnet_pp
-from models.model_def import check_masks, load_masks, load_model_def, save_masks, \
-    save_model_def
+from models.model_def import check_masks, save_masks, save_model_def
 from common import outputs
 from netcompress.checkpoint_paths import checkpoint_directory, checkpoint_files, \
     input_checkpoint_files, record_in_state_file, resolve_checkpoint
 from netcompress.config import PRUNE_SETTINGS, REQUIRED
+from netcompress.description import DEFAULT_MODEL, checkpoint_model, describe
+from netcompress.palette import read_class_names
 from netcompress.plan import model_values, plan_pruning, remove_channels, zero_channels
 from netcompress.reports import cost_report, threshold_summary
 from netcompress.rankfile import CRITERIA
@@ -50,8 +52,9 @@ def _check_new_checkpoint_directory(new_prefix, source):
 def planned_files(settings, with_mask=True):
     """(outputs, inputs) of a run, as {setting name: [files]}."""
     inputs = {"rank_file": [settings.rank_file],
-              "checkpoint_name": input_checkpoint_files(settings.checkpoint_name),
-              "model_def": [settings.model_def]}
+              "checkpoint_name": input_checkpoint_files(settings.checkpoint_name)}
+    if settings.model_def is not None:
+        inputs["model_def"] = [settings.model_def]
     if settings.mask_load is not None:
         inputs["mask_load"] = [settings.mask_load]
     if settings.decide_threshold:
@@ -103,15 +106,29 @@ class PruneJob:
     scores: dict
     plan: object = None  # PruningPlan; None with decide_threshold
     ranks: object = None  # the RankSums read (None: compress.py's own plan)
+    # What the written checkpoints' descriptions name (netcompress/description.py).
+    model_name: str = DEFAULT_MODEL
+    class_names: dict = None
+    source: str = "the model"  # the source model in messages
+
+    def description(self, model_def, masks):
+        return describe(model_def, masks, self.settings.num_classes, self.model_name,
+                        self.class_names)
 
 
 def prepare(settings):
     """Check the outputs, read and check the inputs and make the plan; no
-    TensorFlow (so that mistakes are reported at once)."""
+    session (so that mistakes are reported at once). The model is the one the
+    checkpoint describes (settings.model_def and mask_load, when given, must
+    equal it), or for an undescribed checkpoint the settings' files."""
     _check_outputs(settings)
-    model_def = load_model_def(settings.model_def)
-    masks = load_masks(settings.mask_load)
+    found = checkpoint_model(settings.checkpoint_name, settings.model_def, settings.mask_load,
+                             settings.num_classes, mask_name="mask_load")
+    settings = dataclasses.replace(settings, num_classes=found.num_classes)
+    model_def, masks = found.model_def, found.masks
     check_masks(model_def, masks, source=settings.mask_load or "mask")
+    class_names = read_class_names(settings.classes, found.num_classes) \
+        if settings.classes else (found.description and found.description.class_names())
     layers = select_layers(settings.phase, settings.conv_name, settings.all_convs,
                            streams=settings.streams)
     if settings.criterion not in CRITERIA:
@@ -119,14 +136,17 @@ def prepare(settings):
                         f"{', '.join(CRITERIA)}")
     ranks = load_ranks(settings.rank_file, model_def, settings.num_classes)
     if not settings.decide_threshold:  # the checkpoint's content: checked in execute
-        ranks.check_masks(masks, settings.mask_load or "no mask file")
+        ranks.check_masks(masks, settings.mask_load or (
+            "the checkpoint's masks" if found.description else "no mask file"))
     scores = normalised_scores(ranks, settings.criterion, settings.normalisation)
     missing = [layer for layer in layers if layer not in scores]
     if missing:
         raise UserError(f"rank file {settings.rank_file} has no scores for {missing[0]} "
                         f"(written before residual streams were ranked): regenerate it "
                         f"with get_oracle_rank.py")
-    job = PruneJob(settings, model_def, masks, layers, scores, ranks=ranks)
+    job = PruneJob(settings, model_def, masks, layers, scores, ranks=ranks,
+                   model_name=found.model or DEFAULT_MODEL, class_names=class_names,
+                   source=found.label)
     if settings.decide_threshold:
         return job
     job.plan = plan_pruning(model_def, masks, settings.num_classes, scores, layers,
@@ -166,16 +186,17 @@ def execute(job, log=print, verify=True):
         job.ranks.check_checkpoint(source, checkpoint_digest(source), log)
     if verify:
         verify_checkpoint(source, job.model_def, job.masks, settings.num_classes,
-                          settings.height, settings.width,
-                          f"model_def {settings.model_def} (mask {settings.mask_load})")
+                          settings.height, settings.width, job.source)
     values = model_values(read_checkpoint(source))
     new_values = zero_channels(plan, values) if settings.try_zeros \
         else remove_channels(plan, values)
-    written = _write_result(settings, plan, new_values, verify)
+    # try_zeros keeps the source's model; removal writes the pruned one.
+    description = job.description(job.model_def, job.masks) if settings.try_zeros \
+        else job.description(plan.model_def_after, plan.masks_after)
+    written = _write_result(settings, plan, new_values, verify, description)
     if settings.try_zeros:
-        log(f"try_zeros: wrote {settings.new_checkpoint_save} (same shapes); evaluate it "
-            f"with model_def {settings.model_def} and mask {settings.mask_load}; "
-            f"the costs below are those removal would give")
+        log(f"try_zeros: wrote {settings.new_checkpoint_save} (same shapes, {job.source}); "
+            f"evaluate it as it is; the costs below are those removal would give")
     else:
         mask_path = settings.mask_save if plan.masks_after else None
         log(f"wrote checkpoint {settings.new_checkpoint_save}, model_def "
@@ -185,7 +206,7 @@ def execute(job, log=print, verify=True):
     return PruneResult(plan, report, written)
 
 
-def _write_result(settings, plan, new_values, verify):
+def _write_result(settings, plan, new_values, verify, description):
     """Write the new checkpoint (and model_def and mask) and the set's
     manifest through staging places, moved in only when all are written and
     the new checkpoint restores into its model; the files of a replaced set
@@ -204,7 +225,7 @@ def _write_result(settings, plan, new_values, verify):
         for path in stale:
             staging.remove(path)
         staged_prefix = places[prefix + ".index"][:-len(".index")]
-        write_checkpoint(new_values, staged_prefix)
+        write_checkpoint(new_values, staged_prefix, description)
         if not settings.try_zeros:
             if plan.masks_after:
                 save_masks(plan.masks_after, places[settings.mask_save])

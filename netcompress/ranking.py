@@ -35,6 +35,7 @@ from netcompress import rankfile
 from netcompress.checkpoint_paths import resolve_checkpoint
 from netcompress.checkpoints import read_checkpoint
 from common.digests import checkpoint_digest, records_digest
+from netcompress.description import with_checkpoint_model
 from common.errors import UserError
 from netcompress.evaluation import InferenceGraph
 from netcompress.rankfile import DIGEST_KEYS, SUMS, RankSums, masks_json
@@ -205,17 +206,20 @@ def filter_l1(values, architecture, widths, kept_channels=None):
 
 # ---- the ranking pass ------------------------------------------------------------
 
-def masks_description(mask_path):
-    """The mask file as JSON: {unit: {"width": w, "kept": [indices]}}."""
-    return masks_json(load_masks(mask_path))
+def masks_description(mask_path, masks=None):
+    """The mask file (or ``masks``, as load_masks gives) as JSON:
+    {unit: {"width": w, "kept": [indices]}}."""
+    return masks_json(load_masks(mask_path) if masks is None else masks)
 
 
-def rank_metadata(config, shard, model_def):
-    """``config['checkpoint']``: a resolved prefix (what was restored)."""
+def rank_metadata(config, shard, model_def, masks=None):
+    """``config['checkpoint']``: a resolved prefix (what was restored);
+    ``masks``: the ranked model's (the checkpoint's, which the config's mask
+    file may leave unnamed); default: the config's mask file."""
     return {
         "model_def_json": json.dumps(model_def),
         "model_def_sha256": rankfile.model_def_digest(model_def),
-        "masks_json": masks_description(config.get("mask")),
+        "masks_json": masks_description(config.get("mask"), masks),
         "checkpoint": config["checkpoint"],
         "data": config["test_data"],
         "shard": shard_label(shard),
@@ -229,6 +233,7 @@ def rank(config, shard=None, progress=True):
     it) with the checkpoint restored; returns the filled RankSums."""
     # Resolved once: the pass, the filter norms and the metadata read one prefix.
     config = dict(config, checkpoint=resolve_checkpoint(config["checkpoint"]))
+    config = with_checkpoint_model(config)
     data_path = config["test_data"]
     total = records_in_shard(count_records(data_path), shard)
     if total == 0:
@@ -255,7 +260,8 @@ def rank(config, shard=None, progress=True):
         if not np.isfinite(sums.sums["taylor"][name]).all():
             raise UserError(f"the Taylor values of {name} are not finite: the loss of "
                             f"checkpoint {config['checkpoint']} on {data_path} overflows")
-    sums.metadata.update(rank_metadata(config, shard, inference.model.model_def))
+    sums.metadata.update(rank_metadata(config, shard, inference.model.model_def,
+                                       inference.model.masks))
     model = inference.model
     sums.l1 = filter_l1(read_checkpoint(sums.metadata["checkpoint"]), model.architecture,
                         model.widths, model.kept_channels)

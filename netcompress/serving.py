@@ -14,6 +14,7 @@ import tensorflow as tf
 from models import atrous
 from netcompress import checkpoints
 from netcompress.checkpoint_paths import resolve_checkpoint
+from netcompress.description import with_checkpoint_model
 from netcompress.models import model_from_config
 
 tf1 = tf.compat.v1
@@ -37,7 +38,7 @@ class ServingGraph:
     def __init__(self, config, atrous_path=None, fold_masks=True):
         """``fold_masks=False`` widens masked kernels on every run, as the
         training graph does (bench/mask_folding.py compares the two)."""
-        self.config = config
+        self.config = config = with_checkpoint_model(config)
         self.height, self.width = config["height"], config["width"]
         self.num_classes = config["num_classes"]
         served = dict(config, atrous_path=serving_atrous_path(
@@ -58,7 +59,8 @@ class ServingGraph:
     def restore(self, session):
         """Restore the config's checkpoint; its aux heads (absent here) may be there."""
         prefix = resolve_checkpoint(self.config["checkpoint"])
-        checkpoints.restore_model(session, prefix, self.variables, self.config["model_def"],
+        checkpoints.restore_model(session, prefix, self.variables,
+                                  self.config.get("model_def"),
                                   widened=self.model.folded_kernels())
         return prefix
 

@@ -16,20 +16,53 @@ from tqdm import tqdm
 from dataset.pipeline import train_dataset
 from dataset.records import first_message_line
 from common import files, outputs
-from netcompress import checkpoints, op_errors
+from netcompress import checkpoints, description, op_errors
 from netcompress.checkpoint_paths import STATE_FILE, checkpoint_prefix, \
     input_checkpoint_files, latest_of_run
 from common.errors import UserError
 from netcompress.models import model_from_config
+from netcompress.palette import config_class_names
 from netcompress.replicas import Replicas
 
 tf1 = tf.compat.v1
 
+
+def training_model(config):
+    """``config`` with the model to train (netcompress/description.py): the
+    description of the checkpoint it resumes, which the config's model_def,
+    mask and num_classes must equal when given; else that of `intialize`,
+    whose model_def and masks must be the model's (num_classes may differ:
+    its head is then not restored); else the config's files. Idempotent."""
+    if config.get("checkpoint_model") is not None:
+        return config
+    directory, prefix = checkpoint_prefix(config["checkpoint"])
+    given = (config.get("model_def"), config.get("mask"), config.get("num_classes"))
+    latest = latest_of_run(directory, prefix)
+    initialize = config.get("initialize")
+    described = description.read_description(initialize) \
+        if latest is None and initialize else None
+    if latest is not None:
+        found = description.checkpoint_model(latest, *given)
+    elif described is not None:
+        found = description.checkpoint_model(initialize, *given, head_may_differ=True,
+                                             description=described)
+    else:
+        if given[0] is None or given[2] is None:
+            missing = "model_def" if given[0] is None else "num_classes"
+            raise UserError(f"{missing} is required to train a new model (it may be left "
+                            f"out only when resuming, or with an intialize checkpoint that "
+                            f"describes its model)")
+        found = description.files_model(*given)
+    description.check_model_name(config.get("model"), found.description)
+    return dict(config, num_classes=found.num_classes, checkpoint_model=found)
+
+
 def check_resumable(latest, graph):
     """The checkpoint to resume holds every variable of the training graph
-    (model, Adam slots, global step) with the same shapes."""
+    (model, Adam slots, global step) with the same shapes; its description
+    (if any; training_model compared it) is not restored."""
     shapes = checkpoints.checkpoint_shapes(latest)
-    for variable in graph.saved_variables:
+    for variable in graph.restored_variables:
         name = checkpoints.checkpoint_key(variable.name)
         want = tuple(variable.shape.as_list())
         if shapes.get(name) != want:
@@ -72,6 +105,7 @@ class TrainGraph:
         """``dropout``: False only for tests comparing replica counts step
         for step."""
         end_learning_rate = _end_learning_rate(config)
+        config = training_model(config)
         self.replicas = Replicas(config, workers=True)
         self.graph = tf.Graph()
         with self.graph.as_default(), self.replicas.scope():
@@ -96,8 +130,20 @@ class TrainGraph:
             # every replica's build; run them all (docs/distribute.md).
             self.train_op = tf.group(step["train_op"],
                                      *tf1.get_collection(tf1.GraphKeys.UPDATE_OPS))
+        with self.graph.as_default():
+            # Saved with every checkpoint (netcompress/description.py): one
+            # plain variable outside the replicas' scope (never mirrored),
+            # made after every seeded op (an op's seed follows the op count).
+            found = config["checkpoint_model"]
+            self.description = tf1.Variable(
+                description.describe(found.model_def, found.masks, config["num_classes"],
+                                     config["model"], config_class_names(config)),
+                dtype=tf.string, trainable=False, name=description.KEY)
+        with self.graph.as_default(), self.replicas.scope():
             self.model_variables = checkpoints.model_variables(self.graph)
             self.saved_variables = tf1.global_variables()
+            self.restored_variables = [v for v in self.saved_variables
+                                       if v is not self.description]
             # One op telling whether a checkpoint would be worth keeping (a
             # resume restores the Adam slots too).
             self.all_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
@@ -106,6 +152,9 @@ class TrainGraph:
             # Relative paths in the state file: a copied run folder stays whole.
             self.saver = tf1.train.Saver(max_to_keep=config.get("max_to_keep", 3),
                                          save_relative_paths=True)
+            # A resume restores all but the description, which checkpoints
+            # written before descriptions lack.
+            self.resume_saver = tf1.train.Saver(self.restored_variables)
             tf1.summary.scalar("loss", self.loss)
             tf1.summary.scalar("data_loss", self.data_loss)
             tf1.summary.scalar("learning_rate", self.learning_rate)
@@ -141,7 +190,7 @@ def _initialise(session, graph, config, directory, prefix, log):
     if latest is not None:
         check_resumable(latest, graph)
         try:
-            graph.saver.restore(session, latest)
+            graph.resume_saver.restore(session, latest)
         except (ValueError, tf.errors.OpError) as exc:
             # check_resumable read the index; the data file may still be cut short.
             raise UserError(f"cannot resume from {latest}: it is damaged ({_reason(exc)}); "

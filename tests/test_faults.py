@@ -778,11 +778,11 @@ def stand_in_training_graph():
     with graph.graph.as_default():
         graph.global_step = tf1.train.get_or_create_global_step()
         weight = tf1.get_variable("w", [64, 64], initializer=tf1.ones_initializer())
-        graph.saved_variables = tf1.global_variables()
+        graph.saved_variables = graph.restored_variables = tf1.global_variables()
         graph.model_variables = []
         graph.initializer = tf1.global_variables_initializer()
         graph.all_finite = tf.reduce_all(tf.math.is_finite(weight))
-        graph.saver = tf1.train.Saver()
+        graph.saver = graph.resume_saver = tf1.train.Saver()
     return graph
 
 
