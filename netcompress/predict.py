@@ -260,13 +260,16 @@ def predict(config, input_path, output, palette="auto", log=print, progress=True
     ``cityscapes_ids``: only CITY_SEQ_FRAME_labelIds.png into ``output``
     (Cityscapes label ids); the colour files go to ``overlays`` if given.
     Class names come from the config's optional `classes` file."""
-    config = with_checkpoint_model(config)  # num_classes, model: the checkpoint's
     class_set = None
+    if cityscapes_ids and config.get("num_classes") is not None:
+        from dataset.cityscapes import class_set_for
+        class_set_for(config["num_classes"])  # the config's mistake before the checkpoint's
+    source = Source(input_path, cityscapes=cityscapes_ids)
+    colour_dir = _check_output(source, config, output, cityscapes_ids, overlays)
+    config = with_checkpoint_model(config)  # num_classes, model: the checkpoint's
     if cityscapes_ids:
         from dataset.cityscapes import class_set_for
         class_set = class_set_for(config["num_classes"])
-    source = Source(input_path, cityscapes=cityscapes_ids)
-    colour_dir = _check_output(source, config, output, cityscapes_ids, overlays)
     colours = make_palette(config["num_classes"], palette, config_class_names(config))
     graph = serving.ServingGraph(config)
     height, width = graph.height, graph.width

@@ -97,10 +97,12 @@ def test_taylor_out_is_the_derivative_of_the_loss_by_the_channel_gate(tiny):
     value equals that derivative taken in the gated graph (another graph:
     gates as inputs, the gradient by the gate), to float32 rounding. (2) For
     layer kinds after the first block, central differences of the loss
-    agree: step 1e-3, tolerance 5 % of the layer's largest value (measured
-    worst 0.8 % with oneDNN off, 3.3 % on, where training gives another
-    model; a mean instead of a sum over positions would be off by the
-    position count, 32 or more here). In the stem and block1 a gate step of 1e-3 already flips
+    agree: step 3e-4, tolerance 5 % of the layer's largest value (measured
+    worst 2.3 % with oneDNN off; a mean instead of a sum over positions
+    would be off by the position count, 32 or more here). The step is a
+    compromise: at 1e-4 float32 rounding of the loss is 8 %, and on some
+    CPUs the model trains to one where a step of 1e-3 crosses a ReLU kink in
+    block2/unit_4's conv2/B (11 % off). In the stem and block1 a gate step of 1e-3 already flips
     enough ReLUs that differences of the piecewise-linear network wander
     around the derivative (measured: off by up to 40 %), so (1) alone checks
     those."""
@@ -112,7 +114,7 @@ def test_taylor_out_is_the_derivative_of_the_loss_by_the_channel_gate(tiny):
         # One backward graph for every gate (one per layer built 81).
         by_gate = dict(zip(ranks.layers, tf.gradients(
             gated.fetches["loss"], [gated.gates[layer] for layer in ranks.layers])))
-    step = 1e-3
+    step = 3e-4
     with session_for(gated, config) as session:
         session.run(gated.iterator.initializer)
         derivatives = session.run(by_gate)
