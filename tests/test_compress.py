@@ -2,9 +2,9 @@
 threshold search on their own (stand-in evaluations, no TensorFlow), then
 runs on a tiny model (default.json / 16, 32x64 synthetic shapes): the
 default rule for one stage whose first try is redone, resumed to two, and
-one stage of budget_before_retraining; checked: the run directory
-(checkpoints restore with their model_def + mask, parameters fall, the CSV
-matches the evaluations), which records each step reads, that the test
+one stage of budget_before_retraining with residual streams; checked: the
+run directory (checkpoints restore with their model_def + mask, parameters
+fall, the CSV matches the evaluations, a stream narrows without masks), which records each step reads, that the test
 records are read only after a stage is decided, and the one-line errors.
 
 Real passes run, but their mIoU is replaced: the gated passes report 50 -
@@ -480,6 +480,7 @@ def test_budget_rule_prunes_the_streams(runs, workspace):
     removed = search["removed"]
     assert set(narrower) <= set(removed)
     masks = load_masks(mask)
+    assert not [unit for unit in masks if unit.startswith("block1/")]  # width 1: no mask
     for name in narrower:  # every conv3 of the block writes the narrower stream
         for unit in architecture.stream_units(name):
             conv3 = definition["params"][unit.key][2]
