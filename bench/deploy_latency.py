@@ -4,9 +4,12 @@ TFLite (and ONNX), unpruned and pruned.
     python bench/deploy_latency.py [--model_def models/default.json] \
         [--height 192 --width 384 --batch 1 --runs 7 --fraction 0.5] [--onnx]
 
-Two models: the model_def itself and a variant with about --fraction of
-every prunable layer's channels removed, residual conv3s included (so its
-graph holds residual masks), as bench/pruned_latency.py makes it. Each is
+Three models, as bench/pruned_latency.py makes them: the model_def itself,
+a variant with about --fraction of every prunable layer's channels removed,
+residual conv3s included (so its graph holds residual masks), and the
+"streams" variant: every prunable layer but the conv3s and every block's
+residual stream lose about --fraction (no masks; docs/design.md, "Residual
+streams"); --no_streams leaves it out. Each is
 exported as export.py does (netcompress/export.py: serving graph, uint8 BGR
 in, class map and probabilities out) and every form is timed in one
 process, interleaved run by run so that machine noise hits them alike,
@@ -83,6 +86,8 @@ def main():
     parser.add_argument("--threads", type=int, default=0,
                         help="threads of every runtime (0 = all cores)")
     parser.add_argument("--onnx", action="store_true", help="time ONNX Runtime too")
+    parser.add_argument("--no_streams", action="store_true",
+                        help="leave out the variant with pruned residual streams")
     args = parser.parse_args()
     graph_mode()
     import numpy as np
@@ -93,7 +98,10 @@ def main():
 
     threads = args.threads or os.cpu_count()
     model_def = load_model_def(args.model_def)
-    plans = variant_plans(model_def, args.num_classes, [args.fraction], args.round_to)[:2]
+    # unpruned, masked conv3s, and (unless --no_streams) the stream variant.
+    plans = [plan for plan in variant_plans(model_def, args.num_classes, [args.fraction],
+                                            args.round_to, streams=not args.no_streams)
+             if not plan[0].endswith("conv3 kept")]
     shape = [args.batch, args.height, args.width, 3]
     images = np.random.default_rng(1).integers(0, 256, shape).astype(np.uint8)
     runs = []  # (model, masks count, params, GMACs, form, run)
@@ -119,13 +127,13 @@ def main():
 
     print(f"\n{args.model_def}, {args.num_classes} classes, input {args.batch}x{args.height}x"
           f"{args.width} uint8, {threads} threads, {args.runs} timed runs each (median)")
-    print(f"{'model':<14} {'params':>11} {'GMACs':>7} {'masks':>5} {'form':<14} {'ms':>9} "
+    print(f"{'model':<16} {'params':>11} {'GMACs':>7} {'masks':>5} {'form':<14} {'ms':>9} "
           f"{'vs session':>10} {'vs unpruned':>11}")
     medians = {(entry[0], entry[4]): float(np.median(t)) for entry, t in zip(runs, times)}
     unpruned = plans[0][0]
     for name, masks, params, macs, form, _ in runs:
         latency = medians[(name, form)]
-        print(f"{name:<14} {params:>11,} {macs / 1e9:>7.2f} {masks:>5} {form:<14} "
+        print(f"{name:<16} {params:>11,} {macs / 1e9:>7.2f} {masks:>5} {form:<14} "
               f"{1e3 * latency:>9.1f} {latency / medians[(name, 'session graph')]:>10.3f} "
               f"{latency / medians[(unpruned, form)]:>11.3f}")
 

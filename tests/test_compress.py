@@ -2,9 +2,9 @@
 threshold search on their own (stand-in evaluations, no TensorFlow), then
 runs on a tiny model (default.json / 16, 32x64 synthetic shapes): the
 default rule for one stage whose first try is redone, resumed to two, and
-one stage of budget_before_retraining; checked: the run directory
-(checkpoints restore with their model_def + mask, parameters fall, the CSV
-matches the evaluations), which records each step reads, that the test
+one stage of budget_before_retraining with residual streams; checked: the
+run directory (checkpoints restore with their model_def + mask, parameters
+fall, the CSV matches the evaluations, a stream narrows without masks), which records each step reads, that the test
 records are read only after a stage is decided, and the one-line errors.
 
 Real passes run, but their mIoU is replaced: the gated passes report 50 -
@@ -288,7 +288,7 @@ def _run(workspace, *overrides):
 def runs(workspace):
     """The default rule: one stage (its first try redone), then a rerun to
     two stages over a half-written stage 2; and one stage of
-    budget_before_retraining in another run_dir."""
+    budget_before_retraining, residual streams prunable, in another run_dir."""
     run_dir = workspace["root"] / "run"
     first = _run(workspace)
     stage1 = run_dir / "stage1"
@@ -299,8 +299,12 @@ def runs(workspace):
     second = _run(workspace, "--stages", "2")
     budget_dir = workspace["root"] / "budget"
     with mock.patch.object(staged, "measure_latency", lambda *args, **kwargs: {}):
+        # A budget of 30 points lets conv1 and block1 pass at threshold 1 (each
+        # layer and block1's stream keep their best channel; 81 channels at
+        # most, 8.1 points of the stand-in mIoU), so a stream is cut whatever
+        # the scores; block2 on is bisected. Latency: measured in the other runs.
         budget = _run(workspace, "--stage_rule", "budget_before_retraining", "--run_dir",
-                      str(budget_dir))  # latency: measured in the other runs
+                      str(budget_dir), "--streams", "true", "--budget", "30")
     return {"run_dir": run_dir, "first": first, "second": second, "mtimes": before,
             "row1": row1, "budget_dir": budget_dir, "budget": budget}
 
@@ -449,6 +453,51 @@ def test_budget_rule_stays_available(runs, workspace):
                  "retrain/checkpoint"):
         assert (budget_dir / "stage1" / name).is_file(), name
     _check_table(budget_dir, rows, latency=False)
+
+
+@pytest.mark.slow
+def test_budget_rule_prunes_the_streams(runs, workspace):
+    """With `streams: true` the stage narrows residual streams end to end: the
+    written model_def has them narrower, their conv3s follow without a mask,
+    the stage checkpoint restores against model_def + mask, and the table's
+    parameters and MACs fall."""
+    from models.architecture import adapnet_pp, resolve_widths
+    from netcompress.checkpoint_paths import resolve_checkpoint
+    from netcompress.pruning import verify_checkpoint
+
+    budget_dir = runs["budget_dir"]
+    given, row = _rows(budget_dir)
+    config = load_config(workspace["config"], "compress", [f"run_dir={budget_dir}"])
+    model_def, mask, checkpoint = staged._stage_model(config, row)
+    architecture = adapnet_pp()
+    before = resolve_widths(load_model_def(config["model_def"]), NUM_CLASSES, architecture)
+    definition = load_model_def(model_def)
+    after = resolve_widths(definition, NUM_CLASSES, architecture)
+    streams = [group.name for group in architecture.stream_groups()]
+    narrower = [name for name in streams if after[name] < before[name]]
+    print("stream widths:", {name: (before[name], after[name]) for name in streams})
+    assert "block1/residual" in narrower and after["block1/residual"] == 1
+    search = json.loads((budget_dir / "stage1" / "search.json").read_text())
+    assert search["thresholds"]["block1"] == 1.0
+    removed = search["removed"]
+    assert set(narrower) <= set(removed)
+    masks = load_masks(mask)
+    assert not [unit for unit in masks if unit.startswith("block1/")]  # width 1: no mask
+    for name in narrower:  # every conv3 of the block writes the narrower stream
+        for unit in architecture.stream_units(name):
+            conv3 = definition["params"][unit.key][2]
+            if unit.name in masks:  # only a conv3 cut on its own needs a mask
+                assert f"{unit.scope}/conv3" in removed
+                assert masks[unit.name][1] == after[name] > conv3 == len(masks[unit.name][0])
+            else:
+                assert conv3 == after[name]
+    verify_checkpoint(resolve_checkpoint(checkpoint), definition, masks, NUM_CLASSES,
+                      HEIGHT, WIDTH, "stage 1")
+    with open(budget_dir / "stages.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert int(table[1]["parameters"]) == row["parameters"] < given["parameters"]
+    assert float(table[1]["gmacs"]) < float(table[0]["gmacs"])
+    assert row["macs"] < given["macs"]
 
 
 @pytest.mark.slow
