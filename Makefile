@@ -8,7 +8,7 @@ DEMO_DATA := data/demo
 # A GPU machine gets the CUDA build of TensorFlow; everything else the CPU one.
 REQUIREMENTS := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo requirements-gpu.txt || echo requirements.txt)
 
-.PHONY: setup data demo test test-fast bench clean
+.PHONY: setup data demo test test-fast test-long bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,12 +33,16 @@ demo: data
 # (three were slower on 2 cores: 18.5 against 16.8 minutes, docs/testing.md).
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 test: setup
-	TF_ENABLE_ONEDNN_OPTS=0 $(PYTEST) --durations=15 tests
-	TF_ENABLE_ONEDNN_OPTS=1 $(PYTEST) --durations=15 -m onednn tests
+	TF_ENABLE_ONEDNN_OPTS=0 $(PYTEST) --durations=15 -m "not long" tests
+	TF_ENABLE_ONEDNN_OPTS=1 $(PYTEST) --durations=15 -m "onednn and not long" tests
+
+# What make test leaves out for time (pytest.ini, marker long).
+test-long: setup
+	TF_ENABLE_ONEDNN_OPTS=0 $(PYTEST) -m long tests
 
 # The edit loop: everything but the slowest group, oneDNN off.
 test-fast: setup
-	TF_ENABLE_ONEDNN_OPTS=0 $(PYTEST) -m "not slow" tests
+	TF_ENABLE_ONEDNN_OPTS=0 $(PYTEST) -m "not slow and not long" tests
 
 bench: setup
 	$(PY) bench/train_throughput.py --model_def models/small.json

@@ -106,8 +106,10 @@ def run_script(argv, kind, description, main, optional=None, add_arguments=None,
         argv, description, kind, add_arguments, optional,
         defaults=None if defaults is None else defaults[0])
     config = load_config(config_path, kind, overrides, optional=optional, defaults=defaults)
-    prepared = check(config, args) if check is not None else None
+    # Before check: reading a checkpoint's description there imports TensorFlow,
+    # which must see only the configured GPU(s).
     apply_gpu_id(config["gpu_id"])
+    prepared = check(config, args) if check is not None else None
     graph_mode()
     return main(config, args, prepared)
 

@@ -106,8 +106,10 @@ def parse(text, checkpoint):
 def read_description(path):
     """The Description in checkpoint ``path`` (a prefix or directory), or
     None when it has none (the original's, or written before descriptions)."""
-    import tensorflow as tf
+    from common.runtime import import_tensorflow_quietly
 
+    # First: scripts' checks read descriptions before graph_mode imports it.
+    tf = import_tensorflow_quietly()
     from netcompress.checkpoints import damaged_error
     from netcompress.checkpoint_paths import resolve_checkpoint
 
