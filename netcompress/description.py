@@ -151,21 +151,27 @@ def model_def_difference(mine, theirs):
     return None
 
 
-def masks_difference(mine, theirs):
-    """The first difference of two {unit: (kept, width)}, or None."""
+def _positions(kept, width):
+    kept = [int(i) for i in kept]
+    shown = ", ".join(map(str, kept[:6])) + (", ..." if len(kept) > 6 else "")
+    return f"[{shown}] of {width}"
+
+
+def masks_difference(mine, theirs, mine_place="in the file",
+                     theirs_place="in the checkpoint"):
+    """The first difference of two {unit: (kept, width)} in words, or None."""
     for unit in sorted(set(mine) | set(theirs)):
         if unit not in theirs:
-            return f"{unit} is masked in the file, not in the checkpoint"
+            return f"{unit} is masked {mine_place}, not {theirs_place}"
         if unit not in mine:
-            return f"{unit} is masked in the checkpoint, not in the file"
+            return f"{unit} is masked {theirs_place}, not {mine_place}"
         (kept_a, width_a), (kept_b, width_b) = mine[unit], theirs[unit]
-        if width_a != width_b:
-            return f"{unit} is over {width_a} channels in the file, {width_b} in the checkpoint"
-        if list(kept_a) != list(kept_b):
-            if len(kept_a) != len(kept_b):
-                return f"{unit} keeps {len(kept_a)} channels in the file, " \
-                       f"{len(kept_b)} in the checkpoint"
-            return f"{unit} keeps other channels"
+        if width_a == width_b and len(kept_a) != len(kept_b):
+            return (f"{unit} keeps {len(kept_a)} channels {mine_place}, {len(kept_b)} "
+                    f"{theirs_place}")
+        if width_a != width_b or list(kept_a) != list(kept_b):
+            return (f"{unit} keeps {_positions(kept_a, width_a)} {mine_place}, "
+                    f"{_positions(kept_b, width_b)} {theirs_place}")
     return None
 
 

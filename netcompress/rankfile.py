@@ -181,10 +181,13 @@ class RankSums:
         recorded = self.metadata["masks_json"]
         if not recorded:  # not written by get_oracle_rank.py
             return
-        ranked, given = json.loads(recorded), json.loads(masks_json(masks))
-        if ranked != given:
+        from netcompress.description import masks_difference
+        ranked = {unit: (entry["kept"], entry["width"])
+                  for unit, entry in json.loads(recorded).items()}
+        difference = masks_difference(ranked, masks or {}, "in the rank file", "in the mask")
+        if difference:
             raise UserError(f"rank file {self.path} was computed with another mask than "
-                            f"{mask_source}: {_masks_difference(ranked, given)}; rerank with "
+                            f"{mask_source}: {difference}; rerank with "
                             f"get_oracle_rank.py and this mask")
 
     def check_checkpoint(self, prefix, digest, log=print):
@@ -233,29 +236,10 @@ def _check_finite(sums, path):
 
 
 def masks_json(masks):
-    """Masks ({unit: (kept, width)}) as the rank file records them:
-    {unit: {"width": w, "kept": [indices]}}."""
-    return json.dumps({unit: {"width": int(width), "kept": [int(i) for i in kept]}
-                       for unit, (kept, width) in sorted((masks or {}).items())})
-
-
-def _masks_difference(ranked, given):
-    """The first unit whose mask differs, in words."""
-    for unit in sorted(set(ranked) | set(given)):
-        if unit not in given:
-            return f"{unit} is masked in the rank file, not in the mask"
-        if unit not in ranked:
-            return f"{unit} is masked in the mask, not in the rank file"
-        if ranked[unit] != given[unit]:
-            return (f"{unit} keeps {_positions(ranked[unit])} in the rank file, "
-                    f"{_positions(given[unit])} in the mask")
-    return "they differ"
-
-
-def _positions(mask):
-    kept = mask["kept"]
-    shown = ", ".join(map(str, kept[:6])) + (", ..." if len(kept) > 6 else "")
-    return f"[{shown}] of {mask['width']}"
+    """Masks ({unit: (kept, width)}) as the rank file records them: JSON of
+    {unit: {"width": w, "kept": [indices]}} (netcompress/description.py)."""
+    from netcompress.description import masks_json as masks_object
+    return json.dumps(masks_object(masks or {}))
 
 
 def _describe(array):

@@ -132,8 +132,9 @@ def test_differences_are_named():
     assert description.model_def_difference(mine, theirs) == \
         'params["3"] is [4, 4, 16] in the file, [4, 4, 14] in the checkpoint'
     a = {"block1/unit_2": (np.arange(14), 16)}
-    assert description.masks_difference(a, {"block1/unit_2": (np.arange(2, 16), 16)}) == \
-        "block1/unit_2 keeps other channels"
+    assert description.masks_difference(a, {"block1/unit_2": (np.arange(2, 16), 16)}) == (
+        "block1/unit_2 keeps [0, 1, 2, 3, 4, 5, ...] of 16 in the file, "
+        "[2, 3, 4, 5, 6, 7, ...] of 16 in the checkpoint")
     assert description.masks_difference(a, {}) == \
         "block1/unit_2 is masked in the file, not in the checkpoint"
     assert description.masks_difference(a, {"block1/unit_2": (np.arange(12), 16)}) == \
@@ -182,8 +183,9 @@ def test_a_mask_keeping_other_positions_is_refused(tiny, tmp_path):
     with pytest.raises(UserError) as caught:
         evaluate(config, log=lambda line: None, progress=False)
     assert str(caught.value) == (f"mask {tmp_path / 'other.npy'} differs from the "
-                                 f"checkpoint's ({checkpoint}): block1/unit_2 keeps other "
-                                 f"channels")
+                                 f"checkpoint's ({checkpoint}): block1/unit_2 keeps "
+                                 f"[2, 3, 4, 5, 6, 7, ...] of 16 in the file, "
+                                 f"[0, 1, 2, 3, 4, 5, ...] of 16 in the checkpoint")
 
 
 # ---- readers take the model from the checkpoint ---------------------------------------
