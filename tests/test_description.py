@@ -20,14 +20,13 @@ from helpers import random_values, run_script_in_process, scaled_model_def, writ
     write_json
 from dataset import synthetic
 from models.AdapNet_pp import AdapNet_pp
-from models.architecture import adapnet_pp, resolve_widths
 from models.model_def import load_masks, load_model_def, save_masks
 from common.errors import UserError
 from netcompress import checkpoints, description
 from netcompress.config import load_config
 from netcompress.evaluation import evaluate
 from netcompress.pruning import PruneSettings, prepare, prune
-from netcompress.rankfile import RankSums
+from test_faults import write_rank_file
 
 tf1 = tf.compat.v1
 tf1.disable_eager_execution()
@@ -75,21 +74,8 @@ def evaluate_config(tiny, name, **values):
     return load_config(write_config(tiny["root"] / f"{name}.config", entries), "evaluate")
 
 
-def rank_file(path, model_def):
-    widths = resolve_widths(model_def, NUM_CLASSES)
-    layers = [g.name for g in adapnet_pp().prunable_groups()]
-    ranks = RankSums(layers, widths)
-    ranks.count = 2
-    rng = np.random.default_rng(3)
-    for layer in layers:
-        for kind in ("taylor", "reference", "taylor_out"):
-            ranks.add(kind, layer, rng.uniform(0.1, 1.0, widths[layer]))
-    ranks.save(str(path))
-    return str(path)
-
-
 def prune_settings(tiny, out, **values):
-    settings = dict(rank_file=rank_file(tiny["root"] / "rank.npz", tiny["model_def"]),
+    settings = dict(rank_file=write_rank_file(tiny["root"] / "rank.npz", tiny["model_def"]),
                     threshold=0.3, checkpoint_name=tiny["described"],
                     new_checkpoint_save=str(out / "model.ckpt"),
                     new_model_def=str(out / "model_def.json"),
