@@ -39,8 +39,6 @@ from netcompress.checkpoint_paths import checkpoint_exists, input_checkpoint_fil
 from netcompress.palette import config_class_names
 from netcompress.search import search_groups
 
-KIND = "compress"
-
 # What defines a run: a rerun into the same run_dir must agree on these.
 RUN_KEYS = ("model", "num_classes", "model_def", "mask", "checkpoint", "train_data",
             "val_data", "test_data", "batch_size", "height", "width", "retrain_iterations",

@@ -634,11 +634,6 @@ def _show(value, limit=SHOWN_LENGTH):
     return _elide(value)
 
 
-def check_gpu_id(value, source):
-    """The checked, normalised `gpu_id` (for settings outside a config)."""
-    return _check_value("gpu_id", value, source)
-
-
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 

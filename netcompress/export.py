@@ -39,9 +39,9 @@ ONNX_OPSET = 17
 # relative to the logits' largest magnitude (at least 1): the same float32
 # function with other kernels (XNNPACK, ONNX Runtime) sums in another order,
 # which moves each logit by a fraction of the magnitudes summed, and a
-# softmax moves no probability by more than the largest logit change. See
-# tests/helpers.FLOAT32_PASS_TOLERANCE, whose 1e-4 is for the tiny test
-# networks; the full network is deeper and wider, so the check allows 1e-3.
+# softmax moves no probability by more than the largest logit change. The
+# tiny test networks stay within 1e-4; the full network is deeper and
+# wider, so the check allows 1e-3 (docs/deploy.md).
 # (An absolute bound failed an untrained full network: its logits are large.)
 EXPORT_TOLERANCE = 1e-3
 OUTPUT_NAMES = (serving.CLASS_MAP_NAME, serving.PROBABILITIES_NAME)
@@ -129,23 +129,6 @@ def convert_onnx(graph_def):
 
 
 # ---- running ---------------------------------------------------------------
-
-class SessionRunner:
-    """The session graph itself (checkpoint restored)."""
-
-    name = "session graph"
-
-    def __init__(self, config, threads=0):
-        self.graph = serving.ServingGraph(config)
-        self.session = self.graph.session(threads)
-
-    def __call__(self, images):
-        return self.session.run([self.graph.class_map, self.graph.probabilities],
-                                {self.graph.images: images})
-
-    def close(self):
-        self.session.close()
-
 
 class SavedModelRunner:
     """A SavedModel loaded into its own graph-mode session, run through its

@@ -48,7 +48,8 @@ def model_def_digest(model_def):
 
 
 class RankSums:
-    """Accumulated per-layer sums for both criteria, and the example count."""
+    """Accumulated per-layer sums (SUMS), the filters' l1 norms and the
+    example count; every criterion is computed from these (CRITERIA)."""
 
     def __init__(self, layers, widths):
         self.layers = list(layers)

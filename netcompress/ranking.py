@@ -7,10 +7,10 @@ output before batch norm:
     t_n(k) = (1/M) * sum over the M = H x W positions of z * dC/dz   (example n)
 
 One session run per batch computes, in the graph, t for every example and
-layer and reduces it over the batch to two small vectors per layer,
-sum_n |t_n| (the ``taylor`` criterion) and sum_n t_n (``reference``, the
-original code's signed sum); only those are fetched and accumulated in
-float64 on the host (``RankSums``).
+layer and reduces it over the batch to small vectors per layer: sum_n |t_n|
+(the ``taylor`` criterion), sum_n t_n (``reference``, the original code's
+signed sum) and sum_n |t_out_n| (``taylor_out``, below); only those are
+fetched and accumulated in float64 on the host (``RankSums``).
 
 C is the *sum* over the batch of the per-example losses (each the pixel mean
 of the weighted cross-entropy, aux heads included) with batch norm in
