@@ -25,7 +25,7 @@ def add_arguments(parser):
 
 
 def main(argv=None):
-    return run_script(argv, "evaluate", DESCRIPTION, _export, add_arguments=add_arguments,
+    return run_script(argv, "export", DESCRIPTION, _export, add_arguments=add_arguments,
                       check=_check)
 
 

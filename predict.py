@@ -30,7 +30,7 @@ def add_arguments(parser):
 
 
 def main(argv=None):
-    return run_script(argv, "evaluate", DESCRIPTION, _predict, add_arguments=add_arguments)
+    return run_script(argv, "predict", DESCRIPTION, _predict, add_arguments=add_arguments)
 
 
 def _predict(config, args, _):

@@ -3,14 +3,13 @@
 import sys
 
 from netcompress.cli import run_main, run_script
-from netcompress.config import TRAIN_OPTIONAL
 
 DESCRIPTION = ("Train AdapNet++ from a config; --KEY VALUE or --set KEY=VALUE overrides "
                "any config key.")
 
 
 def main(argv=None):
-    return run_script(argv, "train", DESCRIPTION, _train, optional=TRAIN_OPTIONAL)
+    return run_script(argv, "train", DESCRIPTION, _train)
 
 
 def _train(config, args, _):

@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from common.errors import INTERRUPT_EXIT, USER_ERROR_EXIT, UserError
-from netcompress.config import CLASSES_HELP, DECLARED, KEY_ALIASES, REQUIRED, \
-    accepted_keys, apply_gpu_id, load_config
+from netcompress.config import KEY_ALIASES, REQUIRED, SETTINGS, accepted_keys, \
+    apply_gpu_id, load_config
 
 
 
@@ -32,22 +32,19 @@ class _AppendOverride(argparse.Action):
 
 
 def _key_help(kind, key, defaults):
-    """--help text of a key: a declared setting's help and its default."""
-    declared = {setting.name: setting for setting in DECLARED.get(kind, ())}
+    """--help text of a key: its setting's help and current value (the
+    script's ``defaults``, else the declared default)."""
     target = KEY_ALIASES[kind].get(key, key)
     if target != key:
-        return f"same as --{target}" if kind in DECLARED else None
-    if key not in declared:
-        # The one optional key every kind shares (train, evaluate, oracle_rank
-        # declare keys as tuples, without help texts).
-        return CLASSES_HELP if key == "classes" else None
-    current = (defaults or {}).get(key, declared[key].default)
+        return f"same as --{target}"
+    setting = next(setting for setting in SETTINGS[kind] if setting.name == key)
+    current = (defaults or {}).get(key, setting.default)
     if current is REQUIRED:
-        return f"{declared[key].help} (required)"
-    return f"{declared[key].help} (now: {current!r})"
+        return f"{setting.help} (required)"
+    return f"{setting.help} (now: {current!r})"
 
 
-def build_parser(description, kind, add_arguments=None, optional=None, defaults=None):
+def build_parser(description, kind, add_arguments=None, defaults=None):
     """The parser behind parse_script_args (exposed for --help tests/docs).
     ``defaults``: the settings a script has without a config file; -c is
     then optional."""
@@ -62,7 +59,7 @@ def build_parser(description, kind, add_arguments=None, optional=None, defaults=
     overrides.add_argument("--set", dest="overrides", action=_AppendOverride,
                            default=[], metavar="KEY=VALUE",
                            help="override any config key (repeatable)")
-    for key in accepted_keys(kind, optional):
+    for key in accepted_keys(kind):
         flags = ["--" + key]
         if "_" in key:
             flags.append("--" + key.replace("_", "-"))
@@ -75,25 +72,23 @@ def build_parser(description, kind, add_arguments=None, optional=None, defaults=
     return parser
 
 
-def parse_script_args(argv, description, kind, add_arguments=None, optional=None,
-                      defaults=None):
+def parse_script_args(argv, description, kind, add_arguments=None, defaults=None):
     """Parse a script's command line.
 
     argv: arguments without the program name (None -> sys.argv[1:]).
-    kind: config kind ('train', 'evaluate', 'oracle_rank'); every key of it
-    becomes a `--KEY VALUE` flag. `optional` (the dict given to load_config)
-    adds its keys as flags too. `add_arguments(parser)` may add
-    script-specific flags.
+    kind: config kind (a key of config.SETTINGS); every key of it becomes a
+    `--KEY VALUE` flag. `add_arguments(parser)` may add script-specific
+    flags.
     Returns (config_path, overrides, namespace), overrides being the
     'key=value' strings in command-line order, ready for load_config.
     """
-    parser = build_parser(description, kind, add_arguments, optional, defaults)
+    parser = build_parser(description, kind, add_arguments, defaults)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return args.config, list(args.overrides), args
 
 
-def run_script(argv, kind, description, main, optional=None, add_arguments=None,
-               defaults=None, check=None):
+def run_script(argv, kind, description, main, add_arguments=None, defaults=None,
+               check=None):
     """What every script does: parse the command line, load and check its
     settings, ``check(config, args)`` (work that needs no TensorFlow, so that
     mistakes show at once), make only the configured GPU(s) visible, import
@@ -103,9 +98,9 @@ def run_script(argv, kind, description, main, optional=None, add_arguments=None,
     from common.runtime import graph_mode
 
     config_path, overrides, args = parse_script_args(
-        argv, description, kind, add_arguments, optional,
+        argv, description, kind, add_arguments,
         defaults=None if defaults is None else defaults[0])
-    config = load_config(config_path, kind, overrides, optional=optional, defaults=defaults)
+    config = load_config(config_path, kind, overrides, defaults=defaults)
     # Before check: reading a checkpoint's description there imports TensorFlow,
     # which must see only the configured GPU(s).
     apply_gpu_id(config["gpu_id"])

@@ -36,6 +36,7 @@ from common.digests import checkpoint_digest, file_digest, short
 from common.errors import UserError
 from common.files import make_directory, replace_atomically
 from netcompress.checkpoint_paths import checkpoint_exists, input_checkpoint_files
+from netcompress.config import setting_defaults
 from netcompress.palette import config_class_names
 from netcompress.search import search_groups
 
@@ -842,9 +843,10 @@ def prune_removal(config, model, rank_path, removed, directory, log=None):
 
 def retrain_config(config, pruned, directory, iterations=None):
     """The training config that retrains ``pruned`` into directory/retrain/
-    (retrain_iterations steps unless ``iterations``)."""
+    (retrain_iterations steps unless ``iterations``); the train settings it
+    does not set have their declared defaults."""
     iterations = iterations or config["retrain_iterations"]
-    return dict(pruned, initialize=pruned["checkpoint"],
+    return dict(dict(setting_defaults("train"), **pruned), initialize=pruned["checkpoint"],
                 checkpoint=os.path.join(directory, "retrain", "model.ckpt"),
                 train_data=config["train_data"], max_iteration=iterations,
                 save_step=iterations, learning_rate=config["learning_rate"],

@@ -1,6 +1,7 @@
 """Loading and validating the settings of every script: the `key: value`
-config files of train / evaluate / get_oracle_rank, and prun_model.py's
-settings (its header constants, an optional config file, the command line).
+config files of train / evaluate / get_oracle_rank / predict / export /
+compress, and prun_model.py's settings (its header constants, an optional
+config file, the command line).
 
 A config is parsed as YAML (``yaml.safe_load``, the original format, less
 aliases, duplicate keys and YAML 1.1 octal or sexagesimal numbers), then
@@ -12,20 +13,15 @@ Relative paths in a config are left relative: they are resolved against the
 current working directory of the process, as the original scripts did (not
 against the directory of the config file). ``~`` is expanded.
 
-Defaults: ``gpu_id`` ('' = all devices / CPU), ``mask`` (None),
-``model_def`` and ``num_classes`` (None: the checkpoint's own description,
-netcompress/description.py; required for checkpoints without one),
-``atrous_path`` (auto), ``replicas`` (None: one per GPU listed in gpu_id,
-else 1), ``classes`` (None: no class names) and, for training,
-``initialize`` (None = train from scratch) may be left out. Every other key
-of a kind is required.
+Every kind's settings are declared once (SETTINGS): name, check, default
+(REQUIRED: the key must be given) and --help text.
 """
 
 import difflib
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import yaml
 
@@ -34,39 +30,21 @@ from netcompress.checkpoint_paths import checkpoint_exists
 from netcompress.rankfile import CRITERIA
 from netcompress.scores import NORMALISATIONS
 
-TRAIN_KEYS = (
-    "gpu_id", "model", "num_classes", "intialize", "checkpoint", "train_data",
-    "batch_size", "skip_step", "height", "width", "max_iteration",
-    "learning_rate", "save_step", "power", "mask", "model_def", "atrous_path",
-    "replicas", "classes",
-)
-EVALUATE_KEYS = (
-    "gpu_id", "model", "num_classes", "checkpoint", "test_data", "batch_size",
-    "skip_step", "height", "width", "mask", "model_def", "atrous_path", "classes",
-)
-# val_data: held-out records for --compare (never the test records).
-ORACLE_RANK_KEYS = EVALUATE_KEYS + ("rank_save", "val_data", "replicas")
-# Kinds whose step runs on several devices (netcompress/replicas.py).
-REPLICATED_KINDS = ("train", "oracle_rank")
-
-# The key names as users write them, per config kind (original spelling).
-CONFIG_KEYS = {
-    "train": TRAIN_KEYS,
-    "evaluate": EVALUATE_KEYS,
-    "oracle_rank": ORACLE_RANK_KEYS,
-}
-
-
 # How dilated convs are computed (models/atrous.py; docs/atrous.md). The same
 # names as models.atrous, repeated here because configs load before TensorFlow.
 ATROUS_PATHS = ("auto", "native", "space_to_batch")
 
 
-# ---- prun_model.py's settings, declared once ---------------------------------
-# The header constants of prun_model.py, its --help and the README's table
-# are checked against this declaration (tests/test_config.py).
+# ---- every script's settings, declared once ----------------------------------
+# A kind's settings give its keys, their checks, defaults and --help texts;
+# prun_model.py's header constants and the README's settings lists are
+# checked against them (tests/test_config.py).
 
 REQUIRED = object()
+
+# What must exist once every value is checked (_check_paths): a file or
+# directory, a file, or a checkpoint (prefix or directory).
+EXISTS_PATH, EXISTS_FILE, EXISTS_CHECKPOINT = "path", "file", "checkpoint"
 
 
 @dataclass(frozen=True)
@@ -76,13 +54,133 @@ class Setting:
     default: object = REQUIRED
     help: str = ""
     choices: tuple = ()
+    exists: str = None  # EXISTS_*: checked after every value (_check_paths)
 
+
+def _changed(settings, **changes):
+    """``settings`` with some fields changed ({name: {field: value}})."""
+    return tuple(replace(setting, **changes.get(setting.name, {})) for setting in settings)
 
 
 # The optional `classes` key of every kind: names for the per-class reports.
 CLASSES_HELP = ("class names, `ID NAME` per line (the converter's .classes.txt), for "
                 "per-class reports and legends (None = numbers only)")
+GPU_HELP = ("GPU(s) to use: an id, ids such as '0,1' (one replica each), -1 = none "
+            "('' = all GPUs / CPU only)")
 
+# evaluate.py's settings; the other kinds that read a checkpoint start from them.
+EVALUATE_SETTINGS = (
+    Setting("gpu_id", "gpu_id", "", GPU_HELP),
+    Setting("model", "model_name", REQUIRED,
+            "name of the model (AdapNet_pp: models/AdapNet_pp.py, class AdapNet_pp)"),
+    Setting("num_classes", "num_classes", None,
+            "number of classes including void (None: the checkpoint's; needed only for a "
+            "checkpoint that does not describe its model)"),
+    Setting("checkpoint", "path", REQUIRED,
+            "the checkpoint to evaluate (a prefix, or a directory: its newest checkpoint)",
+            exists=EXISTS_CHECKPOINT),
+    Setting("test_data", "path", REQUIRED, "the test .tfrecords", exists=EXISTS_PATH),
+    Setting("batch_size", "positive_int", REQUIRED, "batch size"),
+    Setting("skip_step", "positive_int", REQUIRED, "batches between progress reports"),
+    Setting("height", "size", REQUIRED, "height of the input image (a multiple of 16)"),
+    Setting("width", "size", REQUIRED, "width of the input image (a multiple of 16)"),
+    Setting("mask", "optional_path", None,
+            "mask file of the residual units (None: the checkpoint's, or no mask)",
+            exists=EXISTS_FILE),
+    Setting("model_def", "optional_path", None,
+            "the model definition (None: the one the checkpoint describes; required for "
+            "checkpoints without a description)", exists=EXISTS_PATH),
+    Setting("atrous_path", "choice", "auto",
+            "how atrous convs are computed: auto, native or space_to_batch",
+            choices=ATROUS_PATHS),
+    Setting("classes", "optional_path", None, CLASSES_HELP, exists=EXISTS_FILE),
+)
+
+REPLICAS_HELP = ("replicas on CPU devices (None: one per GPU listed in gpu_id, else 1); "
+                 "the batch splits evenly")
+
+ORACLE_RANK_SETTINGS = _changed(
+    EVALUATE_SETTINGS,
+    checkpoint={"help": "the checkpoint to rank (a prefix, or a directory: its newest)"},
+    test_data={"help": "the records the ranks are summed over"},
+) + (
+    Setting("rank_save", "path", REQUIRED, "where the rank file goes"),
+    # Held-out records for --compare (never the test records).
+    Setting("val_data", "optional_path", None,
+            "held-out validation records for --compare (None = none)", exists=EXISTS_FILE),
+    Setting("replicas", "replicas", None, REPLICAS_HELP),
+)
+
+TRAIN_SETTINGS = (
+    Setting("gpu_id", "gpu_id", "", GPU_HELP),
+    Setting("model", "model_name", REQUIRED,
+            "name of the model (AdapNet_pp: models/AdapNet_pp.py, class AdapNet_pp)"),
+    Setting("num_classes", "num_classes", None,
+            "number of classes including void (label id 0); None when resuming or with "
+            "a described intialize (its count)"),
+    Setting("initialize", "optional_path", None,
+            "checkpoint to initialise from, by variable name (None = train from scratch; "
+            "the original spells it intialize)", exists=EXISTS_CHECKPOINT),
+    Setting("checkpoint", "path", REQUIRED,
+            "where to save the model: a directory (created if needed), or a prefix named "
+            "like runs/x/model.ckpt"),
+    Setting("train_data", "path", REQUIRED, "the training .tfrecords", exists=EXISTS_PATH),
+    Setting("batch_size", "positive_int", REQUIRED,
+            "training batch size (the global batch, split over the replicas)"),
+    Setting("skip_step", "positive_int", REQUIRED, "steps between loss reports"),
+    Setting("height", "size", REQUIRED, "height of the input image (a multiple of 16)"),
+    Setting("width", "size", REQUIRED, "width of the input image (a multiple of 16)"),
+    Setting("max_iteration", "positive_int", REQUIRED, "how many steps to train"),
+    Setting("learning_rate", "positive_float", REQUIRED, "initial learning rate"),
+    Setting("save_step", "positive_int", REQUIRED, "steps between checkpoints"),
+    Setting("power", "positive_float", REQUIRED,
+            "power of the polynomial learning-rate decay"),
+    Setting("mask", "optional_path", None,
+            "mask file of the residual units (None: none, or the checkpoint's)",
+            exists=EXISTS_FILE),
+    Setting("model_def", "optional_path", None,
+            "the model definition (None when resuming, or when intialize describes its "
+            "model: that checkpoint's)", exists=EXISTS_PATH),
+    Setting("atrous_path", "choice", "auto",
+            "how atrous convs are computed: auto, native or space_to_batch",
+            choices=ATROUS_PATHS),
+    Setting("replicas", "replicas", None, REPLICAS_HELP),
+    Setting("classes", "optional_path", None, CLASSES_HELP, exists=EXISTS_FILE),
+    Setting("flip", "typed", False, "random horizontal flips (the original had none)"),
+    Setting("end_learning_rate", "typed", 1e-4,
+            "where the polynomial decay ends (the original's 1e-4)"),
+    Setting("max_to_keep", "typed", 3,
+            "how many of the newest checkpoints are kept (the original kept 1000)"),
+    Setting("write_graph", "typed", False,
+            "also write the graph to the TensorBoard events file (large)"),
+    Setting("worker_timeout", "typed", 600.0,
+            "seconds to wait for the other workers TF_CONFIG lists"),
+)
+
+# predict.py and export.py read an evaluation config; the keys they do not
+# read are accepted, unchecked, so that one config serves all three.
+UNUSED = {"kind": "unused", "default": None}
+PREDICT_SETTINGS = _changed(
+    EVALUATE_SETTINGS,
+    checkpoint={"help": "the checkpoint to predict with (a prefix, or a directory: its "
+                        "newest)"},
+    test_data=dict(UNUSED, help="not read by predict.py (--input gives the images)",
+                   exists=None),
+    skip_step=dict(UNUSED, help="not read by predict.py"),
+    height={"help": "height the images are resized to (a multiple of 16)"},
+    width={"help": "width the images are resized to (a multiple of 16)"},
+)
+EXPORT_SETTINGS = _changed(
+    EVALUATE_SETTINGS,
+    checkpoint={"help": "the checkpoint to export (a prefix, or a directory: its newest)"},
+    test_data={"help": "records whose first --check_images images check every file "
+                       "(and --int8's mIoU)"},
+    skip_step=dict(UNUSED, help="not read by export.py"),
+    height={"help": "input height of the exported model (a multiple of 16)"},
+    width={"help": "input width of the exported model (a multiple of 16)"},
+)
+
+# prun_model.py's settings (its header constants).
 PRUNE_SETTINGS = (
     Setting("decide_threshold", "bool", False,
             "true: only print how many channels of the selection score below 0.1, 0.2, "
@@ -228,41 +326,30 @@ COMPRESS_SETTINGS = (
     Setting("classes", "optional_path", None, CLASSES_HELP),
 )
 
-DECLARED = {"prune": PRUNE_SETTINGS, "compress": COMPRESS_SETTINGS}
-CONFIG_KEYS["prune"] = tuple(setting.name for setting in PRUNE_SETTINGS)
-CONFIG_KEYS["compress"] = tuple(setting.name for setting in COMPRESS_SETTINGS)
-
-# Alternative spellings accepted in a config -> the key used in the result.
-# The original README spells it 'intialize'; both spellings mean the same.
-KEY_ALIASES = {
-    "train": {"intialize": "initialize", "initialize": "initialize"},
-    "evaluate": {},
-    "oracle_rank": {},
-    # The original script's names, still accepted (header constants and flags).
-    "prune": {"Num_classes": "num_classes", "save_nvidia_name": "rank_file"},
-    "compress": {},
+SETTINGS = {
+    "train": TRAIN_SETTINGS,
+    "evaluate": EVALUATE_SETTINGS,
+    "oracle_rank": ORACLE_RANK_SETTINGS,
+    "predict": PREDICT_SETTINGS,
+    "export": EXPORT_SETTINGS,
+    "prune": PRUNE_SETTINGS,
+    "compress": COMPRESS_SETTINGS,
 }
 
-OPTIONAL_DEFAULTS = {"gpu_id": "", "mask": None, "initialize": None, "atrous_path": "auto",
-                     "model_def": None, "num_classes": None,
-                     "val_data": None, "replicas": None, "classes": None}
-
-# Keys a train config may add, with their defaults (train.py's `optional`).
-# flip: random horizontal flips (the original had no augmentation);
-# end_learning_rate: where the polynomial decay ends (the original's 1e-4);
-# max_to_keep: newest checkpoints kept (the original kept 1000);
-# write_graph: the graph in the TensorBoard events too (large: README.md);
-# worker_timeout: seconds to wait for TF_CONFIG's other workers (replicas.py).
-TRAIN_OPTIONAL = {"flip": False, "end_learning_rate": 1e-4, "max_to_keep": 3,
-                  "write_graph": False, "worker_timeout": 600.0}
+# Alternative spellings accepted in a config -> the key used in the result.
+KEY_ALIASES = {kind: {} for kind in SETTINGS}
+# The original README spells it 'intialize'; both spellings mean the same.
+KEY_ALIASES["train"] = {"intialize": "initialize", "initialize": "initialize"}
+# The original script's names, still accepted (header constants and flags).
+KEY_ALIASES["prune"] = {"Num_classes": "num_classes", "save_nvidia_name": "rank_file"}
 
 
-POSITIVE_INT_KEYS = ("batch_size", "skip_step", "height", "width",
-                     "max_iteration", "save_step")
-POSITIVE_FLOAT_KEYS = ("learning_rate", "power")
-# Files the scripts read; output paths (checkpoint for train, rank_save) need
-# not exist yet.
-INPUT_FILE_KEYS = ("train_data", "test_data", "model_def")
+def setting_defaults(kind):
+    """{name: default} of the settings of ``kind`` that have one."""
+    return {setting.name: setting.default for setting in _settings_of(kind)
+            if setting.default is not REQUIRED}
+
+
 # Strings that mean "no value" for optional paths: YAML turns `None` into the
 # string 'None' (only null/~/empty are YAML nulls), and the original configs
 # wrote `mask: None`.
@@ -271,19 +358,18 @@ NONE_STRINGS = ("", "none", "null", "~")
 INPUT_SIZE_MULTIPLE = 16  # output stride 16 of AdapNet++
 
 
-def accepted_keys(kind, optional=None):
+def accepted_keys(kind):
     """All key spellings a config of `kind` may contain (aliases included)."""
-    keys = list(_keys_of(kind))
+    keys = [setting.name for setting in _settings_of(kind)]
     keys.extend(k for k in KEY_ALIASES[kind] if k not in keys)
-    keys.extend(k for k in (optional or {}) if k not in keys)
     return keys
 
 
-def _keys_of(kind):
-    if kind not in CONFIG_KEYS:
+def _settings_of(kind):
+    if kind not in SETTINGS:
         raise ValueError("unknown config kind %r (expected one of %s)"
-                         % (kind, ", ".join(CONFIG_KEYS)))
-    return CONFIG_KEYS[kind]
+                         % (kind, ", ".join(SETTINGS)))
+    return SETTINGS[kind]
 
 
 def apply_gpu_id(gpu_id):
@@ -410,20 +496,19 @@ def _elide(text, limit=SHOWN_LENGTH):
     return "%s... (%d characters)" % (text[:limit], len(text))
 
 
-def load_config(path, kind, overrides=(), optional=None, defaults=None):
-    """Read, override and validate a config of `kind` ('train', 'evaluate',
-    'oracle_rank' or 'prune').
+def load_config(path, kind, overrides=(), defaults=None):
+    """Read, override and validate a config of `kind` (a key of SETTINGS:
+    'train', 'evaluate', 'oracle_rank', 'predict', 'export', 'prune',
+    'compress').
 
     `overrides`: 'key=value' strings applied after the file, in order.
     `defaults`: (values, source name) read before the file, e.g. a script's
     header constants; `path` may then be None.
-    `optional`: extra keys a script allows, with their defaults
-    (e.g. {'flip': True}); a given value must have the default's type.
-    Returns a new dict with every key present and values normalised; the
-    training key 'intialize' is returned as 'initialize'.
+    Returns a new dict with every setting of the kind present (left out:
+    its declared default) and values normalised, under the settings' names
+    (the training key 'intialize' is returned as 'initialize').
     """
-    keys = _keys_of(kind)
-    optional = dict(optional or {})
+    settings = _settings_of(kind)
     # Layers of (key as written, value, where it came from); a later layer
     # replaces an earlier one's values.
     layers = []
@@ -436,7 +521,7 @@ def load_config(path, kind, overrides=(), optional=None, defaults=None):
     layers.append([(key, value, "override %s=%s" % (_elide(key), _show(value)))
                    for key, value in parse_overrides(overrides)])
 
-    allowed = accepted_keys(kind, optional)
+    allowed = accepted_keys(kind)
     for key, value, source in (entry for layer in layers for entry in layer):
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
@@ -447,28 +532,19 @@ def load_config(path, kind, overrides=(), optional=None, defaults=None):
     config = {}
     for layer in layers:
         config.update(_resolve_aliases(layer, kind))
-    if kind in DECLARED:
-        return _declared_settings(kind, config, path)
     result = {}
-    for key in keys:
-        key = KEY_ALIASES[kind].get(key, key)
-        if key in config:
-            value, source = config[key]
-            result[key] = _check_value(key, value, source)
-        elif key in OPTIONAL_DEFAULTS:
-            result[key] = OPTIONAL_DEFAULTS[key]
+    for setting in settings:
+        if setting.name in config:
+            value, source = config[setting.name]
+            result[setting.name] = _check_setting(setting, value, source)
+        elif setting.default is REQUIRED:
+            raise UserError("%s: missing required key %r" % (path, setting.name))
         else:
-            raise UserError("%s: missing required key %r" % (path, key))
-    for key, default in optional.items():
-        if key in config:
-            value, source = config[key]
-            result[key] = _check_optional(key, value, default, source)
-        else:
-            result[key] = default
+            result[setting.name] = setting.default
 
     sources = {k: s for k, (_, s) in config.items()}
-    _check_paths(result, kind, sources, path)
-    if kind in REPLICATED_KINDS:
+    _check_paths(result, settings, sources, path)
+    if any(setting.kind == "replicas" for setting in settings):
         result["replicas"] = replica_count(result, sources.get("replicas") or
                                            sources.get("gpu_id") or path)
     return result
@@ -520,63 +596,6 @@ def _cpu_cores():
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def _declared_settings(kind, config, path):
-    result = {}
-    for setting in DECLARED[kind]:
-        if setting.name in config:
-            value, source = config[setting.name]
-            result[setting.name] = _check_setting(setting, value, source)
-        elif setting.default is REQUIRED:
-            raise UserError("%s: missing required key %r" % (path, setting.name))
-        else:
-            result[setting.name] = setting.default
-    return result
-
-
-def _check_setting(setting, value, source):
-    """A declared setting's checked value; errors as _check_value's."""
-    name, kind = setting.name, setting.kind
-
-    def fail(expected):
-        raise UserError("%s: %r must be %s, got %s" % (source, name, expected, _show(value)))
-
-    if kind == "bool":
-        if not isinstance(value, bool):
-            fail("true or false")
-        return value
-    if kind == "threshold":
-        number = value
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                fail("a finite number >= 0")
-        if isinstance(number, bool) or not isinstance(number, (int, float)) \
-                or not math.isfinite(number) or number < 0:
-            fail("a finite number >= 0")
-        return float(number)
-    if kind == "positive_int":
-        if not _is_int(value) or value < 1:
-            fail("a positive integer")
-        return value
-    if kind == "choice":
-        if value not in setting.choices:
-            fail("one of " + ", ".join(setting.choices))
-        return value
-    if kind in ("text", "optional_text"):
-        if value is None or (isinstance(value, str) and value.strip().lower() in NONE_STRINGS):
-            if kind == "text":
-                fail("given")
-            return None
-        if isinstance(value, bool):
-            fail("a name")
-        return str(value).strip()
-    # The kinds config files share: one check each (_check_value).
-    shared = {"gpu_id": "gpu_id", "num_classes": "num_classes", "size": "height",
-              "optional_path": "mask", "path": "train_data"}[kind]
-    return _check_value(shared, value, source, name=name)
 
 
 def _read_mapping(path):
@@ -638,14 +657,19 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_value(key, value, source, name=None):
-    """``key`` selects the check; ``name`` (default: key) is the setting
-    named in the message."""
-    def fail(expected):
-        raise UserError("%s: %r must be %s, got %s"
-                        % (source, name or key, expected, _show(value)))
+def _is_none(value):
+    return value is None or (isinstance(value, str) and value.strip().lower() in NONE_STRINGS)
 
-    if key == "gpu_id":
+
+def _check_setting(setting, value, source):
+    """A setting's checked, normalised value; a one-line UserError naming the
+    setting and the value otherwise."""
+    name, kind = setting.name, setting.kind
+
+    def fail(expected):
+        raise UserError("%s: %r must be %s, got %s" % (source, name, expected, _show(value)))
+
+    if kind == "gpu_id":
         # Becomes CUDA_VISIBLE_DEVICES: anything else there silently hides
         # every GPU (or picks the wrong ones) instead of failing.
         expected = "'' (all GPUs / CPU), a GPU id such as 0, ids such as '0,1', or -1 (no GPU)"
@@ -666,110 +690,112 @@ def _check_value(key, value, source, name=None):
         if not all(part.isascii() and part.isdigit() for part in ids):
             fail(expected)
         return ",".join(str(int(part)) for part in ids)
-
-    if key == "replicas":
-        if value is None or (isinstance(value, str)
-                             and value.strip().lower() in NONE_STRINGS):
-            return None
-        if not _is_int(value) or value < 1:
-            fail("a positive integer (replicas on CPU devices) or None")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            fail("true or false")
         return value
-
-    if key == "atrous_path":
-        if value not in ATROUS_PATHS:
-            fail("one of " + ", ".join(ATROUS_PATHS))
-        return value
-
-    if key == "num_classes":
-        if not _is_int(value) or value < 2:
-            fail("an integer >= 2 (classes including void)")
-        return value
-
-    if key in POSITIVE_INT_KEYS:
-        if not _is_int(value) or value <= 0:
-            fail("a positive integer")
-        if key in ("height", "width") and value % INPUT_SIZE_MULTIPLE:
-            fail("a multiple of %d" % INPUT_SIZE_MULTIPLE)
-        return value
-
-    if key in POSITIVE_FLOAT_KEYS:
-        number = value
+    if kind in ("threshold", "positive_float"):
         # YAML 1.1 reads `1e-4` (no dot) as a string; accept what float() reads.
+        expected = "a finite number >= 0" if kind == "threshold" else "a positive number"
+        number = value
         if isinstance(value, str):
             try:
                 number = float(value)
             except ValueError:
-                fail("a positive number")
+                fail(expected)
         if isinstance(number, bool) or not isinstance(number, (int, float)) \
-                or not number > 0 or number == float("inf"):
-            fail("a positive number")
+                or not math.isfinite(number) or number < 0 \
+                or (kind == "positive_float" and number == 0):
+            fail(expected)
         return float(number)
-
-    if key == "model":
+    if kind in ("positive_int", "size"):
+        if not _is_int(value) or value < 1:
+            fail("a positive integer")
+        if kind == "size" and value % INPUT_SIZE_MULTIPLE:
+            fail("a multiple of %d" % INPUT_SIZE_MULTIPLE)
+        return value
+    if kind == "replicas":
+        if _is_none(value):
+            return None
+        if not _is_int(value) or value < 1:
+            fail("a positive integer (replicas on CPU devices) or None")
+        return value
+    if kind == "num_classes":
+        if not _is_int(value) or value < 2:
+            fail("an integer >= 2 (classes including void)")
+        return value
+    if kind == "choice":
+        if value not in setting.choices:
+            fail("one of " + ", ".join(setting.choices))
+        return value
+    if kind == "model_name":
         if not isinstance(value, str) or not value.strip():
             fail("a model name such as 'AdapNet_pp.AdapNet_pp'")
         return value.strip()
-
-    if key in ("mask", "initialize", "val_data", "classes", "model_def"):
-        if value is None or (isinstance(value, str)
-                             and value.strip().lower() in NONE_STRINGS):
+    if kind in ("text", "optional_text"):
+        if _is_none(value):
+            if kind == "text":
+                fail("given")
+            return None
+        if isinstance(value, bool):
+            fail("a name")
+        return str(value).strip()
+    if kind == "optional_path":
+        if _is_none(value):
             return None
         if not isinstance(value, str):
             fail("a path or None")
         return os.path.expanduser(value.strip())
-
-    # Everything else is a path.
-    if not isinstance(value, str) or not value.strip():
-        fail("a path")
-    return os.path.expanduser(value.strip())
-
-
-def _check_optional(key, value, default, source):
-    if default is None:
+    if kind == "path":
+        if not isinstance(value, str) or not value.strip():
+            fail("a path")
+        return os.path.expanduser(value.strip())
+    if kind == "typed":
+        return _check_typed(setting, value, source)
+    if kind == "unused":
         return value
-    expected = type(default)
-    ok = isinstance(value, expected)
+    raise ValueError("setting %r: unknown kind %r" % (name, kind))
+
+
+def _check_typed(setting, value, source):
+    """A value of the default's type (ints and float text taken as floats)."""
+    expected = type(setting.default)
     if expected is float and _is_int(value):
         return float(value)
     if expected is float and isinstance(value, str):
-        # YAML 1.1 reads `1e-6` (no dot) as text, as for the required floats.
+        # YAML 1.1 reads `1e-6` (no dot) as text, as for positive_float.
         try:
             return float(value)
         except ValueError:
             pass
-    if expected is int and isinstance(value, bool):
-        ok = False
-    if not ok:
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise UserError("%s: %r must be of type %s (like the default %s), got %s"
-                        % (source, key, expected.__name__, _show(default),
+                        % (source, setting.name, expected.__name__, _show(setting.default),
                            _show(value)))
     return value
 
 
-def _check_paths(config, kind, sources, config_path):
-    """Inputs must exist now rather than fail deep inside TensorFlow later."""
+def _check_paths(config, settings, sources, config_path):
+    """Inputs must exist now rather than fail deep inside TensorFlow later
+    (after every value is checked: a wrong value is reported first)."""
     def source(key):
         return sources.get(key, config_path)
 
-    for key in INPUT_FILE_KEYS:
-        if config.get(key) is not None and not os.path.exists(config[key]):
+    def checked(exists):
+        return [(s.name, config[s.name]) for s in settings
+                if s.exists == exists and config[s.name] is not None]
+
+    for key, path in checked(EXISTS_PATH):
+        if not os.path.exists(path):
             raise UserError("%s: %r file %s does not exist (relative paths are "
                             "taken from the current directory %s)"
-                            % (source(key), key, _show(config[key], PATH_SHOWN_LENGTH),
-                               os.getcwd()))
-    for key in ("mask", "val_data", "classes"):
-        path = config.get(key)
-        if path is not None and not os.path.isfile(path):
+                            % (source(key), key, _show(path, PATH_SHOWN_LENGTH), os.getcwd()))
+    for key, path in checked(EXISTS_FILE):
+        if not os.path.isfile(path):
             raise UserError("%s: %r file %s does not exist (use None for none)"
                             % (source(key), key, _show(path, PATH_SHOWN_LENGTH)))
-
-    if kind == "train":
-        checkpoint_keys = ("initialize",)
-    else:
-        checkpoint_keys = ("checkpoint",)
-    for key in checkpoint_keys:
-        prefix = config.get(key)
-        if prefix is not None and not checkpoint_exists(prefix):
+    for key, prefix in checked(EXISTS_CHECKPOINT):
+        if not checkpoint_exists(prefix):
             raise UserError("%s: %r checkpoint %s not found (expected %s.index, "
                             "or a directory with a 'checkpoint' file)"
                             % (source(key), key, _show(prefix, PATH_SHOWN_LENGTH),

@@ -25,12 +25,13 @@ import time
 import tensorflow as tf
 
 from common.errors import UserError
-from netcompress.config import listed_gpus
+from netcompress.config import listed_gpus, setting_defaults
 
 tf1 = tf.compat.v1
 
-# Seconds a worker waits for the others' servers (train config worker_timeout).
-WORKER_TIMEOUT = 600.0
+# Seconds a worker waits for the others' servers: a train config's
+# worker_timeout; a ranking worker waits as long as its default.
+WORKER_TIMEOUT = setting_defaults("train")["worker_timeout"]
 # A peer whose server refuses connections this long, while this worker's
 # step waits, has died: TensorFlow may wait for it forever (PeerWatch).
 PEER_GRACE = 10.0

@@ -84,13 +84,13 @@ def check_paths(config, directory):
     inputs["intialize"] = input_checkpoint_files(config.get("initialize"))
     outputs.check_outputs({"checkpoint": [os.path.join(directory, STATE_FILE)]},
                           inputs)
-    if not 1 <= config.get("max_to_keep", 3):
+    if not 1 <= config["max_to_keep"]:
         raise UserError(f"max_to_keep must be at least 1, got {config['max_to_keep']}")
 
 
 def _end_learning_rate(config):
     """Where the polynomial decay ends (the original's 1e-4, README.md)."""
-    end, start = config.get("end_learning_rate", 1e-4), config["learning_rate"]
+    end, start = config["end_learning_rate"], config["learning_rate"]
     if not 0 <= end <= start:
         raise UserError(f"'end_learning_rate' must be >= 0 and <= learning_rate ({start}), "
                         f"got {end}")
@@ -115,7 +115,7 @@ class TrainGraph:
             self.model.dropout = dropout
             dataset = train_dataset(config["train_data"], config["batch_size"],
                                     config["height"], config["width"], config["num_classes"],
-                                    flip=config.get("flip", False), seed=seed)
+                                    flip=config["flip"], seed=seed)
             self.global_step = tf1.train.get_or_create_global_step()
             self.learning_rate = tf1.train.polynomial_decay(
                 config["learning_rate"], self.global_step, config["max_iteration"],
@@ -150,7 +150,7 @@ class TrainGraph:
                                              for v in self.saved_variables
                                              if v.dtype.base_dtype.is_floating])
             # Relative paths in the state file: a copied run folder stays whole.
-            self.saver = tf1.train.Saver(max_to_keep=config.get("max_to_keep", 3),
+            self.saver = tf1.train.Saver(max_to_keep=config["max_to_keep"],
                                          save_relative_paths=True)
             # A resume restores all but the description, which checkpoints
             # written before descriptions lack.

@@ -101,6 +101,12 @@ def test_train_config_loads_with_normalised_types(workdir):
         "atrous_path": "auto",
         "replicas": 1,
         "classes": None,
+        # left out: their declared defaults
+        "flip": False,
+        "end_learning_rate": 1e-4,
+        "max_to_keep": 3,
+        "write_graph": False,
+        "worker_timeout": 600.0,
     }
     assert isinstance(config["power"], float)
     assert isinstance(config["learning_rate"], float)
@@ -248,15 +254,16 @@ def test_overrides_apply_before_validation(workdir):
         load_config(path, "train", overrides=["height"])
 
 
-def test_script_optional_keys(workdir):
-    path = train_config(workdir, add="flip: false\n")
-    assert load_config(path, "train", optional={"flip": True})["flip"] is False
+def test_train_settings_with_defaults(workdir):
+    path = train_config(workdir, add="flip: true\n")
+    assert load_config(path, "train")["flip"] is True
     without_flip = write_config(workdir, TRAIN_TEXT, name="plain.config")
-    assert load_config(without_flip, "train", optional={"flip": True})["flip"] is True
+    assert load_config(without_flip, "train")["flip"] is False
     with pytest.raises(UserError, match="unknown key 'flip'"):
-        load_config(path, "train")
-    with pytest.raises(UserError, match="'flip'.*'yes please'"):
-        load_config(path, "train", overrides=["flip=yes please"], optional={"flip": True})
+        load_config(write_config(workdir, EVALUATE_TEXT + "flip: true\n", "eval.config"),
+                    "evaluate")
+    with pytest.raises(UserError, match="'flip' must be of type bool .*'yes please'"):
+        load_config(path, "train", overrides=["flip=yes please"])
 
 
 def test_parse_script_args_both_override_forms(workdir):
@@ -405,16 +412,83 @@ def test_prune_help_and_readme_table_come_from_the_declaration():
     assert named == shown
 
 
+# ---- every script's settings: one declaration each ---------------------------
+
+SCRIPT_KINDS = {"train.py": "train", "evaluate.py": "evaluate",
+                "get_oracle_rank.py": "oracle_rank", "predict.py": "predict",
+                "export.py": "export", "prun_model.py": "prune", "compress.py": "compress"}
+
+
+def _script_help(script, monkeypatch):
+    """(kind, --help text) of a script, from the parser run_script would build."""
+    import importlib
+    from netcompress.cli import build_parser
+    sys.path.insert(0, REPO)
+    module = importlib.import_module(script[:-len(".py")])
+    built = {}
+
+    def record(argv, kind, description, main, add_arguments=None, defaults=None,
+               check=None):
+        parser = build_parser(description, kind, add_arguments,
+                              None if defaults is None else defaults[0])
+        built.update(kind=kind, help=" ".join(parser.format_help().split()))
+
+    monkeypatch.setattr(module, "run_script", record)
+    module.main([])
+    return built["kind"], built["help"]
+
+
+def test_every_setting_has_help_and_every_script_lists_them(monkeypatch):
+    from netcompress.config import KEY_ALIASES, REQUIRED, SETTINGS
+    assert set(SCRIPT_KINDS.values()) == set(SETTINGS)
+    for kind, settings in SETTINGS.items():
+        names = [setting.name for setting in settings]
+        assert len(names) == len(set(names)), kind
+        for setting in settings:
+            assert setting.help.strip(), (kind, setting.name)
+    for script, kind in SCRIPT_KINDS.items():
+        used, help_text = _script_help(script, monkeypatch)
+        assert used == kind, script
+        for setting in SETTINGS[kind]:
+            entry = f"--{setting.name} VALUE"
+            if "_" in setting.name:
+                entry += f", --{setting.name.replace('_', '-')} VALUE"
+            shown = " ".join(setting.help.split())
+            assert f"{entry} {shown} (" in help_text, (script, setting.name)
+            if kind == "prune":  # prun_model.py shows its header's values
+                continue
+            if setting.default is REQUIRED:
+                assert f"{entry} {shown} (required)" in help_text, (script, setting.name)
+            else:
+                assert f"{entry} {shown} (now: {setting.default!r})" in help_text, \
+                    (script, setting.name)
+        for alias, name in KEY_ALIASES[kind].items():
+            if alias != name and alias != "intialize":  # intialize: hidden, as before
+                assert f"same as --{name}" in help_text, (script, alias)
+
+
+def test_predict_needs_no_test_data_and_export_does(workdir):
+    text = EVALUATE_TEXT.replace("test_data: data/test.tfrecords\n", "")
+    path = write_config(workdir, text)
+    config = load_config(path, "predict")
+    assert config["test_data"] is None and config["batch_size"] == 1
+    # an evaluation config serves as it is, its unread test_data unchecked
+    assert load_config(write_config(workdir, EVALUATE_TEXT, "full.config"), "predict",
+                       ["test_data=data/none.tfrecords"])["checkpoint"] == "runs/demo"
+    with pytest.raises(UserError, match="missing required key 'test_data'"):
+        load_config(path, "export")
+    with pytest.raises(UserError, match="missing required key 'test_data'"):
+        load_config(path, "evaluate")
+
+
 def test_optional_float_written_without_a_dot(workdir):
     """YAML 1.1 reads 1e-6 as text; an optional float key takes it as the
     required float keys do, and still refuses words."""
-    from netcompress.config import TRAIN_OPTIONAL
     path = train_config(workdir)
-    config = load_config(path, "train", ["end_learning_rate=1e-6"],
-                         optional=TRAIN_OPTIONAL)
+    config = load_config(path, "train", ["end_learning_rate=1e-6"])
     assert config["end_learning_rate"] == 1e-6
     with pytest.raises(UserError, match="'end_learning_rate' must be of type float"):
-        load_config(path, "train", ["end_learning_rate=small"], optional=TRAIN_OPTIONAL)
+        load_config(path, "train", ["end_learning_rate=small"])
 
 
 # ---- YAML that means something else than it shows (docs/errors.md) -----------

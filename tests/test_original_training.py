@@ -11,7 +11,7 @@ from dataset.records import encode_example, record_writer
 from models.architecture import OUTER_SCOPE
 from models.layers import batch_norm
 from netcompress import training
-from netcompress.config import TRAIN_OPTIONAL, load_config
+from netcompress.config import load_config, setting_defaults
 from common.errors import UserError
 
 tf1 = tf.compat.v1
@@ -70,7 +70,7 @@ def test_a_single_value_per_channel_leaves_variance_zero():
 
 @pytest.fixture(scope="module")
 def train_config(tmp_path_factory):
-    """A train config as train.py loads it (TRAIN_OPTIONAL), tiny model."""
+    """A train config as train.py loads it, tiny model."""
     root = tmp_path_factory.mktemp("original")
     rng = np.random.default_rng(0)
     with record_writer(str(root / "train.tfrecords")) as writer:
@@ -88,7 +88,7 @@ def train_config(tmp_path_factory):
 
 
 def load(path, *overrides):
-    return load_config(path, "train", list(overrides), optional=TRAIN_OPTIONAL)
+    return load_config(path, "train", list(overrides))
 
 
 class _OneWeightModel:
@@ -141,8 +141,8 @@ def test_end_learning_rate_may_be_zero_or_the_learning_rate():
     for end in (0.0, 0.005):
         assert training._end_learning_rate({"learning_rate": 0.005,
                                             "end_learning_rate": end}) == end
-    # a config loaded without train.py's optional keys gets the original's end
-    assert training._end_learning_rate({"learning_rate": 0.005}) == 1e-4
+    # left out, the declared default: the original's end
+    assert setting_defaults("train")["end_learning_rate"] == 1e-4
 
 
 class _Built(Exception):
@@ -161,7 +161,7 @@ def flip_argument(config, monkeypatch):
 def test_train_graph_flips_only_when_asked(train_config, monkeypatch):
     assert flip_argument(load(train_config), monkeypatch) is False
     assert flip_argument(load(train_config, "flip=true"), monkeypatch) is True
-    # loaded without train.py's optional keys: no flip key, still no flips
+    # left out of the config: the declared default, no flips
     assert flip_argument(load_config(train_config, "train"), monkeypatch) is False
 
 

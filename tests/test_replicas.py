@@ -14,7 +14,7 @@ from helpers import FLOAT32_PASS_TOLERANCE, REPO, scaled_model_def, write_config
 from dataset import synthetic
 from dataset.records import encode_example, record_writer
 from netcompress.checkpoints import read_checkpoint
-from netcompress.config import TRAIN_OPTIONAL, load_config
+from netcompress.config import load_config
 from common.errors import UserError
 from netcompress.rankfile import SUMS, RankSums
 from netcompress.ranking import rank
@@ -56,8 +56,7 @@ def train_run(workspace, name, replicas, max_iteration):
     directory ``name`` (resuming what is there)."""
     config = load_config(workspace["train_config"], "train", [
         f"checkpoint={workspace['root'] / name / 'model.ckpt'}",
-        f"max_iteration={max_iteration}", f"replicas={replicas}", "max_to_keep=5"],
-        optional=TRAIN_OPTIONAL)
+        f"max_iteration={max_iteration}", f"replicas={replicas}", "max_to_keep=5"])
     lines = []
     result = train(config, log=lines.append, progress=False, seed=7, dropout=False)
     result["log"] = lines
