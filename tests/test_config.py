@@ -481,6 +481,20 @@ def test_predict_needs_no_test_data_and_export_does(workdir):
         load_config(path, "evaluate")
 
 
+def test_readme_training_keys_are_the_declared_settings():
+    """The README's training config lists every train setting, and nothing
+    else (the evaluation and ranking keys are described, not listed)."""
+    from netcompress.config import KEY_ALIASES, TRAIN_SETTINGS
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    block = readme.split("#### Training (`config/train.config`)\n```\n", 1)[1]
+    block = block.split("```", 1)[0]
+    listed = [line.split(":", 1)[0] for line in block.splitlines() if line.strip()]
+    assert len(listed) == len(set(listed))
+    assert {KEY_ALIASES["train"].get(key, key) for key in listed} == \
+        {setting.name for setting in TRAIN_SETTINGS}
+
+
 def test_optional_float_written_without_a_dot(workdir):
     """YAML 1.1 reads 1e-6 as text; an optional float key takes it as the
     required float keys do, and still refuses words."""
