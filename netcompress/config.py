@@ -65,8 +65,9 @@ def _changed(settings, **changes):
 # The optional `classes` key of every kind: names for the per-class reports.
 CLASSES_HELP = ("class names, `ID NAME` per line (the converter's .classes.txt), for "
                 "per-class reports and legends (None = numbers only)")
-GPU_HELP = ("GPU(s) to use: an id, ids such as '0,1' (one replica each), -1 = none "
-            "('' = all GPUs / CPU only)")
+GPU_HELP = "GPU(s) to use: an id, ids such as '0,1', -1 = none ('' = all GPUs / CPU only)"
+REPLICATED_GPU_HELP = ("GPU(s) to use: an id, ids such as '0,1' (one replica each), -1 = "
+                       "none ('' = all GPUs / CPU only)")
 
 # evaluate.py's settings; the other kinds that read a checkpoint start from them.
 EVALUATE_SETTINGS = (
@@ -101,6 +102,7 @@ REPLICAS_HELP = ("replicas on CPU devices (None: one per GPU listed in gpu_id, e
 
 ORACLE_RANK_SETTINGS = _changed(
     EVALUATE_SETTINGS,
+    gpu_id={"help": REPLICATED_GPU_HELP},
     checkpoint={"help": "the checkpoint to rank (a prefix, or a directory: its newest)"},
     test_data={"help": "the records the ranks are summed over"},
 ) + (
@@ -112,7 +114,7 @@ ORACLE_RANK_SETTINGS = _changed(
 )
 
 TRAIN_SETTINGS = (
-    Setting("gpu_id", "gpu_id", "", GPU_HELP),
+    Setting("gpu_id", "gpu_id", "", REPLICATED_GPU_HELP),
     Setting("model", "model_name", REQUIRED,
             "name of the model (AdapNet_pp: models/AdapNet_pp.py, class AdapNet_pp)"),
     Setting("num_classes", "num_classes", None,
