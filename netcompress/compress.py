@@ -532,6 +532,11 @@ def _reference(config, rows, directory, stage, log, progress):
     return miou, _relative(config, checkpoint)
 
 
+def _removal_key(removed):
+    return tuple(sorted((layer, tuple(int(i) for i in indices))
+                        for layer, indices in removed.items() if len(indices)))
+
+
 class _GatedCandidates:
     """Validation mIoU of removals from one model, by gated passes (one
     graph and session for all of a stage's tries; identical removals are
@@ -547,8 +552,7 @@ class _GatedCandidates:
 
         from netcompress.evaluation import GatedGraph
 
-        key = tuple(sorted((layer, tuple(int(i) for i in indices))
-                           for layer, indices in removed.items() if len(indices)))
+        key = _removal_key(removed)
         if key in self.cache:
             return self.cache[key]
         _set_step("search")
@@ -577,8 +581,8 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     from models.model_def import load_masks, load_model_def
     from netcompress.checkpoint_paths import resolve_checkpoint
     from netcompress.rankfile import RankSums
-    from netcompress.schedule import Attempt, channel_costs, orderings, removal_for_goal, \
-        run_stage
+    from netcompress.schedule import Attempt, channel_costs, family_orderings, \
+        removal_for_goal, run_stage
     from netcompress.scores import load_normalised_scores
 
     stage = len(rows)
@@ -601,7 +605,10 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     raw = {layer: values for layer, values in
            RankSums.load(rank_path).scores(config["criterion"]).items() if layer in layers}
     costs = channel_costs(model_def, masks, num_classes, height, width, sized, layers)
-    orders = orderings(raw, normalised, costs, config["min_channels"])
+    streams = [group.name for group in adapnet_pp().stream_groups()]
+    orders = family_orderings(raw, normalised, costs,
+                              [layer for layer in layers if layer in streams],
+                              config["min_channels"])
     given = rows[0][sized]
     current_sized = 100.0 * rows[-1][sized] / given
     reference, reference_checkpoint = _reference(config, rows, directory, stage, log,
@@ -610,16 +617,17 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     candidates = _GatedCandidates(config, model)
     records = []
 
-    def attempt(step, goal):
+    def attempt(step, goal, excluded=()):
         try_dir = os.path.join(directory, f"try{len(records) + 1}")
         make_directory(try_dir)
         aim = (current_sized - step) * given / 100.0
         log(f"try {len(records) + 1}: remove {step:g} points of {config['target']} "
-            f"(to {goal:.1f} % of the given model)")
+            f"(to {goal:.1f} % of the given model)" +
+            (f", not by {' or '.join(excluded)}" if excluded else ""))
         options = {name: removal_for_goal(order, aim, model_def, masks, num_classes, height,
                                           width, sized, config["min_channels"],
                                           config["round_to"])
-                   for name, order in orders.items()}
+                   for name, (family, order) in orders.items() if family not in excluded}
         if all(after > aim for _, after in options.values()):
             reachable = 100.0 * min(after for _, after in options.values()) / given
             log(f"the goal is out of reach: removing every removable channel leaves "
@@ -628,16 +636,21 @@ def _stage_after_retraining(config, rows, directory, log, progress):
         mious = {name: candidates.miou(removed) for name, (removed, _) in options.items()}
         chosen = max(mious, key=lambda name: mious[name])  # ties: the first
         removed, _ = options[chosen]
+        family = orders[chosen][0]
+        # A family is another chance only if one of its removals differs.
+        others = tuple(dict.fromkeys(
+            orders[name][0] for name, (other, _) in options.items()
+            if orders[name][0] != family and _removal_key(other) != _removal_key(removed)))
         count = sum(len(indices) for indices in removed.values())
         record = {"try": len(records) + 1, "step_pct": step, "goal_pct": goal,
-                  "allocations": mious, "allocation": chosen, "val_miou_start": start,
-                  "removed_channels": count}
+                  "allocations": mious, "allocation": chosen, "family": family,
+                  "val_miou_start": start, "removed_channels": count}
         records.append(record)
         log("allocation on validation data (gated, before retraining): " +
             ", ".join(f"{name} {value:.2f}" for name, value in mious.items()) +
             f" -> {chosen}")
         if not count:
-            return Attempt(step, goal, removed=0)
+            return Attempt(step, goal, removed=0, family=family)
         pruned = prune_removal(config, model, rank_path, removed, try_dir, log)
         parameters, macs = _costs(config, pruned["model_def"], pruned["mask"])
         retrained = _retrain(config, pruned, try_dir, stage, log, progress)
@@ -649,7 +662,7 @@ def _stage_after_retraining(config, rows, directory, log, progress):
                       mask=_relative(config, pruned["mask"]),
                       checkpoint=_relative(config, retrained))
         return Attempt(step, goal, reached=reached, removed=count, val_miou=val,
-                       details=record)
+                       details=record, family=family, others=others)
 
     try:
         accepted, tries = run_stage(rows[-1]["resource_percent"] if sized == config["target"]
@@ -677,7 +690,8 @@ def _stage_after_retraining(config, rows, directory, log, progress):
             "val_miou_retrained": chosen["val_miou_retrained"], "tries": len(tries),
             "reference": reference, "reference_checkpoint": reference_checkpoint,
             "step_pct": accepted.step, "allocation": chosen["allocation"],
-            "failed_tries": [{"step_pct": r["step_pct"], "resource_pct": r.get("resource_pct"),
+            "failed_tries": [{"step_pct": r["step_pct"], "allocation": r["allocation"],
+                              "resource_pct": r.get("resource_pct"),
                               "val_miou_retrained": r.get("val_miou_retrained")}
                              for r in records if not r["accepted"]],
             "thresholds": {}, "removed_channels": chosen["removed_channels"],
@@ -999,10 +1013,17 @@ def _how(full, row):
     redone = ""
     if failed:
         redone = " (redone: " + ", ".join(
-            f"step {t['step_pct']:g} -> val {t['val_miou_retrained']:.2f}"
+            f"step {t['step_pct']:g}{_failed_allocation(t, full)} -> val "
+            f"{t['val_miou_retrained']:.2f}"
             if t.get("val_miou_retrained") is not None else f"step {t['step_pct']:g}"
             for t in failed) + ")"
     return f"step {full['step_pct']:g}, {full['allocation']}{redone}"
+
+
+def _failed_allocation(failed, row):
+    # Named only where it differs from the kept one (a family redone).
+    allocation = failed.get("allocation")
+    return f" {allocation}" if allocation and allocation != row["allocation"] else ""
 
 
 def layer_widths(config, rows):

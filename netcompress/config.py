@@ -285,7 +285,9 @@ COMPRESS_SETTINGS = (
             "max (divide by the layer maximum) or l2", choices=tuple(NORMALISATIONS)),
     Setting("streams", "bool", False,
             "true: the residual streams (block1/residual .. block4/residual) are "
-            "prunable layers too, with each block's section; false: as before"),
+            "prunable layers too, with each block's section; after_retraining then "
+            "chooses between the convs alone and the convs with the streams, and "
+            "redoes a failed step with the other first; false: as before"),
     Setting("stage_rule", "choice", "after_retraining",
             "after_retraining: each stage removes a step toward the target and is kept "
             "if its validation mIoU after retraining stays within tolerance of the "

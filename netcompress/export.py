@@ -393,6 +393,10 @@ def _export_into(config, directory, images, int8, onnx, log):
         "signature": SIGNATURE_KEY,
         "source": {"checkpoint": prefix, "model_def": config["model_def"],
                    "mask": config.get("mask"), "model": config["model"]},
+        # Masked conv3 kernels are held at the residual width, zero columns
+        # where the mask removed a channel (docs/deploy.md, "Masks at inference").
+        "folded_masks": {name: {"kept": [int(i) for i in kept], "width": int(width)}
+                         for name, (kept, width) in sorted(graph.model.folded_kernels().items())},
         "checks": checks,
         "check_tolerance": EXPORT_TOLERANCE,
         "check_tolerance_times": "max(1, largest |logit|)",

@@ -33,20 +33,28 @@ class Attempt:
     accepted: bool = False
     note: str = ""
     details: dict = field(default_factory=dict)
+    family: str = None  # the allocation family its removal came from
+    # Families not tried at this step yet that would remove something else.
+    others: tuple = ()
 
 
 def run_stage(current, target, step, min_step, floor, attempt, log=print):
     """Tries of one stage, from ``current`` (resource % of the given model)
     toward ``target`` (%): a step of ``step`` points (never past the target);
-    ``attempt(step, goal) -> Attempt`` prunes, retrains and validates. A try
-    whose validation mIoU is below ``floor`` is redone with half the step,
-    down to ``min_step`` (a last step to the target may be smaller). Returns
-    (the accepted Attempt or None, every Attempt in order)."""
+    ``attempt(step, goal, excluded) -> Attempt`` prunes, retrains and
+    validates, choosing its removal among the allocation families not in
+    ``excluded``. A try whose validation mIoU is below ``floor`` is redone at
+    the same step with another family when the try names one
+    (``Attempt.others``: with residual streams prunable, the convs alone and
+    the convs with the streams), then with half the step, down to
+    ``min_step`` (a last step to the target may be smaller). Returns (the
+    accepted Attempt or None, every Attempt in order)."""
     tries = []
     step = min(step, current - target)
+    excluded = ()
     while True:
         goal = current - step
-        result = attempt(step, goal)
+        result = attempt(step, goal, excluded)
         result.step, result.goal = step, goal
         tries.append(result)
         if result.removed == 0:
@@ -56,6 +64,13 @@ def run_stage(current, target, step, min_step, floor, attempt, log=print):
         result.accepted = result.val_miou is not None and result.val_miou >= floor
         if result.accepted:
             return result, tries
+        if result.others:
+            excluded += (result.family,)
+            result.note = (f"validation mIoU {result.val_miou:.2f} < {floor:.2f}: redo the "
+                           f"step with the allocation family {result.others[0]}")
+            log(f"try {len(tries)}: {result.note}")
+            continue
+        excluded = ()
         smaller = step / 2
         if smaller < min_step:
             result.note = (f"validation mIoU {result.val_miou:.2f} < {floor:.2f}; the "
@@ -117,6 +132,30 @@ def orderings(raw, normalised, costs, min_channels=1):
                         if i not in set(int(k) for k in keep)]
         entries.sort(key=lambda entry: entry[0])
         result[name] = [(layer, index) for _, layer, index in entries]
+    return result
+
+
+STREAMS_SUFFIX = "+streams"
+
+
+def family_orderings(raw, normalised, costs, streams, min_channels=1):
+    """{allocation name: (family, order)}: ``orderings`` over the convs alone
+    (family "convs", names as ``orderings``'), and when ``streams`` (the
+    residual streams among the layers of ``raw``) is not empty, over the
+    convs with the streams too (family "streams", names ending
+    "+streams"). A stream channel saves many MACs at once and its loss is
+    seen only after retraining, so a stage may fail with the streams where
+    the convs alone pass, or the other way round (docs/compress.md)."""
+    def only(values, layers):
+        return {layer: value for layer, value in values.items() if layer in layers}
+
+    convs = set(raw) - set(streams)
+    result = {name: ("convs", order) for name, order in
+              orderings(only(raw, convs), only(normalised, convs), only(costs, convs),
+                        min_channels).items()}
+    if streams:
+        result.update({name + STREAMS_SUFFIX: ("streams", order) for name, order in
+                       orderings(raw, normalised, costs, min_channels).items()})
     return result
 
 

@@ -1,15 +1,16 @@
 """compress.py (docs/compress.md): the step/acceptance/redo logic and the
 threshold search on their own (stand-in evaluations, no TensorFlow), then
 runs on a tiny model (default.json / 16, 32x64 synthetic shapes): the
-default rule for one stage whose first try is redone, resumed to two, and
-one stage of budget_before_retraining with residual streams; checked: the
+default rule with residual streams for one stage whose first step is redone
+(with the other allocation family, then with half the step), resumed to
+two, and one stage of budget_before_retraining with residual streams; checked: the
 run directory (checkpoints restore with their model_def + mask, parameters
 fall, the CSV matches the evaluations, a stream narrows without masks), which records each step reads, that the test
 records are read only after a stage is decided, and the one-line errors.
 
 Real passes run, but their mIoU is replaced: the gated passes report 50 -
 0.1 per removed channel, the validation after retraining 40 for stage 1's
-first try and 49.5 otherwise (50 for the given model), so that the tiny
+first two tries and 49.5 otherwise (50 for the given model), so that the tiny
 model's noisy mIoU cannot decide what the tests check."""
 
 import contextlib
@@ -36,8 +37,8 @@ from netcompress import compress as staged
 from netcompress import evaluation, ranking, training
 from netcompress.config import load_config
 from netcompress.costs import total_parameters
-from netcompress.schedule import Attempt, channel_costs, orderings, prefix_removal, \
-    removal_for_goal, removal_plan, resource_of, run_stage
+from netcompress.schedule import Attempt, channel_costs, family_orderings, orderings, \
+    prefix_removal, removal_for_goal, removal_plan, resource_of, run_stage
 from netcompress.search import removed_channels, search, search_groups
 
 HEIGHT, WIDTH = 32, 64
@@ -96,7 +97,8 @@ def _attempts(outcomes):
     outcomes(step); it reaches its goal exactly."""
     calls = []
 
-    def attempt(step, goal):
+    def attempt(step, goal, excluded=()):
+        assert excluded == ()  # one allocation family: never a family redo
         calls.append((step, goal))
         return Attempt(step, goal, reached=goal, removed=10, val_miou=outcomes(step))
     return attempt, calls
@@ -133,10 +135,66 @@ def test_last_step_stops_at_the_target_and_may_be_small():
 
 
 def test_nothing_left_to_remove_stops():
-    def attempt(step, goal):
+    def attempt(step, goal, excluded=()):
         return Attempt(step, goal, removed=0)
     kept, tries = run_stage(50.0, 20.0, 10.0, 5.0, 49.0, attempt, log=lambda line: None)
     assert kept is None and len(tries) == 1 and "no channel left" in tries[0].note
+
+
+def _family_attempts(outcomes):
+    """A stand-in with two allocation families: the streams family is chosen
+    first (as if its gated mIoU were higher); ``outcomes(step, family)``."""
+    calls = []
+
+    def attempt(step, goal, excluded=()):
+        families = [family for family in ("streams", "convs") if family not in excluded]
+        family = families[0]
+        calls.append((step, family))
+        return Attempt(step, goal, reached=goal, removed=10, val_miou=outcomes(step, family),
+                       family=family, others=tuple(families[1:]))
+    return attempt, calls
+
+
+def test_failed_step_is_redone_with_the_other_family_first():
+    attempt, calls = _family_attempts(lambda step, family: 49.5 if family == "convs" else 47.0)
+    logged = []
+    kept, tries = run_stage(100.0, 20.0, 30.0, 5.0, 49.0, attempt, log=logged.append)
+    assert calls == [(30.0, "streams"), (30.0, "convs")]
+    assert kept is tries[1] and kept.family == "convs" and not tries[0].accepted
+    assert "redo the step with the allocation family convs" in logged[0]
+
+
+def test_both_families_failing_halve_the_step_and_try_both_again():
+    attempt, calls = _family_attempts(
+        lambda step, family: 49.5 if (step, family) == (15.0, "convs") else 48.0)
+    kept, tries = run_stage(100.0, 20.0, 30.0, 5.0, 49.0, attempt, log=lambda line: None)
+    assert calls == [(30.0, "streams"), (30.0, "convs"), (15.0, "streams"), (15.0, "convs")]
+    assert kept is tries[-1] and [t.accepted for t in tries] == [False] * 3 + [True]
+
+
+def test_family_orderings_keep_the_convs_apart_from_the_streams():
+    model_def = scaled_model_def(8)
+    widths = resolve_widths(model_def, NUM_CLASSES, adapnet_pp())
+    rng = np.random.default_rng(2)
+    layers = search_groups("all", streams=True)["all"]
+    streams = [layer for layer in layers if layer.endswith("/residual")]
+    assert len(streams) == 4
+    raw = {layer: rng.random(widths[layer]) for layer in layers}
+    costs = {layer: 1.0 + index for index, layer in enumerate(layers)}
+    convs = {layer: raw[layer] for layer in layers if layer not in streams}
+    alone = family_orderings(convs, convs, costs, [])
+    assert {name: order for name, (_, order) in alone.items()} == \
+        orderings(convs, convs, costs)  # without streams: exactly as before
+    both = family_orderings(raw, raw, costs, streams)
+    assert set(both) == set(alone) | {name + "+streams" for name in alone}
+    for name, (family, order) in both.items():
+        touched = {layer for layer, _ in order}
+        if name.endswith("+streams"):
+            assert family == "streams" and order == orderings(raw, raw, costs)[name[:-8]]
+            assert set(streams) <= touched
+        else:
+            assert family == "convs" and order == alone[name][1]
+            assert not touched & set(streams)
 
 
 def test_streams_reach_macs_goals_the_convs_alone_cannot():
@@ -207,12 +265,12 @@ def _fake_miou(original):
 
 def _fake_validation(original, events):
     """compress's _validate that runs the real pass, then reports 40 for
-    stage 1's first try, 50 for the given model and the reference, 49.5
-    otherwise; ``events`` records (what, directory) in order."""
+    stage 1's first two tries, 50 for the given model and the reference,
+    49.5 otherwise; ``events`` records (what, directory) in order."""
     def validate(config, model, directory, log, progress, what="after retraining"):
         original(config, model, directory, log, progress, what)
         events.append(("validate", os.path.relpath(directory, config["run_dir"])))
-        if directory.endswith(os.path.join("stage1", "try1")):
+        if directory.endswith((os.path.join("stage1", "try1"), os.path.join("stage1", "try2"))):
             return 40.0
         return 50.0 if directory.endswith(("stage0", "reference")) else 49.5
     return validate
@@ -253,7 +311,7 @@ def workspace(tmp_path_factory):
         test_data=files["test"], run_dir=root / "run", stages=1, retrain_iterations=2,
         learning_rate=0.001, power=0.9, target_percent=10, step_percent=30,
         min_step_percent=5, tolerance=1.0, budget=1.0,
-        search_steps=3, latency_runs=2, seed=0))
+        search_steps=3, latency_runs=2, seed=0, streams=True))
     return {"root": root, "files": files, "config": config, "checkpoint": checkpoint}
 
 
@@ -286,9 +344,10 @@ def _run(workspace, *overrides):
 
 @pytest.fixture(scope="module")
 def runs(workspace):
-    """The default rule: one stage (its first try redone), then a rerun to
-    two stages over a half-written stage 2; and one stage of
-    budget_before_retraining, residual streams prunable, in another run_dir."""
+    """The default rule with residual streams prunable: one stage (its first
+    step redone with the other allocation family, then with half the step),
+    then a rerun to two stages over a half-written stage 2; and one stage of
+    budget_before_retraining, streams prunable too, in another run_dir."""
     run_dir = workspace["root"] / "run"
     first = _run(workspace)
     stage1 = run_dir / "stage1"
@@ -304,7 +363,7 @@ def runs(workspace):
         # most, 8.1 points of the stand-in mIoU), so a stream is cut whatever
         # the scores; block2 on is bisected. Latency: measured in the other runs.
         budget = _run(workspace, "--stage_rule", "budget_before_retraining", "--run_dir",
-                      str(budget_dir), "--streams", "true", "--budget", "30")
+                      str(budget_dir), "--budget", "30")
     return {"run_dir": run_dir, "first": first, "second": second, "mtimes": before,
             "row1": row1, "budget_dir": budget_dir, "budget": budget}
 
@@ -332,27 +391,40 @@ def test_resume_keeps_finished_stages(runs):
 
 
 @pytest.mark.slow
-def test_failed_try_is_redone_with_half_the_step(runs):
+def test_failed_try_is_redone_with_the_other_family_then_half_the_step(runs):
     rows = _rows(runs["run_dir"])
     first, second = rows[1], rows[2]
-    assert first["tries"] == 2 and first["step_pct"] == 15.0
+    assert first["tries"] == 3 and first["step_pct"] == 15.0
+    tries = json.loads((runs["run_dir"] / "stage1" / "tries.json").read_text())["tries"]
+    # The step of 30 points failed by the family chosen on validation data,
+    # then by the other one; with the streams, whose channels remove many
+    # parameters each, the stand-in's mIoU (fewest channels) chooses them.
+    families = [t["family"] for t in tries]
+    assert families == ["streams", "convs", "streams"]
+    assert [t["step_pct"] for t in tries] == [30.0, 30.0, 15.0]
+    assert [t["allocation"].endswith("+streams") for t in tries] == [True, False, True]
+    assert [t["accepted"] for t in tries] == [False, False, True]
+    assert tries[0]["removed_channels"] < tries[1]["removed_channels"]
     assert first["failed_tries"] == [
-        {"step_pct": 30.0, "resource_pct": pytest.approx(70.0, abs=1.0),
-         "val_miou_retrained": 40.0}]
-    assert first["model_def"].startswith(os.path.join("stage1", "try2"))
+        {"step_pct": 30.0, "allocation": t["allocation"],
+         "resource_pct": pytest.approx(70.0, abs=1.0), "val_miou_retrained": 40.0}
+        for t in tries[:2]]
+    assert first["model_def"].startswith(os.path.join("stage1", "try3"))
+    assert first["allocation"] == tries[2]["allocation"]
     assert first["resource_percent"] <= 85.0 + 1e-9 < rows[0]["resource_percent"]
     # The next stage starts from the step last kept.
     assert second["tries"] == 1 and second["step_pct"] == 15.0
     assert second["resource_percent"] <= 70.0 + 1e-9
-    tries = json.loads((runs["run_dir"] / "stage1" / "tries.json").read_text())
-    assert [t["accepted"] for t in tries["tries"]] == [False, True]
-    assert tries["floor"] == tries["reference"] - 1.0 == 49.0
+    assert json.loads((runs["run_dir"] / "stage1" / "tries.json").read_text())["floor"] == 49.0
     log = runs["first"][0]
+    assert any("redo the step with the allocation family convs" in line for line in log)
+    assert any("not by streams" in line for line in log)
     assert any("redo with a step of 15 points" in line for line in log)
-    assert any("(redone: step 30 -> val 40.00)" in line for line in log)
+    assert any(f"(redone: step 30 -> val 40.00, step 30 {tries[1]['allocation']} -> val "
+               f"40.00)" in line for line in log)
     with open(runs["run_dir"] / "stages.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
-    assert [line["tries"] for line in table] == ["0", "2", "1"]
+    assert [line["tries"] for line in table] == ["0", "3", "1"]
     assert [float(line["val_miou_retrained"]) for line in table] == [50.0, 49.5, 49.5]
 
 

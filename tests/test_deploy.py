@@ -19,6 +19,7 @@ apart than twice it (closer ones are ties that rounding may decide either
 way). The int8 file is only reported, never compared.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -217,6 +218,14 @@ def test_exported_files_compute_the_session_graph(workspace, name, tmp_path):
         int8 = metadata["int8"]
         assert int8["size_bytes"]["int8"] < int8["size_bytes"]["float32"]
         assert any("int8 TFLite" in m for m in messages)
+        masks = load_masks(config["mask"])
+        assert masks and metadata["folded_masks"] == {
+            conv3_kernel(unit): {"kept": [int(i) for i in kept], "width": width}
+            for unit, (kept, width) in masks.items()}
+    else:
+        assert metadata["folded_masks"] == {}
+    assert json.loads((out / "export.json").read_text())["folded_masks"] == \
+        metadata["folded_masks"]
 
 
 def conv3_kernel(unit_name):
