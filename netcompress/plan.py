@@ -1,7 +1,8 @@
 """The pruning plan and its two appliers (docs/design.md, "The pruning plan").
 
-``plan_pruning`` decides, per selected layer, which output channels go and,
-from the architecture declaration, every tensor slice that carries them (the
+``plan_removal`` takes, per selected layer, the output channels that go
+(``plan_pruning`` finds them from scores and a threshold) and finds, from the
+architecture declaration, every tensor slice that carries them (the
 producer's kernel and batch norm, every consumer's input slice at its
 concatenation offset, the residual masks; for a residual stream every writer,
 batch norm and reader), plus the new model_def and masks.
@@ -19,7 +20,7 @@ from common.errors import UserError
 from models.architecture import OUTER_SCOPE, adapnet_pp, input_offsets, output_offset, \
     resolve_widths
 from models.model_def import check_masks, validate_model_def
-from netcompress.scores import channels_to_keep
+from netcompress.scores import channels_to_keep, kept_count
 
 BATCH_NORM_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
 
@@ -61,9 +62,9 @@ class PruningPlan:
     masks_before: dict  # {unit: (kept indices, residual width)}
     masks_after: dict
     num_classes: int
-    threshold: float = 0.0
+    threshold: float = None  # None: an explicit removal (plan_removal)
     notes: list = field(default_factory=list)
-    # {layer: channels} kept although their scores removed them: a conv3's or
+    # {layer: channels} kept although the removal took them: a conv3's or
     # a stream's, so that a masked conv3 keeps a channel (_give_back_stream,
     # _give_back_conv3)
     given_back: dict = field(default_factory=dict)
@@ -210,25 +211,29 @@ def _give_back_conv3(cuts, masks, widths, architecture, notes, given_back):
     return [by_layer[cut.layer] for cut in cuts]
 
 
-def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, threshold,
-                 min_channels=1, round_to=1, architecture=None):
-    """The plan for pruning ``layers`` (names) of the model ``model_def`` +
-    ``masks`` ({unit: (kept indices, residual width)}, as from load_masks):
-    channels with normalised score < ``threshold`` go (see channels_to_keep).
-    ``normalised_scores``: {layer: array or None (no signal)}. Layers may
-    include residual streams (docs/design.md, "Residual streams")."""
-    architecture = architecture or adapnet_pp()
+def _checked_widths(model_def, masks, num_classes, layers, architecture):
+    """{group: width} of the model, once it and ``layers`` are checked."""
     validate_model_def(model_def)
     check_masks(model_def, masks)
     groups = architecture.group_by_name
     unknown = [name for name in layers if name not in groups or not groups[name].prunable]
     if unknown:
         raise UserError(f"not a prunable layer: {unknown[0]}")
-    widths = resolve_widths(model_def, num_classes, architecture)
-    new_model_def = copy.deepcopy(model_def)
-    new_masks = {unit: (np.asarray(kept, np.int64), width)
-                 for unit, (kept, width) in masks.items()}
-    cuts, slices, notes = [], [], []
+    return resolve_widths(model_def, num_classes, architecture)
+
+
+def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, threshold,
+                 min_channels=1, round_to=1, architecture=None):
+    """The plan for pruning ``layers`` (names) of the model ``model_def`` +
+    ``masks`` ({unit: (kept indices, residual width)}, as from load_masks):
+    channels with normalised score < ``threshold`` go (see channels_to_keep,
+    the one place a threshold, min_channels and round_to become a removal),
+    then plan_removal. ``normalised_scores``: {layer: array or None (no
+    signal)}. Layers may include residual streams (docs/design.md, "Residual
+    streams")."""
+    architecture = architecture or adapnet_pp()
+    widths = _checked_widths(model_def, masks, num_classes, layers, architecture)
+    removed, no_signal = {}, []
     selected = set(layers)
     for group in (g for g in architecture.prunable_groups(streams=True) if g.name in selected):
         width = widths[group.name]
@@ -237,14 +242,60 @@ def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, thres
                             f"residual streams were ranked?): regenerate the rank file")
         scores = normalised_scores[group.name]
         if scores is None:
-            cuts.append(LayerCut(group.name, width, tuple(range(width)), no_signal=True))
-            notes.append(f"{group.name}: all scores are zero, layer left unpruned")
+            no_signal.append(group.name)
             continue
         if len(scores) != width:
             raise UserError(f"{group.name}: {len(scores)} scores for {width} channels")
         kept = channels_to_keep(scores, threshold, min_channels, round_to)
-        cuts.append(LayerCut(group.name, width, tuple(int(k) for k in kept)))
-    given_back = {}  # {layer: channels kept beyond the scores}
+        removed[group.name] = np.setdiff1d(np.arange(width), kept)
+    plan = plan_removal(model_def, masks, num_classes, removed, architecture=architecture,
+                        no_signal=no_signal)
+    plan.threshold = threshold
+    return plan
+
+
+def _kept_channels(layer, removed, width, min_channels, round_to):
+    """The channels ``layer`` keeps when ``removed`` go: at least min_channels,
+    rounded up to round_to (kept_count), by giving back the lowest removed
+    indices (what equal scores below a threshold give back)."""
+    removed = np.unique(np.asarray(removed, np.int64))
+    outside = removed[(removed < 0) | (removed >= width)]
+    if len(outside):
+        raise UserError(f"{layer}: it has no channel {outside[0]} (it has {width})")
+    if len(removed) == width:
+        raise UserError(f"{layer}: the removal takes all its {width} channels; a layer "
+                        f"keeps at least one")
+    passing = width - len(removed)
+    removed = removed[kept_count(width, passing, min_channels, round_to) - passing:]
+    return tuple(int(k) for k in np.setdiff1d(np.arange(width), removed))
+
+
+def plan_removal(model_def, masks, num_classes, removed, min_channels=1, round_to=1,
+                 architecture=None, no_signal=()):
+    """The plan that removes ``removed`` ({layer: channel indices}; an empty
+    list selects a layer and removes nothing) from the model ``model_def`` +
+    ``masks``. Each layer keeps at least ``min_channels``, its count rounded
+    up to a multiple of ``round_to``, the lowest removed indices given back;
+    a removal that takes every channel of a layer is an error. ``no_signal``:
+    selected layers left as they are (their scores are all zero)."""
+    architecture = architecture or adapnet_pp()
+    widths = _checked_widths(model_def, masks, num_classes, list(removed) + list(no_signal),
+                             architecture)
+    groups = architecture.group_by_name
+    new_model_def = copy.deepcopy(model_def)
+    new_masks = {unit: (np.asarray(kept, np.int64), width)
+                 for unit, (kept, width) in masks.items()}
+    cuts, slices, notes = [], [], []
+    selected = set(removed) | set(no_signal)
+    for group in (g for g in architecture.prunable_groups(streams=True) if g.name in selected):
+        width = widths[group.name]
+        if group.name in no_signal:
+            cuts.append(LayerCut(group.name, width, tuple(range(width)), no_signal=True))
+            notes.append(f"{group.name}: all scores are zero, layer left unpruned")
+            continue
+        cuts.append(LayerCut(group.name, width, _kept_channels(
+            group.name, removed[group.name], width, min_channels, round_to)))
+    given_back = {}  # {layer: channels kept beyond the removal}
     cuts = _give_back_stream(cuts, masks, widths, architecture, notes, given_back)
     cuts = _give_back_conv3(cuts, masks, widths, architecture, notes, given_back)
     for cut in cuts:
@@ -268,7 +319,7 @@ def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, thres
     validate_model_def(new_model_def, source="pruned model_def")
     check_masks(new_model_def, new_masks, source="pruned masks")
     return PruningPlan(cuts, slices, model_def, new_model_def, masks, new_masks, num_classes,
-                       threshold, notes, given_back)
+                       None, notes, given_back)
 
 
 # ---- applying the plan to checkpoint values --------------------------------

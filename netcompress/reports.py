@@ -20,8 +20,9 @@ def cost_report(plan, height, width):
     num_classes = plan.num_classes
     before = conv_costs(plan.model_def_before, num_classes, height, width, plan.masks_before)
     after = conv_costs(plan.model_def_after, num_classes, height, width, plan.masks_after)
-    lines = [f"pruned {len(plan.pruned_layers)} of {len(plan.layers)} selected layer(s) "
-             f"at threshold {plan.threshold:g}"]
+    how = "by an explicit removal" if plan.threshold is None \
+        else f"at threshold {plan.threshold:g}"
+    lines = [f"pruned {len(plan.pruned_layers)} of {len(plan.layers)} selected layer(s) {how}"]
     name_width = max([len(c.layer) for c in plan.layers] + [24])
     for cut in plan.layers:
         if cut.removed or cut.no_signal:
@@ -30,7 +31,9 @@ def cost_report(plan, height, width):
                          f"{len(cut.kept):>5}{status}")
     unchanged = sum(1 for cut in plan.layers if not cut.removed and not cut.no_signal)
     if unchanged:
-        lines.append(f"  ({unchanged} selected layer(s) have no channel below the threshold)")
+        lines.append(f"  ({unchanged} selected layer(s) keep every channel)" if plan.threshold
+                     is None else f"  ({unchanged} selected layer(s) have no channel below "
+                                  f"the threshold)")
     changed = [scope for scope in before if before[scope] != after[scope]]
     if changed:
         lines.append(f"  {'conv':<{name_width}} {'params before':>14} {'after':>12} "

@@ -51,14 +51,21 @@ def normalised_scores(ranks, criterion, normalisation):
             for layer, values in ranks.scores(criterion).items()}
 
 
-def channels_to_keep(normalised, threshold, min_channels=1, round_to=1):
-    """Sorted indices of the channels kept: those scoring >= threshold, at least
-    ``min_channels`` (and always one), the count rounded up to a multiple of
-    ``round_to`` (capped at the width); extra keeps are the highest scoring."""
-    width = len(normalised)
-    keep_count = width - int(np.sum(normalised < threshold))
-    keep_count = max(keep_count, min(max(min_channels, 1), width))
+def kept_count(width, passing, min_channels=1, round_to=1):
+    """How many of a layer's ``width`` channels it keeps when ``passing`` of
+    them pass: at least ``min_channels`` (and always one), rounded up to a
+    multiple of ``round_to`` (capped at the width)."""
+    count = max(passing, min(max(min_channels, 1), width))
     if round_to > 1:
-        keep_count = min(width, -(-keep_count // round_to) * round_to)
+        count = min(width, -(-count // round_to) * round_to)
+    return count
+
+
+def channels_to_keep(normalised, threshold, min_channels=1, round_to=1):
+    """Sorted indices of the channels kept: those scoring >= threshold, as many
+    as kept_count says; extra keeps are the highest scoring."""
+    width = len(normalised)
+    keep_count = kept_count(width, width - int(np.sum(normalised < threshold)),
+                            min_channels, round_to)
     order = np.argsort(-normalised, kind="stable")
     return np.sort(order[:keep_count])

@@ -33,7 +33,8 @@ from common.digests import checkpoint_digest
 from common.errors import UserError
 from netcompress.config import load_config
 from netcompress.costs import conv_costs, inference_macs, spatial_sizes, total_parameters
-from netcompress.plan import plan_pruning, remove_channels, zero_channels
+from netcompress.plan import plan_pruning, plan_removal, remove_channels, zero_channels
+from netcompress.reports import cost_report
 from netcompress.rankfile import RankSums, masks_json
 from netcompress.scores import channels_to_keep, normalise
 from netcompress.selection import select_layers
@@ -368,6 +369,54 @@ def test_stream_plan_follows_the_declaration(source):
     assert plan.model_def_after["params"]["7"][2] == 1
     assert plan.masks_after["block2/unit_3"][0].tolist() == [0]
     assert plan.masks_after["block2/unit_3"][1] == 31
+
+
+def _plan_facts(plan):
+    return (plan.layers, plan.slices, plan.model_def_after, plan.notes, plan.given_back,
+            {unit: (kept.tolist(), width) for unit, (kept, width) in plan.masks_after.items()})
+
+
+def test_explicit_removal_plans_as_its_scores(source):
+    """plan_removal of a removal is plan_pruning of scores that threshold to
+    it, on a stream with a masked conv3 (block2/unit_3 lacks positions 1, 5);
+    round_to and min_channels give back the lowest removed channels, as equal
+    scores below the threshold do."""
+    model_def = json.loads(json.dumps(source["model_def"]))
+    model_def["params"]["7"][2] = 30
+    masks = {"block2/unit_3": (np.array([c for c in range(32) if c not in (1, 5)]), 32)}
+    layers = ["conv1", "block1/unit_1/bottleneck_v1/conv2", "block2/residual",
+              "block2/unit_3/bottleneck_v1/conv3", "conv81"]
+    scores = removal_scores(model_def, layers)
+    removed = {layer: np.flatnonzero(scores[layer] < 0.1) for layer in layers}
+    assert all(len(indices) for indices in removed.values())
+    by_scores = plan_pruning(model_def, masks, NUM_CLASSES, scores, layers, 0.1)
+    explicit = plan_removal(model_def, masks, NUM_CLASSES, removed)
+    assert _plan_facts(explicit) == _plan_facts(by_scores)
+    assert by_scores.threshold == 0.1 and explicit.threshold is None
+    assert cost_report(explicit, HEIGHT, WIDTH).splitlines()[0] == \
+        f"pruned {len(layers)} of {len(layers)} selected layer(s) by an explicit removal"
+    for min_channels, round_to in ((1, 4), (12, 1)):
+        binary = {layer: np.where(np.isin(np.arange(len(scores[layer])), indices), 0.0, 1.0)
+                  for layer, indices in removed.items()}
+        assert _plan_facts(plan_removal(model_def, masks, NUM_CLASSES, removed, min_channels,
+                                        round_to)) == \
+            _plan_facts(plan_pruning(model_def, masks, NUM_CLASSES, binary, layers, 0.5,
+                                     min_channels, round_to))
+    # conv81 (16 wide) keeps 11: round_to 4 gives back channel 3, the lowest removed.
+    plan = plan_removal(model_def, masks, NUM_CLASSES, {"conv81": [3, 5, 7, 9, 11]},
+                        round_to=4)
+    assert plan.layers[0].removed == (5, 7, 9, 11)
+    plan = plan_removal(model_def, masks, NUM_CLASSES, {"conv81": range(2, 16)},
+                        min_channels=4)
+    assert plan.layers[0].removed == tuple(range(4, 16))
+
+
+@pytest.mark.parametrize("layer, width", [("conv81", 16), ("block2/residual", 32)])
+def test_explicit_removal_of_every_channel_is_an_error(source, layer, width):
+    with pytest.raises(UserError) as raised:
+        plan_removal(source["model_def"], {}, NUM_CLASSES, {layer: range(width)})
+    assert str(raised.value) == \
+        f"{layer}: the removal takes all its {width} channels; a layer keeps at least one"
 
 
 def test_pruned_files_restore_exactly(source, tmp_path):
