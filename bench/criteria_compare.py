@@ -77,23 +77,16 @@ def _gated_mious(config, model, data, removals):
 
 def _prune(config, model, rank_path, removed, directory):
     """Remove exactly ``removed`` through pruning.execute; the pruned model."""
-    import numpy as np
-
-    from models.architecture import adapnet_pp, resolve_widths
     from models.model_def import load_masks, load_model_def
-    from netcompress.plan import plan_pruning
+    from netcompress.plan import plan_removal
     from netcompress.compress import prune_settings
     from netcompress.pruning import PruneJob, execute
 
     model_def = load_model_def(model["model_def"])
     masks = load_masks(model["mask"])
-    # Scores 0 for the removed channels and 1 for the kept: threshold 0.5.
-    widths = resolve_widths(model_def, config["num_classes"], adapnet_pp())
-    scores = {layer: np.where(np.isin(np.arange(widths[layer]), indices), 0.0, 1.0)
-              for layer, indices in removed.items()}
-    plan = plan_pruning(model_def, masks, config["num_classes"], scores, list(scores), 0.5)
-    settings = prune_settings(config, model, rank_path, directory, threshold=0.5)
-    execute(PruneJob(settings, model_def, masks, list(scores), scores, plan),
+    plan = plan_removal(model_def, masks, config["num_classes"], removed)
+    settings = prune_settings(config, model, rank_path, directory)
+    execute(PruneJob(settings, model_def, masks, list(removed), plan=plan),
             log=lambda line: None)
     return dict(model, model_def=settings.new_model_def,
                 mask=settings.mask_save if plan.masks_after else None,

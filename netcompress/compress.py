@@ -793,8 +793,8 @@ def _prune(config, model, rank_path, groups, scores, found, directory, log):
     if planned != searched:
         raise RuntimeError("the pruning plan differs from the searched removal")
     lines = []
-    execute(PruneJob(settings, model_def, masks, layers, scaled_scores, plan,
-                     **_described_as(config)), log=lines.append)
+    execute(PruneJob(settings, model_def, masks, layers, plan=plan, **_described_as(config)),
+            log=lines.append)
     _write_lines(os.path.join(directory, "prune.txt"), lines)
     mask = settings.mask_save if plan.masks_after else None
     log(f"pruned {found.removed_count} channels of {len(planned)} layers -> {pruned_dir}")
@@ -808,8 +808,9 @@ def _described_as(config):
     return {"model_name": config["model"], "class_names": config_class_names(config)}
 
 
-def prune_settings(config, model, rank_path, directory, threshold):
-    """prun_model.py's settings for pruning ``model`` into directory/pruned/."""
+def prune_settings(config, model, rank_path, directory, threshold=None):
+    """prun_model.py's settings for pruning ``model`` into directory/pruned/
+    (``threshold`` None: the plan is an explicit removal)."""
     from netcompress.pruning import PruneSettings
 
     pruned_dir = os.path.join(directory, "pruned")
@@ -829,22 +830,20 @@ def prune_removal(config, model, rank_path, removed, directory, log=None):
     back, as netcompress/schedule.py counted) through pruning.execute into
     directory/pruned/. Returns the pruned model's paths."""
     from models.model_def import load_masks, load_model_def
+    from netcompress.plan import plan_removal
     from netcompress.pruning import PruneJob, execute, planned_files
-    from netcompress.schedule import removal_plan
 
     _set_step("prune")
     model_def = load_model_def(model["model_def"])
     masks = load_masks(model["mask"])
-    plan = removal_plan(model_def, masks, config["num_classes"], removed,
+    plan = plan_removal(model_def, masks, config["num_classes"], removed,
                         config.get("min_channels", 1), config.get("round_to", 1))
     layers = [cut.layer for cut in plan.layers]
-    scores = {cut.layer: np.where(np.isin(np.arange(cut.width), cut.kept), 1.0, 0.0)
-              for cut in plan.layers}
-    settings = prune_settings(config, model, rank_path, directory, threshold=0.5)
+    settings = prune_settings(config, model, rank_path, directory)
     outputs.check_outputs(*planned_files(settings))
     lines = []
-    execute(PruneJob(settings, model_def, masks, layers, scores, plan,
-                     **_described_as(config)), log=lines.append)
+    execute(PruneJob(settings, model_def, masks, layers, plan=plan, **_described_as(config)),
+            log=lines.append)
     _write_lines(os.path.join(directory, "prune.txt"), lines)
     count = sum(len(cut.removed) for cut in plan.layers)
     if log is not None:

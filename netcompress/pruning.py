@@ -103,7 +103,7 @@ class PruneJob:
     model_def: dict
     masks: dict
     layers: list
-    scores: dict
+    scores: dict = None  # normalised scores: read by decide_threshold only
     plan: object = None  # PruningPlan; None with decide_threshold
     ranks: object = None  # the RankSums read (None: compress.py's own plan)
     # What the written checkpoints' descriptions name (netcompress/description.py).
@@ -175,8 +175,8 @@ def execute(job, log=print, verify=True):
         log(f"selected all {len(job.layers)} prunable layers")
     else:
         log(f"selected {len(job.layers)} layer(s): {', '.join(job.layers)}")
-    if settings.threshold > 1:
-        log(f"warning: threshold {settings.threshold:g} > 1: normalised scores are at most "
+    if plan.threshold is not None and plan.threshold > 1:
+        log(f"warning: threshold {plan.threshold:g} > 1: normalised scores are at most "
             f"1 with max normalisation, so every selected layer keeps only its "
             f"min_channels best channels")
     source = resolve_checkpoint(settings.checkpoint_name)

@@ -15,7 +15,7 @@ import numpy as np
 
 from models.architecture import adapnet_pp, resolve_widths
 from netcompress.costs import inference_macs, total_parameters
-from netcompress.plan import plan_pruning
+from netcompress.plan import plan_removal
 
 RESOURCES = ("parameters", "macs", "latency")
 
@@ -96,17 +96,6 @@ def resource_of(model_def, masks, num_classes, height, width, resource):
     return inference_macs(model_def, num_classes, height, width, masks)
 
 
-def removal_plan(model_def, masks, num_classes, removed, min_channels=1, round_to=1):
-    """The pruning plan that removes exactly ``removed`` ({layer: indices})
-    (round_to may give channels back): scores 0 for removed channels, 1 for
-    kept, at threshold 0.5."""
-    widths = resolve_widths(model_def, num_classes, adapnet_pp())
-    scores = {layer: np.where(np.isin(np.arange(widths[layer]), indices), 0.0, 1.0)
-              for layer, indices in removed.items() if len(indices)}
-    return plan_pruning(model_def, masks, num_classes, scores, list(scores), 0.5,
-                        min_channels, round_to)
-
-
 # ---- allocation: which channels make the step -----------------------------------
 
 def orderings(raw, normalised, costs, min_channels=1):
@@ -168,7 +157,7 @@ def channel_costs(model_def, masks, num_classes, height, width, resource, layers
     for layer in layers:
         if widths[layer] < 2:
             continue
-        plan = removal_plan(model_def, masks, num_classes, {layer: [0]})
+        plan = plan_removal(model_def, masks, num_classes, {layer: [0]})
         costs[layer] = base - resource_of(plan.model_def_after, plan.masks_after,
                                           num_classes, height, width, resource)
     return costs
@@ -188,7 +177,7 @@ def removal_for_goal(order, goal, model_def, masks, num_classes, height, width, 
     whole order when even that does not reach it). Returns (removed,
     resource after)."""
     def after(count):
-        plan = removal_plan(model_def, masks, num_classes, prefix_removal(order, count),
+        plan = plan_removal(model_def, masks, num_classes, prefix_removal(order, count),
                             min_channels, round_to)
         return resource_of(plan.model_def_after, plan.masks_after, num_classes, height,
                            width, resource)

@@ -37,8 +37,9 @@ from netcompress import compress as staged
 from netcompress import evaluation, ranking, training
 from netcompress.config import load_config
 from netcompress.costs import total_parameters
+from netcompress.plan import plan_removal
 from netcompress.schedule import Attempt, channel_costs, family_orderings, orderings, \
-    prefix_removal, removal_for_goal, removal_plan, resource_of, run_stage
+    prefix_removal, removal_for_goal, resource_of, run_stage
 from netcompress.search import removed_channels, search, search_groups
 
 HEIGHT, WIDTH = 32, 64
@@ -245,9 +246,9 @@ def test_removal_meets_the_step_with_the_shortest_prefix():
                                           WIDTH, "parameters")
         count = sum(len(indices) for indices in removed.values())
         assert after <= goal
-        shorter = removal_plan(model_def, {}, NUM_CLASSES, prefix_removal(order, count - 1))
+        shorter = plan_removal(model_def, {}, NUM_CLASSES, prefix_removal(order, count - 1))
         assert total_parameters(shorter.model_def_after, NUM_CLASSES) > goal
-        plan = removal_plan(model_def, {}, NUM_CLASSES, removed)
+        plan = plan_removal(model_def, {}, NUM_CLASSES, removed)
         assert total_parameters(plan.model_def_after, NUM_CLASSES) == after
 
 
