@@ -56,7 +56,7 @@ class AdapNet_pp:
         checkpoint holds them narrow (checkpoints.restore_model widens them)."""
         if not self.fold_masks:
             return {}
-        return {f"{OUTER_SCOPE}/{unit.scope}/conv3/weights":
+        return {self.architecture.unit_convs(unit)["conv3"].kernel_variable:
                 (self.kept_channels[unit.name],
                  self.architecture.residual_width(self.model_def, unit))
                 for unit in self.architecture.units if unit.name in self.kept_channels}
@@ -68,8 +68,9 @@ class AdapNet_pp:
         into what the group's consumers read; a gate of 0 computes exactly
         what removing the channel does (docs/ranking.md, "Comparing criteria")."""
         height, width = images.shape[1], images.shape[2]
-        if height is None or width is None or height % 16 or width % 16:
-            raise ValueError(f"input height and width must be known multiples of 16, "
+        stride = self.architecture.output_stride
+        if height is None or width is None or height % stride or width % stride:
+            raise ValueError(f"input height and width must be known multiples of {stride}, "
                              f"got {height}x{width}")
         if training and self.fold_masks and self.kept_channels:
             # Training updates the narrow kernel; a wide one would fill its zeros.
@@ -82,7 +83,7 @@ class AdapNet_pp:
             raise ValueError(f"gates for groups that are not prunable: {unknown}")
         tensors, pre_norm, self._read, self._stream_reads = {}, {}, {}, {}
         with tf1.variable_scope(OUTER_SCOPE):
-            with tf1.variable_scope("conv0"):
+            with tf1.variable_scope(self.architecture.input_norm().scope):
                 tensors[IMAGE] = layers.batch_norm(images, training)
             units_built = False
             for conv in self.architecture.convs:
@@ -140,10 +141,9 @@ class AdapNet_pp:
         self._stream_reads.setdefault(group, []).append(y)
         return y * self._gates[group] if group in self._gates else y
 
-    @staticmethod
-    def _pre_activation(residual_sum, unit, training):
+    def _pre_activation(self, residual_sum, unit, training):
         # The next unit's (or the block's) BN + ReLU lives in this unit's conv3 scope.
-        with tf1.variable_scope(f"{unit.scope}/conv3"):
+        with tf1.variable_scope(self.architecture.pre_activation(unit).scope):
             return tf.nn.relu(layers.batch_norm(residual_sum, training))
 
     def _image_pooling(self, conv, tensors, pre_norm, training):
@@ -165,23 +165,23 @@ class AdapNet_pp:
         widths = [self.widths[name] for name in conv.outputs]
         in_channels = sum(self.widths[name] for name in conv.inputs)
         out_channels = sum(widths)
-        k = conv.kernel
         with tf1.variable_scope(conv.scope):
             if conv.transposed:
-                kernel = layers.weight_variable([k, k, out_channels, in_channels])
+                kernel = layers.weight_variable(conv.kernel_shape(in_channels, out_channels))
                 z = layers.conv2d_transpose(x, kernel, conv.stride)
             else:
                 if scatter is not None and self.fold_masks:  # restored widened
-                    kernel = layers.weight_variable([k, k, in_channels, scatter[1]])
+                    kernel = layers.weight_variable(conv.kernel_shape(in_channels, scatter[1]))
                 else:
-                    kernel = layers.weight_variable([k, k, in_channels, out_channels])
+                    kernel = layers.weight_variable(conv.kernel_shape(in_channels, out_channels))
                     if scatter is not None:
                         kernel = layers.scatter_output_channels(kernel, *scatter)
                 if len(set(conv.rates)) == 1:  # a split conv of one rate is one conv
                     z = atrous.conv2d(x, kernel, conv.stride, conv.rates[0], self._path)
                 else:  # split conv: one variable, parts with their own rates
                     z = tf.concat([atrous.conv2d(x, part, conv.stride, rate, self._path)
-                                   for part, rate in zip(tf.split(kernel, widths, axis=3),
+                                   for part, rate in zip(tf.split(kernel, widths,
+                                                                  axis=conv.kernel_axes[1]),
                                                          conv.rates)], axis=3)
             pre_norm[conv.scope] = z
             y = layers.batch_norm(z, training) if conv.norm else z

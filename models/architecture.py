@@ -13,9 +13,12 @@ Vocabulary:
 
 Widths are references into a model_def (``WidthRef``: ``resolve`` reads a
 width, ``assign`` sets a pruned one); the declaration itself does not depend
-on a model_def. Readers ask the ``Architecture`` (aux heads, sections, units,
-residual widths) rather than knowing names; docs/design.md describes the
-network and its quirks.
+on a model_def. It also holds the variable names and kernel axes of every
+conv, the batch norms outside convs (``Norm``) and the output stride; it
+imports no TensorFlow (configs read it before TensorFlow loads). Readers
+ask the ``Architecture`` (aux heads, sections, units, residual widths, batch
+norms) rather than knowing names; docs/design.md describes the network and
+its quirks.
 """
 
 import enum
@@ -24,6 +27,23 @@ from functools import lru_cache
 
 OUTER_SCOPE = "resnet_v2_50"
 IMAGE = "image"
+
+# Variable names within a conv's (or batch norm's) scope, those of the
+# original checkpoints (docs/design.md, "Variable names"). No biases.
+KERNEL_VARIABLE = "weights"
+BATCH_NORM_SCOPE = "BatchNorm"
+BATCH_NORM_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
+
+
+def variable_name(scope, name):
+    """The checkpoint name of variable ``name`` in ``scope``."""
+    return f"{OUTER_SCOPE}/{scope}/{name}"
+
+
+def batch_norm_variables(scope):
+    """The variables of the batch norm in ``scope``, in BATCH_NORM_VARIABLES order."""
+    return tuple(variable_name(scope, f"{BATCH_NORM_SCOPE}/{name}")
+                 for name in BATCH_NORM_VARIABLES)
 
 
 # ---- widths: references into a model_def ------------------------------------
@@ -136,6 +156,40 @@ class Conv:
     pooling: Pooling = Pooling.NONE
     unit: str = ""  # the residual unit it belongs to (built by the unit, not alone)
 
+    @property
+    def kernel_axes(self):
+        """(input axis, output axis) of the kernel: [k, k, in, out], a
+        transposed conv's [k, k, out, in] (the TensorFlow layouts)."""
+        return (3, 2) if self.transposed else (2, 3)
+
+    def kernel_shape(self, in_channels, out_channels):
+        shape = [self.kernel, self.kernel, 0, 0]
+        input_axis, output_axis = self.kernel_axes
+        shape[input_axis], shape[output_axis] = in_channels, out_channels
+        return shape
+
+    @property
+    def kernel_variable(self):
+        return variable_name(self.scope, KERNEL_VARIABLE)
+
+    @property
+    def norm_variables(self):
+        """Its batch norm's variables; () for a conv without one."""
+        return batch_norm_variables(self.scope) if self.norm else ()
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A batch norm that is not a conv's own: the image's, and each unit's
+    pre-activation, which lives in the unit's conv3 scope (docs/design.md)."""
+    scope: str
+    group: str  # the channels it normalises
+    unit: str = ""  # the unit whose residual sum it normalises
+
+    @property
+    def variables(self):
+        return batch_norm_variables(self.scope)
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -206,6 +260,7 @@ class Architecture:
     convs: tuple
     units: tuple
     logits: str  # the conv whose output is the class scores
+    norms: tuple = ()  # Norm: the batch norms outside convs, in build order
 
     @property
     def group_by_name(self):
@@ -255,6 +310,36 @@ class Architecture:
 
     def aux_heads(self):
         return [conv for conv in self.convs if conv.aux]
+
+    def input_norm(self):
+        """The batch norm on the image."""
+        return next(norm for norm in self.norms if norm.group == IMAGE)
+
+    def pre_activation(self, unit):
+        """The batch norm turning ``unit``'s residual sum into what the next
+        unit (or the block's readers) read."""
+        return next(norm for norm in self.norms if norm.unit == unit.name)
+
+    def norms_of(self, group_name):
+        """The batch norms (not convs' own) normalising ``group_name``."""
+        return [norm for norm in self.norms if norm.group == group_name]
+
+    @property
+    def output_stride(self):
+        """The largest downsampling of any group (16 for AdapNet++): input
+        height and width must be multiples of it, so that the decoder's
+        upsampled maps meet the skips' at equal sizes."""
+        stride_of_group = {IMAGE: 1}
+        for conv in self.convs:
+            stride = stride_of_group[conv.inputs[0]]
+            stride = stride // conv.stride if conv.transposed else stride * conv.stride
+            if conv.pooling is Pooling.MAX_AFTER:
+                stride *= 2
+            if conv.pooling is Pooling.GLOBAL_INPUT:
+                stride = stride_of_group[conv.inputs[0]]  # resized back
+            for group in conv.outputs:
+                stride_of_group[group] = stride
+        return max(stride_of_group.values())
 
     def aux_scopes(self):
         return [conv.scope for conv in self.aux_heads()]
@@ -390,7 +475,9 @@ def adapnet_pp():
         groups.append(Group(scope, ClassesWidth(), False, "classifier"))
         convs.append(Conv(scope, inputs, (scope,), kernel, stride, transposed=transposed,
                           relu=relu, aux=loss_weight > 0, loss_weight=loss_weight))
-    return Architecture(tuple(groups), tuple(convs), UNITS, logits="conv5")
+    norms = (Norm("conv0", IMAGE),) + tuple(
+        Norm(f"{unit.scope}/conv3", unit.residual_group, unit.name) for unit in UNITS)
+    return Architecture(tuple(groups), tuple(convs), UNITS, logits="conv5", norms=norms)
 
 
 def resolve_widths(model_def, num_classes, architecture=None):

@@ -2,6 +2,8 @@
 
 import tensorflow as tf
 
+from models.architecture import BATCH_NORM_SCOPE, BATCH_NORM_VARIABLES, KERNEL_VARIABLE
+
 tf1 = tf.compat.v1
 
 BN_EPSILON = 1e-5
@@ -48,7 +50,7 @@ def replicas_in_sync():
 
 def weight_variable(shape):
     return tf1.get_variable(
-        "weights", shape, tf.float32,
+        KERNEL_VARIABLE, shape, tf.float32,
         initializer=tf1.variance_scaling_initializer(2.0, "fan_in", "truncated_normal"))
 
 
@@ -56,16 +58,17 @@ def batch_norm(x, training):
     """Batch norm in scope ``BatchNorm``: batch statistics when training (and
     moving-average updates in UPDATE_OPS), moving statistics otherwise."""
     channels = x.shape[-1]
-    with tf1.variable_scope("BatchNorm", dtype=x.dtype):
-        gamma = tf1.get_variable("gamma", [channels], initializer=tf1.ones_initializer())
-        beta = tf1.get_variable("beta", [channels], initializer=tf1.zeros_initializer())
+    gamma_name, beta_name, mean_name, variance_name = BATCH_NORM_VARIABLES
+    with tf1.variable_scope(BATCH_NORM_SCOPE, dtype=x.dtype):
+        gamma = tf1.get_variable(gamma_name, [channels], initializer=tf1.ones_initializer())
+        beta = tf1.get_variable(beta_name, [channels], initializer=tf1.zeros_initializer())
         # Several replicas compute the same synchronised statistics: the
         # first one's update is the update (docs/distribute.md).
         moving_mean = tf1.get_variable(
-            "moving_mean", [channels], trainable=False, initializer=tf1.zeros_initializer(),
+            mean_name, [channels], trainable=False, initializer=tf1.zeros_initializer(),
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         moving_variance = tf1.get_variable(
-            "moving_variance", [channels], trainable=False,
+            variance_name, [channels], trainable=False,
             initializer=tf1.ones_initializer(),
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     if not training:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import yaml
 
 from common.errors import UserError
+from models.architecture import adapnet_pp
 from netcompress.checkpoint_paths import checkpoint_exists
 from netcompress.rankfile import CRITERIA
 from netcompress.scores import NORMALISATIONS
@@ -33,6 +34,10 @@ from netcompress.scores import NORMALISATIONS
 # How dilated convs are computed (models/atrous.py; docs/atrous.md). The same
 # names as models.atrous, repeated here because configs load before TensorFlow.
 ATROUS_PATHS = ("auto", "native", "space_to_batch")
+
+# Input sizes are multiples of the network's output stride (16).
+INPUT_SIZE_MULTIPLE = adapnet_pp().output_stride
+SIZE_RULE = f"a multiple of {INPUT_SIZE_MULTIPLE}"
 
 
 # ---- every script's settings, declared once ----------------------------------
@@ -83,8 +88,8 @@ EVALUATE_SETTINGS = (
     Setting("test_data", "path", REQUIRED, "the test .tfrecords", exists=EXISTS_PATH),
     Setting("batch_size", "positive_int", REQUIRED, "batch size"),
     Setting("skip_step", "positive_int", REQUIRED, "batches between progress reports"),
-    Setting("height", "size", REQUIRED, "height of the input image (a multiple of 16)"),
-    Setting("width", "size", REQUIRED, "width of the input image (a multiple of 16)"),
+    Setting("height", "size", REQUIRED, f"height of the input image ({SIZE_RULE})"),
+    Setting("width", "size", REQUIRED, f"width of the input image ({SIZE_RULE})"),
     Setting("mask", "optional_path", None,
             "mask file of the residual units (None: the checkpoint's, or no mask)",
             exists=EXISTS_FILE),
@@ -130,8 +135,8 @@ TRAIN_SETTINGS = (
     Setting("batch_size", "positive_int", REQUIRED,
             "training batch size (the global batch, split over the replicas)"),
     Setting("skip_step", "positive_int", REQUIRED, "steps between loss reports"),
-    Setting("height", "size", REQUIRED, "height of the input image (a multiple of 16)"),
-    Setting("width", "size", REQUIRED, "width of the input image (a multiple of 16)"),
+    Setting("height", "size", REQUIRED, f"height of the input image ({SIZE_RULE})"),
+    Setting("width", "size", REQUIRED, f"width of the input image ({SIZE_RULE})"),
     Setting("max_iteration", "positive_int", REQUIRED, "how many steps to train"),
     Setting("learning_rate", "positive_float", REQUIRED, "initial learning rate"),
     Setting("save_step", "positive_int", REQUIRED, "steps between checkpoints"),
@@ -169,8 +174,8 @@ PREDICT_SETTINGS = _changed(
     test_data=dict(UNUSED, help="not read by predict.py (--input gives the images)",
                    exists=None),
     skip_step=dict(UNUSED, help="not read by predict.py"),
-    height={"help": "height the images are resized to (a multiple of 16)"},
-    width={"help": "width the images are resized to (a multiple of 16)"},
+    height={"help": f"height the images are resized to ({SIZE_RULE})"},
+    width={"help": f"width the images are resized to ({SIZE_RULE})"},
 )
 EXPORT_SETTINGS = _changed(
     EVALUATE_SETTINGS,
@@ -178,8 +183,8 @@ EXPORT_SETTINGS = _changed(
     test_data={"help": "records whose first --check_images images check every file "
                        "(and --int8's mIoU)"},
     skip_step=dict(UNUSED, help="not read by export.py"),
-    height={"help": "input height of the exported model (a multiple of 16)"},
-    width={"help": "input width of the exported model (a multiple of 16)"},
+    height={"help": f"input height of the exported model ({SIZE_RULE})"},
+    width={"help": f"input width of the exported model ({SIZE_RULE})"},
 )
 
 # prun_model.py's settings (its header constants).
@@ -265,8 +270,8 @@ COMPRESS_SETTINGS = (
             "test records: read only to evaluate each finished stage"),
     Setting("batch_size", "positive_int", 8, "batch size of every pass"),
     Setting("skip_step", "positive_int", 10, "steps between loss reports while retraining"),
-    Setting("height", "size", REQUIRED, "input height (a multiple of 16)"),
-    Setting("width", "size", REQUIRED, "input width (a multiple of 16)"),
+    Setting("height", "size", REQUIRED, f"input height ({SIZE_RULE})"),
+    Setting("width", "size", REQUIRED, f"input width ({SIZE_RULE})"),
     Setting("atrous_path", "choice", "auto",
             "how atrous convs are computed: auto, native or space_to_batch",
             choices=ATROUS_PATHS),
@@ -358,8 +363,6 @@ def setting_defaults(kind):
 # string 'None' (only null/~/empty are YAML nulls), and the original configs
 # wrote `mask: None`.
 NONE_STRINGS = ("", "none", "null", "~")
-
-INPUT_SIZE_MULTIPLE = 16  # output stride 16 of AdapNet++
 
 
 def accepted_keys(kind):
@@ -716,7 +719,7 @@ def _check_setting(setting, value, source):
         if not _is_int(value) or value < 1:
             fail("a positive integer")
         if kind == "size" and value % INPUT_SIZE_MULTIPLE:
-            fail("a multiple of %d" % INPUT_SIZE_MULTIPLE)
+            fail(SIZE_RULE)
         return value
     if kind == "replicas":
         if _is_none(value):

@@ -18,9 +18,10 @@ its parameters count the kept channels.
 from dataclasses import dataclass
 from math import ceil
 
-from models.architecture import IMAGE, Pooling, adapnet_pp, resolve_widths
+from models.architecture import BATCH_NORM_VARIABLES, IMAGE, Pooling, adapnet_pp, \
+    resolve_widths
 
-BATCH_NORM_PARAMETERS = 4  # gamma, beta, moving mean, moving variance per channel
+BATCH_NORM_PARAMETERS = len(BATCH_NORM_VARIABLES)  # per channel
 
 
 @dataclass(frozen=True)
@@ -84,13 +85,11 @@ def inference_macs(model_def, num_classes, height, width, masks=None, architectu
 
 def total_parameters(model_def, num_classes, architecture=None):
     """Every model variable, aux heads included (what a checkpoint holds):
-    the convs, conv0's batch norm on the image, and each unit's
-    pre-activation batch norm over the residual width (in its conv3 scope)."""
+    the convs and the declared batch norms outside them (the image's, and
+    each unit's pre-activation over the residual width)."""
     architecture = architecture or adapnet_pp()
     widths = resolve_widths(model_def, num_classes, architecture)
     convs = sum(cost.params for cost in conv_costs(model_def, num_classes,
                                                   architecture=architecture).values())
-    image_norm = BATCH_NORM_PARAMETERS * widths[IMAGE]
-    unit_norms = sum(BATCH_NORM_PARAMETERS * architecture.residual_width(model_def, unit)
-                     for unit in architecture.units)
-    return convs + image_norm + unit_norms
+    norms = sum(BATCH_NORM_PARAMETERS * widths[norm.group] for norm in architecture.norms)
+    return convs + norms

@@ -22,8 +22,6 @@ from models.architecture import OUTER_SCOPE, adapnet_pp, input_offsets, output_o
 from models.model_def import check_masks, validate_model_def
 from netcompress.scores import channels_to_keep, kept_count
 
-BATCH_NORM_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
-
 
 @dataclass(frozen=True)
 class ChannelSlice:
@@ -83,23 +81,17 @@ class PruningPlan:
         return [s for s in self.slices if s.role in ("input", "residual")]
 
 
-def _variable(scope, name="weights"):
-    return f"{OUTER_SCOPE}/{scope}/{name}"
-
-
 def _slices_for(group, removed, widths, architecture):
     """Every tensor slice carrying ``removed`` channels of ``group``."""
     producer = architecture.producer_of(group.name)
     start = output_offset(producer, group.name, widths)
     out_channels = sum(widths[name] for name in producer.outputs)
     at_output = tuple(int(start + i) for i in removed)
-    slices = [ChannelSlice(_variable(producer.scope), 2 if producer.transposed else 3,
+    slices = [ChannelSlice(producer.kernel_variable, producer.kernel_axes[1],
                            out_channels, at_output,
                            "residual" if group.through_mask else "output")]
-    if producer.norm:
-        slices += [ChannelSlice(_variable(producer.scope, f"BatchNorm/{name}"), 0,
-                                out_channels, at_output, "output")
-                   for name in BATCH_NORM_VARIABLES]
+    slices += [ChannelSlice(name, 0, out_channels, at_output, "output")
+               for name in producer.norm_variables]
     return slices + _reader_slices(group, removed, widths, architecture)
 
 
@@ -109,7 +101,7 @@ def _reader_slices(group, removed, widths, architecture):
     slices = []
     for consumer, position in architecture.consumers_of(group.name):
         offsets, in_channels = input_offsets(consumer, widths)
-        slices.append(ChannelSlice(_variable(consumer.scope), 3 if consumer.transposed else 2,
+        slices.append(ChannelSlice(consumer.kernel_variable, consumer.kernel_axes[0],
                                    in_channels,
                                    tuple(int(offsets[position] + i) for i in removed),
                                    "input", optional=consumer.aux))
@@ -132,13 +124,13 @@ def _stream_slices(group, removed, widths, masks, architecture):
         else:
             columns, out_channels = removed, width
         if len(columns):
-            slices.append(ChannelSlice(_variable(writer.scope), 3, out_channels,
-                                       tuple(int(c) for c in columns), "output"))
+            slices.append(ChannelSlice(writer.kernel_variable, writer.kernel_axes[1],
+                                       out_channels, tuple(int(c) for c in columns),
+                                       "output"))
     at_stream = tuple(int(i) for i in removed)
-    for unit in architecture.stream_units(group.name):
-        slices += [ChannelSlice(_variable(f"{unit.scope}/conv3", f"BatchNorm/{name}"), 0,
-                                width, at_stream, "output")
-                   for name in BATCH_NORM_VARIABLES]
+    for norm in architecture.norms_of(group.name):  # every unit's pre-activation
+        slices += [ChannelSlice(name, 0, width, at_stream, "output")
+                   for name in norm.variables]
     return slices + _reader_slices(group, removed, widths, architecture)
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, make_dataclass
 from common.digests import checkpoint_digest, checkpoint_line
 from common.errors import UserError
 from common.files import staged
-from models.architecture import adapnet_pp
 from models.model_def import check_masks, save_masks, save_model_def
 from common import outputs
 from netcompress.checkpoint_paths import checkpoint_directory, checkpoint_files, \
@@ -79,21 +78,23 @@ def _check_outputs(settings):
         _check_new_checkpoint_directory(settings.new_checkpoint_save, settings.checkpoint_name)
 
 
-def verify_checkpoint(path, model_def, masks, num_classes, height, width, name):
-    """Build the graph of model_def + masks and check that the checkpoint at
-    ``path`` has exactly its variables (aux heads included)."""
+def verify_checkpoint(path, model_def, masks, num_classes, height, width, name,
+                      model=DEFAULT_MODEL):
+    """Build the graph of model_def + masks (class ``model``, a config's
+    `model` name) and check that the checkpoint at ``path`` has exactly its
+    variables (aux heads included)."""
     import tensorflow as tf
 
-    from models.AdapNet_pp import AdapNet_pp
     from netcompress.checkpoints import check_matches, model_variables
+    from netcompress.models import model_class
 
     graph = tf.Graph()
     with graph.as_default():
-        model = AdapNet_pp(model_def, num_classes, masks)
+        built = model_class(model)(model_def, num_classes, masks)
         images = tf.compat.v1.placeholder(tf.float32, [1, height, width, 3])
-        model.build(images, training=False, aux=True)
+        built.build(images, training=False, aux=True)
         check_matches(path, model_variables(graph), model_name=name,
-                      optional_scopes=adapnet_pp().aux_scopes())
+                      optional_scopes=built.architecture.aux_scopes())
 
 
 @dataclass
@@ -106,7 +107,8 @@ class PruneJob:
     scores: dict = None  # normalised scores: read by decide_threshold only
     plan: object = None  # PruningPlan; None with decide_threshold
     ranks: object = None  # the RankSums read (None: compress.py's own plan)
-    # What the written checkpoints' descriptions name (netcompress/description.py).
+    # The model class the graph checks build (a `model` name), and what the
+    # written checkpoints' descriptions name (netcompress/description.py).
     model_name: str = DEFAULT_MODEL
     class_names: dict = None
     source: str = "the model"  # the source model in messages
@@ -186,14 +188,14 @@ def execute(job, log=print, verify=True):
         job.ranks.check_checkpoint(source, checkpoint_digest(source), log)
     if verify:
         verify_checkpoint(source, job.model_def, job.masks, settings.num_classes,
-                          settings.height, settings.width, job.source)
+                          settings.height, settings.width, job.source, job.model_name)
     values = model_values(read_checkpoint(source))
     new_values = zero_channels(plan, values) if settings.try_zeros \
         else remove_channels(plan, values)
     # try_zeros keeps the source's model; removal writes the pruned one.
     description = job.description(job.model_def, job.masks) if settings.try_zeros \
         else job.description(plan.model_def_after, plan.masks_after)
-    written = _write_result(settings, plan, new_values, verify, description)
+    written = _write_result(settings, plan, new_values, verify, description, job.model_name)
     if settings.try_zeros:
         log(f"try_zeros: wrote {settings.new_checkpoint_save} (same shapes, {job.source}); "
             f"evaluate it as it is; the costs below are those removal would give")
@@ -206,7 +208,7 @@ def execute(job, log=print, verify=True):
     return PruneResult(plan, report, written)
 
 
-def _write_result(settings, plan, new_values, verify, description):
+def _write_result(settings, plan, new_values, verify, description, model_name):
     """Write the new checkpoint (and model_def and mask) and the set's
     manifest through staging places, moved in only when all are written and
     the new checkpoint restores into its model; the files of a replaced set
@@ -233,7 +235,7 @@ def _write_result(settings, plan, new_values, verify, description):
             if verify:
                 verify_checkpoint(staged_prefix, plan.model_def_after, plan.masks_after,
                                   settings.num_classes, settings.height, settings.width,
-                                  f"pruned model_def {settings.new_model_def}")
+                                  f"pruned model_def {settings.new_model_def}", model_name)
         with open(places[manifest], "w", encoding="utf-8") as f:
             f.write(outputs.manifest_text(manifest, {
                 key: [path for path in paths if path != manifest]

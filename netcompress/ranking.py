@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from dataset.records import count_records
-from models.architecture import OUTER_SCOPE, adapnet_pp, output_offset
+from models.architecture import adapnet_pp, output_offset
 from models.model_def import load_masks
 from netcompress import rankfile
 from netcompress.checkpoint_paths import resolve_checkpoint
@@ -173,9 +173,9 @@ class BatchTaylorSums:
 
 def _column_l1(values, conv, widths):
     """sum of |w| of each output column of ``conv``'s kernel, float64."""
-    kernel = np.abs(np.asarray(values[f"{OUTER_SCOPE}/{conv.scope}/weights"], np.float64))
-    axis = 2 if conv.transposed else 3
-    return kernel.sum(axis=tuple(a for a in range(4) if a != axis))
+    kernel = np.abs(np.asarray(values[conv.kernel_variable], np.float64))
+    output_axis = conv.kernel_axes[1]
+    return kernel.sum(axis=tuple(a for a in range(4) if a != output_axis))
 
 
 def filter_l1(values, architecture, widths, kept_channels=None):

@@ -8,7 +8,7 @@ from helpers import (FLOAT32_PASS_TOLERANCE, default_model_def, randomise_variab
                      scaled_model_def)
 from models import atrous
 from models.AdapNet_pp import AdapNet_pp
-from models.architecture import adapnet_pp
+from models.architecture import Pooling, adapnet_pp
 from models.model_def import (check_masks, load_masks, save_masks,
                               validate_model_def)
 from netcompress import checkpoints
@@ -141,6 +141,47 @@ def test_atrous_rates_in_graph(path):
     space_to_batch = [op for op in graph.get_operations() if op.type == "SpaceToBatchND"]
     # 8 split convs with an atrous half + 6 eASPP atrous convs.
     assert len(space_to_batch) == (14 if path == atrous.SPACE_TO_BATCH else 0)
+
+
+def test_declared_facts_agree_with_the_built_graph():
+    """The declaration's variable names, kernel axes, batch norms and output
+    stride are those of a built graph: every conv's kernel has its inputs'
+    width on its input axis and its outputs' on its output axis, its batch
+    norm (if declared) the outputs' width; the norms outside convs have their
+    group's width; the graph holds nothing else. The smallest map any conv
+    writes is the input divided by the output stride."""
+    from models.architecture import resolve_widths
+    from netcompress.config import INPUT_SIZE_MULTIPLE
+
+    arch = adapnet_pp()
+    model_def, num_classes, height, width = scaled_model_def(16), 3, 32, 64
+    _, outputs, shapes = build_variables(model_def, num_classes, training=False,
+                                         height=height, width=width)
+    widths = resolve_widths(model_def, num_classes, arch)
+    declared = set()
+    for conv in arch.convs:
+        in_channels = sum(widths[name] for name in conv.inputs)
+        out_channels = sum(widths[name] for name in conv.outputs)
+        kernel = shapes[conv.kernel_variable]
+        input_axis, output_axis = conv.kernel_axes
+        assert (kernel[input_axis], kernel[output_axis]) == (in_channels, out_channels), \
+            conv.scope
+        assert kernel == conv.kernel_shape(in_channels, out_channels)
+        assert [shapes[name] for name in conv.norm_variables] == \
+            [[out_channels]] * (4 if conv.norm else 0), conv.scope
+        declared.update((conv.kernel_variable,) + conv.norm_variables)
+    assert [conv.kernel_axes for conv in arch.convs if conv.transposed] == [(3, 2)] * 3
+    for norm in arch.norms:
+        assert [shapes[name] for name in norm.variables] == [[widths[norm.group]]] * 4
+        declared.update(norm.variables)
+    assert declared == set(shapes)
+    assert arch.input_norm().scope == "conv0"
+    assert [arch.pre_activation(unit).scope for unit in arch.units] == \
+        [f"{unit.scope}/conv3" for unit in arch.units]
+    assert arch.output_stride == INPUT_SIZE_MULTIPLE == 16
+    sizes = [tensor.shape.as_list()[1:3] for scope, tensor in outputs.read.items()
+             if arch.conv(scope).pooling is not Pooling.GLOBAL_INPUT]
+    assert min(sizes) == [height // arch.output_stride, width // arch.output_stride]
 
 
 def test_architecture_declaration_consumers():

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from unittest import mock
 
 import numpy as np
@@ -32,6 +33,7 @@ from netcompress.checkpoints import check_matches, checkpoint_key, model_variabl
 from common.digests import checkpoint_digest
 from common.errors import UserError
 from netcompress.config import load_config
+from netcompress.description import describe, read_description
 from netcompress.costs import conv_costs, inference_macs, spatial_sizes, total_parameters
 from netcompress.plan import plan_pruning, plan_removal, remove_channels, zero_channels
 from netcompress.reports import cost_report
@@ -455,6 +457,30 @@ def test_checkpoint_of_another_model_is_refused(source):
                                         r"checkpoint but \[3, 3, 40, 8\] in the model"):
         pruning.verify_checkpoint(source["checkpoint"], model_def, {}, NUM_CLASSES, HEIGHT,
                                   WIDTH, "model_def x")
+
+
+def test_pruning_builds_the_model_class_named(source, tmp_path, monkeypatch):
+    """The graph checks build the class that the model name gives (here the
+    checkpoint's description; compress.py's `model`), not AdapNet_pp."""
+    built = []
+
+    class Recording(AdapNet_pp):
+        def build(self, *args, **kwargs):
+            built.append(type(self).__name__)
+            return super().build(*args, **kwargs)
+
+    module = types.ModuleType("models.recording")
+    module.Recording = Recording
+    monkeypatch.setitem(sys.modules, "models.recording", module)
+    checkpoint = str(tmp_path / "described" / "model.ckpt")
+    write_checkpoint(source["values"], checkpoint,
+                     describe(source["model_def"], {}, NUM_CLASSES, "recording.Recording"))
+    rank_path = write_rank_file(tmp_path / "rank.npz", source["model_def"], ["conv1"])
+    settings = make_settings(source, tmp_path, rank_path, checkpoint_name=checkpoint,
+                             model_def=None, all_convs=False, conv_name="conv1")
+    pruning.prune(settings, log=quiet)
+    assert built == ["Recording", "Recording"]  # the source, then the pruned checkpoint
+    assert read_description(settings.new_checkpoint_save).model == "recording.Recording"
 
 
 def test_rank_file_of_another_checkpoint_is_refused(source, tmp_path):
