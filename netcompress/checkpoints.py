@@ -150,7 +150,9 @@ def widen_output_channels(kernel, kept, width):
 def restore_strict(session, path, variables, model_name="model_def", optional_scopes=(),
                    widened=None):
     """Restore every variable by name from a checkpoint that must match;
-    the ``widened`` kernels (see check_matches) are widened once, here."""
+    the ``widened`` kernels (see check_matches) are widened once, here.
+    Returns the checkpoint's values as read (read_checkpoint), so that a
+    caller needing them (the rank pass's filter norms) reads them once."""
     widened = widened or {}
     check_matches(path, variables, model_name, optional_scopes, widened)
     values = read_checkpoint(path)
@@ -162,14 +164,15 @@ def restore_strict(session, path, variables, model_name="model_def", optional_sc
             value = widen_output_channels(value, *widened[name])
         assign[variable] = value
     assign_values(session, assign)
+    return values
 
 
 def restore_model(session, path, variables, model_def_path, widened=None):
     """restore_strict for a graph of a model_def, whose checkpoint may hold
     auxiliary heads the graph does not build (inference); ``widened``: the
-    model's folded_kernels()."""
+    model's folded_kernels(). Returns the values read (restore_strict)."""
     name = f"model_def {model_def_path}" if model_def_path else "model the checkpoint describes"
-    restore_strict(session, path, variables, model_name=name,
+    return restore_strict(session, path, variables, model_name=name,
                    optional_scopes=adapnet_pp().aux_scopes(), widened=widened)
 
 

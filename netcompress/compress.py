@@ -398,10 +398,14 @@ def _validate(config, model, directory, log, progress, what="after retraining"):
 
 def _costs(config, model_def_path, mask_path):
     from models.model_def import load_masks, load_model_def
+
+    return _model_costs(config, load_model_def(model_def_path), load_masks(mask_path))
+
+
+def _model_costs(config, model_def, masks):
+    """(parameters, multiply-adds) of a model_def and masks already read."""
     from netcompress.costs import inference_macs, total_parameters
 
-    model_def = load_model_def(model_def_path)
-    masks = load_masks(mask_path)
     return (total_parameters(model_def, config["num_classes"]),
             inference_macs(model_def, config["num_classes"], config["height"],
                            config["width"], masks))
@@ -480,25 +484,28 @@ def _relative(config, path):
 def _stage_budget(config, rows, directory, log, progress):
     """budget_before_retraining: (its row, None), or (None, why) when nothing
     can be removed within the budget."""
+    from models.model_def import load_masks, load_model_def
     from netcompress.checkpoint_paths import resolve_checkpoint
 
     stage = len(rows)
-    model_def, mask, checkpoint = _stage_model(config, rows[-1])
-    model = model_config(config, model_def, mask, resolve_checkpoint(checkpoint))
+    model_def_path, mask_path, checkpoint = _stage_model(config, rows[-1])
+    model = model_config(config, model_def_path, mask_path, resolve_checkpoint(checkpoint))
     make_directory(directory)
     rank_path = os.path.join(directory, "rank.npz")
     _rank(config, model, rank_path, log, progress)
-    found, groups, scores = _search(config, model, rank_path, log, progress)
+    model_def, masks = load_model_def(model_def_path), load_masks(mask_path)
+    found, groups, scores = _search(config, model, model_def, rank_path, log, progress)
     _write_json(os.path.join(directory, "search.json"), _search_record(found))
     if not found.removed:
         return None, (f"no channel can go within the budget (validation mIoU "
                       f"{found.start_miou:.2f}, goal >= {found.goal:.2f})")
-    pruned = _prune(config, model, rank_path, groups, scores, found, directory, log)
+    pruned, plan = _prune(config, model, model_def, masks, rank_path, groups, scores, found,
+                          directory, log)
     retrained = _retrain(config, pruned, directory, stage, log, progress)
     final = dict(pruned, checkpoint=retrained)
     val = _validate(config, final, directory, log, progress)
     miou = _evaluate_test(config, final, directory, log, progress)
-    parameters, macs = _costs(config, pruned["model_def"], pruned["mask"])
+    parameters, macs = _model_costs(config, plan.model_def_after, plan.masks_after)
     return {"stage": stage, "model_def": _relative(config, pruned["model_def"]),
             "mask": _relative(config, pruned["mask"]),
             "checkpoint": _relative(config, retrained),
@@ -651,8 +658,10 @@ def _stage_after_retraining(config, rows, directory, log, progress):
             f" -> {chosen}")
         if not count:
             return Attempt(step, goal, removed=0, family=family)
-        pruned = prune_removal(config, model, rank_path, removed, try_dir, log)
-        parameters, macs = _costs(config, pruned["model_def"], pruned["mask"])
+        # The stage's model_def and masks, and its checkpoint the rank pass restored.
+        pruned, plan = _prune_removal(config, model, rank_path, removed, try_dir, log,
+                                      model_def, masks, source_verified=True)
+        parameters, macs = _model_costs(config, plan.model_def_after, plan.masks_after)
         retrained = _retrain(config, pruned, try_dir, stage, log, progress)
         final = dict(pruned, checkpoint=retrained)
         reached = _resource_percent(config, rows, final, parameters, macs, log, progress)
@@ -709,17 +718,16 @@ def _rank(config, model, rank_path, log, progress):
     log(f"ranked {sums.count} training examples -> {rank_path}")
 
 
-def _search(config, model, rank_path, log, progress):
+def _search(config, model, model_def, rank_path, log, progress):
     import tensorflow as tf
     from tqdm import tqdm
 
-    from models.model_def import load_model_def
     from netcompress.evaluation import GatedGraph
     from netcompress.scores import load_normalised_scores
     from netcompress.search import max_evaluations, search
 
     _set_step("search")
-    scores = load_normalised_scores(rank_path, load_model_def(model["model_def"]),
+    scores = load_normalised_scores(rank_path, model_def,
                                     config["num_classes"], config["criterion"],
                                     config["normalisation"])
     groups = search_groups(config["search"], streams=config.get("streams", False))
@@ -767,10 +775,13 @@ def _search_record(found):
             "history": [list(entry) for entry in found.history]}
 
 
-def _prune(config, model, rank_path, groups, scores, found, directory, log):
+def _prune(config, model, model_def, masks, rank_path, groups, scores, found, directory,
+           log):
     """Remove what the search chose through pruning.execute (staged, verified
-    writes, as prun_model.py). Returns the pruned model's paths."""
-    from models.model_def import check_masks, load_masks, load_model_def
+    writes, as prun_model.py) from ``model`` (its model_def and masks read,
+    its checkpoint restored by the stage's rank pass). Returns (the pruned
+    model's paths, the plan)."""
+    from models.model_def import check_masks
     from netcompress.plan import plan_pruning
     from netcompress.pruning import PruneJob, execute, planned_files
     from netcompress.search import plan_scores
@@ -779,8 +790,6 @@ def _prune(config, model, rank_path, groups, scores, found, directory, log):
     pruned_dir = os.path.join(directory, "pruned")
     settings = prune_settings(config, model, rank_path, directory, threshold=1.0)
     outputs.check_outputs(*planned_files(settings))
-    model_def = load_model_def(model["model_def"])
-    masks = load_masks(model["mask"])
     check_masks(model_def, masks, source=model["mask"] or "mask")
     layers, scaled_scores = plan_scores(scores, groups, found.thresholds)
     plan = plan_pruning(model_def, masks, config["num_classes"], scaled_scores, layers, 1.0,
@@ -793,13 +802,14 @@ def _prune(config, model, rank_path, groups, scores, found, directory, log):
     if planned != searched:
         raise RuntimeError("the pruning plan differs from the searched removal")
     lines = []
-    execute(PruneJob(settings, model_def, masks, layers, plan=plan, **_described_as(config)),
+    execute(PruneJob(settings, model_def, masks, layers, plan=plan, source_verified=True,
+                     **_described_as(config)),
             log=lines.append)
     _write_lines(os.path.join(directory, "prune.txt"), lines)
     mask = settings.mask_save if plan.masks_after else None
     log(f"pruned {found.removed_count} channels of {len(planned)} layers -> {pruned_dir}")
     return dict(model, model_def=settings.new_model_def, mask=mask,
-                checkpoint=settings.new_checkpoint_save)
+                checkpoint=settings.new_checkpoint_save), plan
 
 
 def _described_as(config):
@@ -830,19 +840,30 @@ def prune_removal(config, model, rank_path, removed, directory, log=None):
     back, as netcompress/schedule.py counted) through pruning.execute into
     directory/pruned/. Returns the pruned model's paths."""
     from models.model_def import load_masks, load_model_def
+
+    pruned, _ = _prune_removal(config, model, rank_path, removed, directory, log,
+                               load_model_def(model["model_def"]), load_masks(model["mask"]))
+    return pruned
+
+
+def _prune_removal(config, model, rank_path, removed, directory, log, model_def, masks,
+                   source_verified=False):
+    """prune_removal of ``model`` whose model_def and masks are read already;
+    (the pruned model's paths, the plan). ``source_verified``: its checkpoint
+    was restored strictly into this model (the stage's rank pass), so the
+    pruning does not build its graph again to check it."""
     from netcompress.plan import plan_removal
     from netcompress.pruning import PruneJob, execute, planned_files
 
     _set_step("prune")
-    model_def = load_model_def(model["model_def"])
-    masks = load_masks(model["mask"])
     plan = plan_removal(model_def, masks, config["num_classes"], removed,
                         config.get("min_channels", 1), config.get("round_to", 1))
     layers = [cut.layer for cut in plan.layers]
     settings = prune_settings(config, model, rank_path, directory)
     outputs.check_outputs(*planned_files(settings))
     lines = []
-    execute(PruneJob(settings, model_def, masks, layers, plan=plan, **_described_as(config)),
+    execute(PruneJob(settings, model_def, masks, layers, plan=plan,
+                     source_verified=source_verified, **_described_as(config)),
             log=lines.append)
     _write_lines(os.path.join(directory, "prune.txt"), lines)
     count = sum(len(cut.removed) for cut in plan.layers)
@@ -851,7 +872,7 @@ def prune_removal(config, model, rank_path, removed, directory, log=None):
             f"{os.path.join(directory, 'pruned')}")
     return dict(model, model_def=settings.new_model_def,
                 mask=settings.mask_save if plan.masks_after else None,
-                checkpoint=settings.new_checkpoint_save)
+                checkpoint=settings.new_checkpoint_save), plan
 
 
 def retrain_config(config, pruned, directory, iterations=None):

@@ -78,8 +78,10 @@ class InferenceGraph:
                         bar.set_postfix_str(note)
 
     def restore(self, session, checkpoint, model_def_path):
-        checkpoints.restore_model(session, checkpoint, self.model_variables, model_def_path,
-                                  widened=self.model.folded_kernels())
+        # Kept: the rank pass's filter norms come from the values restored.
+        self.restored_values = checkpoints.restore_model(
+            session, checkpoint, self.model_variables, model_def_path,
+            widened=self.model.folded_kernels())
 
 
 class GatedGraph:

@@ -33,7 +33,6 @@ from models.architecture import adapnet_pp, output_offset
 from models.model_def import load_masks
 from netcompress import rankfile
 from netcompress.checkpoint_paths import resolve_checkpoint
-from netcompress.checkpoints import read_checkpoint
 from common.digests import checkpoint_digest, records_digest
 from netcompress.description import with_checkpoint_model
 from common.errors import UserError
@@ -263,8 +262,9 @@ def rank(config, shard=None, progress=True):
     sums.metadata.update(rank_metadata(config, shard, inference.model.model_def,
                                        inference.model.masks))
     model = inference.model
-    sums.l1 = filter_l1(read_checkpoint(sums.metadata["checkpoint"]), model.architecture,
-                        model.widths, model.kept_channels)
+    # The values restored for the pass: the checkpoint is read once.
+    sums.l1 = filter_l1(inference.restored_values, model.architecture, model.widths,
+                        model.kept_channels)
     return sums
 
 

@@ -1,0 +1,169 @@
+"""How often one compress.py stage and one rank pass read their inputs and
+build graphs (docs/testing.md): a model_def, mask and checkpoint are read,
+and a graph built, no more often than the work needs. Counted by wrappers
+that call through; the stage runs on a tiny model (default.json / 16,
+32x64 synthetic shapes) with the mIoUs replaced as in test_compress.py, so
+that its one try is kept."""
+
+import contextlib
+import io
+import os
+import sys
+from unittest import mock
+
+import pytest
+import tensorflow as tf
+
+from dataset import synthetic
+from helpers import scaled_model_def, write_config
+from models import model_def as model_def_module
+from models.AdapNet_pp import AdapNet_pp
+from models.model_def import save_model_def
+from netcompress import checkpoint_paths, checkpoints, evaluation, training
+from netcompress import compress as staged
+from netcompress.config import load_config
+from netcompress.costs import inference_macs, total_parameters
+from netcompress.ranking import rank
+
+HEIGHT, WIDTH = 32, 64
+NUM_CLASSES = synthetic.NUM_CLASSES
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("once")
+    model_def = scaled_model_def(16)
+    save_model_def(model_def, str(root / "tiny.json"))
+    files = synthetic.generate(str(root / "data"), num_train=4, num_test=4, num_val=4,
+                               height=HEIGHT, width=WIDTH, seed=3)
+    base = dict(gpu_id="", model="AdapNet_pp", num_classes=NUM_CLASSES, batch_size=4,
+                skip_step=10, height=HEIGHT, width=WIDTH, mask=None,
+                model_def=str(root / "tiny.json"))
+    train_config = write_config(root / "train.config", dict(
+        base, intialize=None, checkpoint=root / "start" / "model.ckpt",
+        train_data=files["train"], max_iteration=2, learning_rate=0.005, save_step=2,
+        power=0.9))
+    checkpoint = training.train(load_config(train_config, "train"), progress=False,
+                                seed=0)["checkpoint"]
+    config = write_config(root / "compress.config", dict(
+        base, checkpoint=checkpoint, train_data=files["train"], val_data=files["val"],
+        test_data=files["test"], run_dir=root / "run", stages=1, retrain_iterations=1,
+        learning_rate=0.001, power=0.9, target_percent=10, step_percent=30,
+        min_step_percent=5, tolerance=1.0, budget=30.0, search_steps=2,
+        latency_runs=1, seed=0, streams=True))
+    return {"root": root, "files": files, "config": config, "checkpoint": checkpoint,
+            "model_def": model_def, "base": base}
+
+
+class Counts:
+    """Calls of the readers and of AdapNet_pp.build while active."""
+
+    READERS = {"load_model_def": (model_def_module, "load_model_def"),
+               "load_masks": (model_def_module, "load_masks"),
+               "resolve_checkpoint": (checkpoint_paths, "resolve_checkpoint"),
+               "read_checkpoint": (checkpoints, "read_checkpoint")}
+
+    def __init__(self):
+        self.calls = dict.fromkeys(list(self.READERS) + ["checkpoint_opens", "builds"], 0)
+
+    def counted(self, name, function):
+        def wrapper(*args, **kwargs):
+            self.calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    @contextlib.contextmanager
+    def active(self):
+        with contextlib.ExitStack() as stack:
+            for name, (module, attribute) in self.READERS.items():
+                original = getattr(module, attribute)
+                wrapper = self.counted(name, original)
+                # Every module that imported the function by name.
+                for loaded in list(sys.modules.values()):
+                    if loaded is not None and getattr(loaded, attribute, None) is original:
+                        stack.enter_context(mock.patch.object(loaded, attribute, wrapper))
+            stack.enter_context(mock.patch.object(
+                tf.compat.v1.train, "NewCheckpointReader",
+                self.counted("checkpoint_opens", tf.compat.v1.train.NewCheckpointReader)))
+            stack.enter_context(mock.patch.object(
+                AdapNet_pp, "build", self.counted("builds", AdapNet_pp.build)))
+            yield self
+
+
+def _fake_miou(original):
+    def evaluate(self, session, removed, num_classes, bar=None, gate_values=None):
+        _, loss = original(self, session, removed, num_classes, bar, gate_values)
+        count = sum(len(indices) for indices in removed.values())
+        return mock.Mock(mean_iou=lambda: (50.0 - 0.1 * count) / 100.0), loss
+    return evaluate
+
+
+def _stage_one(workspace, tmp_path, *overrides):
+    """Counts of one stage 1 after a stand-in stage 0 (mIoU 50)."""
+    config = load_config(workspace["config"], "compress",
+                         [f"run_dir={tmp_path / 'run'}", *overrides])
+    staged.check_inputs(config)
+    config = staged.given_model_files(config)
+    model_def = workspace["model_def"]
+    row0 = {"stage": 0, "model_def": None, "mask": None, "checkpoint": None,
+            "parameters": total_parameters(model_def, NUM_CLASSES),
+            "macs": inference_macs(model_def, NUM_CLASSES, HEIGHT, WIDTH, {}),
+            "resource_percent": 100.0, "reference": 50.0, "reference_checkpoint": None,
+            "step_pct": None}
+    work = staged._stage_after_retraining if config["stage_rule"] == staged.AFTER_RETRAINING \
+        else staged._stage_budget
+
+    def validate(config, model, directory, log, progress, what="after retraining"):
+        original_validate(config, model, directory, log, progress, what)
+        return 49.5
+
+    original_validate = staged._validate
+    counts = Counts()
+    with mock.patch.object(evaluation.GatedGraph, "evaluate",
+                           _fake_miou(evaluation.GatedGraph.evaluate)), \
+            mock.patch.object(staged, "_validate", validate), \
+            contextlib.redirect_stdout(io.StringIO()), counts.active():
+        row, reason = work(config, [row0], str(tmp_path / "run" / "stage1"), print, False)
+    assert row is not None, reason
+    assert row["tries"] == 1
+    return counts.calls
+
+
+@pytest.mark.slow  # staged compression, as in test_compress.py
+def test_a_stage_after_retraining_reads_and_builds_once(workspace, tmp_path):
+    calls = _stage_one(workspace, tmp_path)
+    # Graphs: the rank pass, the gated candidates, the written checkpoint's
+    # check, retraining, validation, test (before: 7, the source checked
+    # again by the pruning). Checkpoint values: the same six, the pruning's
+    # read of the source instead of the check (before: 7, the rank pass's
+    # filter norms read it again).
+    assert calls["builds"] == 6
+    assert calls["read_checkpoint"] == 6
+    assert calls["checkpoint_opens"] == 16  # before: 18
+    assert calls["load_model_def"] == 6  # before: 8
+    assert calls["load_masks"] == 4  # before: 6
+    assert calls["resolve_checkpoint"] == 22  # before: 24
+
+
+@pytest.mark.slow  # staged compression, as in test_compress.py
+def test_a_budget_stage_reads_and_builds_once(workspace, tmp_path):
+    calls = _stage_one(workspace, tmp_path, "stage_rule=budget_before_retraining")
+    # As a stage after retraining, the search's gated graph for the candidates'.
+    assert calls["builds"] == 6  # before: 7
+    assert calls["read_checkpoint"] == 6  # before: 7
+    assert calls["checkpoint_opens"] == 16  # before: 18
+    assert calls["load_model_def"] == 6  # before: 8
+    assert calls["load_masks"] == 1  # before: 2
+    assert calls["resolve_checkpoint"] == 21  # before: 23
+
+
+def test_a_rank_pass_reads_and_builds_once(workspace):
+    config = dict(workspace["base"], checkpoint=workspace["checkpoint"],
+                  test_data=workspace["files"]["train"])
+    counts = Counts()
+    with counts.active():
+        rank(config, progress=False)
+    # One graph; the filter norms come from the values restored (before: the
+    # checkpoint read twice, opened 4 times, resolved 6 times).
+    assert counts.calls == {"builds": 1, "read_checkpoint": 1, "checkpoint_opens": 3,
+                            "load_model_def": 1, "load_masks": 0, "resolve_checkpoint": 5}
