@@ -74,6 +74,10 @@ GPU_HELP = "GPU(s) to use: an id, ids such as '0,1', -1 = none ('' = all GPUs / 
 REPLICATED_GPU_HELP = ("GPU(s) to use: an id, ids such as '0,1' (one replica each), -1 = "
                        "none ('' = all GPUs / CPU only)")
 
+ATROUS_PATH_SETTING = Setting("atrous_path", "choice", "auto",
+                              "how atrous convs are computed: auto, native or space_to_batch",
+                              choices=ATROUS_PATHS)
+
 # evaluate.py's settings; the other kinds that read a checkpoint start from them.
 EVALUATE_SETTINGS = (
     Setting("gpu_id", "gpu_id", "", GPU_HELP),
@@ -96,9 +100,7 @@ EVALUATE_SETTINGS = (
     Setting("model_def", "optional_path", None,
             "the model definition (None: the one the checkpoint describes; required for "
             "checkpoints without a description)", exists=EXISTS_PATH),
-    Setting("atrous_path", "choice", "auto",
-            "how atrous convs are computed: auto, native or space_to_batch",
-            choices=ATROUS_PATHS),
+    ATROUS_PATH_SETTING,
     Setting("classes", "optional_path", None, CLASSES_HELP, exists=EXISTS_FILE),
 )
 
@@ -148,9 +150,7 @@ TRAIN_SETTINGS = (
     Setting("model_def", "optional_path", None,
             "the model definition (None when resuming, or when intialize describes its "
             "model: that checkpoint's)", exists=EXISTS_PATH),
-    Setting("atrous_path", "choice", "auto",
-            "how atrous convs are computed: auto, native or space_to_batch",
-            choices=ATROUS_PATHS),
+    ATROUS_PATH_SETTING,
     Setting("replicas", "replicas", None, REPLICAS_HELP),
     Setting("classes", "optional_path", None, CLASSES_HELP, exists=EXISTS_FILE),
     Setting("flip", "typed", False, "random horizontal flips (the original had none)"),
@@ -272,9 +272,7 @@ COMPRESS_SETTINGS = (
     Setting("skip_step", "positive_int", 10, "steps between loss reports while retraining"),
     Setting("height", "size", REQUIRED, f"input height ({SIZE_RULE})"),
     Setting("width", "size", REQUIRED, f"input width ({SIZE_RULE})"),
-    Setting("atrous_path", "choice", "auto",
-            "how atrous convs are computed: auto, native or space_to_batch",
-            choices=ATROUS_PATHS),
+    ATROUS_PATH_SETTING,
     Setting("run_dir", "path", REQUIRED,
             "where every stage's files go (new, empty, or an earlier run to resume)"),
     Setting("stages", "positive_int", 3, "stop after this many stages"),

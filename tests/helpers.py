@@ -123,3 +123,34 @@ def run_script_in_process(script, *arguments, env=None):
     errors = [line for line in stderr.getvalue().splitlines() if line.startswith("error:")]
     return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(),
                                  stderr=stderr.getvalue(), errors=errors)
+
+
+def compress_workspace(root, num_classes, height, width, num_train, train_steps, **settings):
+    """A tiny model (default.json / 16) trained ``train_steps`` on synthetic
+    shapes, and a compress config for it (``settings`` added or replacing
+    the defaults). Returns {root, files, config, checkpoint, model_def, base}."""
+    from dataset import synthetic
+    from models.model_def import save_model_def
+    from netcompress import training
+    from netcompress.config import load_config
+
+    model_def = scaled_model_def(16)
+    save_model_def(model_def, str(root / "tiny.json"))
+    files = synthetic.generate(str(root / "data"), num_train=num_train, num_test=4,
+                               num_val=4, height=height, width=width, seed=3)
+    base = dict(gpu_id="", model="AdapNet_pp", num_classes=num_classes, batch_size=4,
+                skip_step=10, height=height, width=width, mask=None,
+                model_def=str(root / "tiny.json"))
+    train_config = write_config(root / "train.config", dict(
+        base, intialize=None, checkpoint=root / "start" / "model.ckpt",
+        train_data=files["train"], max_iteration=train_steps, learning_rate=0.005,
+        save_step=train_steps, power=0.9))
+    checkpoint = training.train(load_config(train_config, "train"), progress=False,
+                                seed=0)["checkpoint"]
+    config = write_config(root / "compress.config", dict(dict(
+        base, checkpoint=checkpoint, train_data=files["train"], val_data=files["val"],
+        test_data=files["test"], run_dir=root / "run", stages=1, learning_rate=0.001,
+        power=0.9, target_percent=10, step_percent=30, min_step_percent=5, tolerance=1.0,
+        seed=0, streams=True), **settings))
+    return {"root": root, "files": files, "config": config, "checkpoint": checkpoint,
+            "model_def": model_def, "base": base}

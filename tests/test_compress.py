@@ -30,9 +30,9 @@ import pytest
 import compress
 from common.errors import UserError
 from dataset import synthetic
-from helpers import REPO, scaled_model_def, write_config
+from helpers import REPO, compress_workspace, scaled_model_def
 from models.architecture import adapnet_pp, resolve_widths
-from models.model_def import load_masks, load_model_def, save_model_def
+from models.model_def import load_masks, load_model_def
 from netcompress import compress as staged
 from netcompress import evaluation, ranking, training
 from netcompress.config import load_config
@@ -294,26 +294,9 @@ def _recorded_test(original, events):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compress")
-    save_model_def(scaled_model_def(16), str(root / "tiny.json"))
-    files = synthetic.generate(str(root / "data"), num_train=8, num_test=4, num_val=4,
-                               height=HEIGHT, width=WIDTH, seed=3)
-    base = dict(gpu_id="", model="AdapNet_pp", num_classes=NUM_CLASSES, batch_size=4,
-                skip_step=10, height=HEIGHT, width=WIDTH, mask=None,
-                model_def=str(root / "tiny.json"))
-    train_config = write_config(root / "train.config", dict(
-        base, intialize=None, checkpoint=root / "start" / "model.ckpt",
-        train_data=files["train"], max_iteration=4, learning_rate=0.005, save_step=4,
-        power=0.9))
-    checkpoint = training.train(load_config(train_config, "train"), progress=False,
-                                seed=0)["checkpoint"]
-    config = write_config(root / "compress.config", dict(
-        base, checkpoint=checkpoint, train_data=files["train"], val_data=files["val"],
-        test_data=files["test"], run_dir=root / "run", stages=1, retrain_iterations=2,
-        learning_rate=0.001, power=0.9, target_percent=10, step_percent=30,
-        min_step_percent=5, tolerance=1.0, budget=1.0,
-        search_steps=3, latency_runs=2, seed=0, streams=True))
-    return {"root": root, "files": files, "config": config, "checkpoint": checkpoint}
+    return compress_workspace(tmp_path_factory.mktemp("compress"), NUM_CLASSES, HEIGHT,
+                              WIDTH, num_train=8, train_steps=4, retrain_iterations=2,
+                              budget=1.0, search_steps=3, latency_runs=2)
 
 
 def _run(workspace, *overrides):
