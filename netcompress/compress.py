@@ -605,16 +605,15 @@ def _stage_after_retraining(config, rows, directory, log, progress):
                                         config["criterion"], config["normalisation"])
     # A latency target sizes its steps in MACs (docs/compress.md).
     sized = "macs" if config["target"] == "latency" else config["target"]
-    layers = [group.name for group in
-              adapnet_pp().prunable_groups(streams=config.get("streams", False))]
+    groups = adapnet_pp().prunable_groups(streams=config.get("streams", False))
+    layers = [group.name for group in groups]
     _check_stream_scores(rank_path, normalised, layers)
     normalised = {layer: normalised[layer] for layer in layers}
     raw = {layer: values for layer, values in
            RankSums.load(rank_path).scores(config["criterion"]).items() if layer in layers}
     costs = channel_costs(model_def, masks, num_classes, height, width, sized, layers)
-    streams = [group.name for group in adapnet_pp().stream_groups()]
     orders = family_orderings(raw, normalised, costs,
-                              [layer for layer in layers if layer in streams],
+                              [group.name for group in groups if group.stream],
                               config["min_channels"])
     given = rows[0][sized]
     current_sized = 100.0 * rows[-1][sized] / given

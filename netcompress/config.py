@@ -78,11 +78,14 @@ ATROUS_PATH_SETTING = Setting("atrous_path", "choice", "auto",
                               "how atrous convs are computed: auto, native or space_to_batch",
                               choices=ATROUS_PATHS)
 
+MODEL_SETTING = Setting("model", "model_name", REQUIRED, "name of the model (AdapNet_pp: "
+                        "models/AdapNet_pp.py, class AdapNet_pp)")
+CLASSES_SETTING = Setting("classes", "optional_path", None, CLASSES_HELP, exists=EXISTS_FILE)
+
 # evaluate.py's settings; the other kinds that read a checkpoint start from them.
 EVALUATE_SETTINGS = (
     Setting("gpu_id", "gpu_id", "", GPU_HELP),
-    Setting("model", "model_name", REQUIRED,
-            "name of the model (AdapNet_pp: models/AdapNet_pp.py, class AdapNet_pp)"),
+    MODEL_SETTING,
     Setting("num_classes", "num_classes", None,
             "number of classes including void (None: the checkpoint's; needed only for a "
             "checkpoint that does not describe its model)"),
@@ -101,7 +104,7 @@ EVALUATE_SETTINGS = (
             "the model definition (None: the one the checkpoint describes; required for "
             "checkpoints without a description)", exists=EXISTS_PATH),
     ATROUS_PATH_SETTING,
-    Setting("classes", "optional_path", None, CLASSES_HELP, exists=EXISTS_FILE),
+    CLASSES_SETTING,
 )
 
 REPLICAS_HELP = ("replicas on CPU devices (None: one per GPU listed in gpu_id, else 1); "
@@ -122,8 +125,7 @@ ORACLE_RANK_SETTINGS = _changed(
 
 TRAIN_SETTINGS = (
     Setting("gpu_id", "gpu_id", "", REPLICATED_GPU_HELP),
-    Setting("model", "model_name", REQUIRED,
-            "name of the model (AdapNet_pp: models/AdapNet_pp.py, class AdapNet_pp)"),
+    MODEL_SETTING,
     Setting("num_classes", "num_classes", None,
             "number of classes including void (label id 0); None when resuming or with "
             "a described intialize (its count)"),
@@ -152,7 +154,7 @@ TRAIN_SETTINGS = (
             "model: that checkpoint's)", exists=EXISTS_PATH),
     ATROUS_PATH_SETTING,
     Setting("replicas", "replicas", None, REPLICAS_HELP),
-    Setting("classes", "optional_path", None, CLASSES_HELP, exists=EXISTS_FILE),
+    CLASSES_SETTING,
     Setting("flip", "typed", False, "random horizontal flips (the original had none)"),
     Setting("end_learning_rate", "typed", 1e-4,
             "where the polynomial decay ends (the original's 1e-4)"),
