@@ -16,8 +16,10 @@ e.g. --retrain_iterations or --stages, apply to every arm):
   criterion and normalisation, ranks of the given model on the training
   records), and with --oneshot_at_target at the smallest threshold whose
   removal reaches the config's target (parameters or MACs, counted), then
-  retrained as many steps as the last compress.py run retrained in all (its
-  redone tries included);
+  retrained as many steps as the last compress.py run's stages retrained in
+  all (its redone tries included); compress.py's result is its final model
+  (the last stage's after the final retraining, final_iterations), whose
+  lineage has had as many steps with `auto`;
 - the control: the given model retrained as many steps.
 Every retraining uses the config's learning rate, decay and seed + 1.
 Printed: parameters, MACs, batch-1 CPU latency (every arm's final model and
@@ -125,17 +127,15 @@ def _saved(out, name):
     return None
 
 
-def _tries(run_dir, rows):
-    """Every retraining compress.py ran: the tries of its kept stages and of
-    a stage that failed (its stageN/tries.json; the reference's retraining
-    is a control, not counted)."""
-    count = sum(row["tries"] for row in rows[1:])
-    failed = os.path.join(run_dir, f"stage{len(rows)}", "tries.json")
-    if os.path.isfile(failed):
-        with open(failed, encoding="utf-8") as handle:
-            count += sum(1 for entry in json.load(handle)["tries"]
-                         if entry.get("val_miou_retrained") is not None)
-    return count
+def _retraining_steps(arm, rows):
+    """Every retraining step compress.py's stages ran: the kept tries and
+    the tries not kept (the reference's retraining, a control, and the
+    final retraining, which gives the kept lineage what the others used,
+    are not counted)."""
+    from netcompress import compress as staged
+
+    kept = arm["retrain_iterations"] * (len(rows) - 1)
+    return kept + staged.failed_retraining_steps(arm, rows)
 
 
 def _retrained(config, model, directory, steps):
@@ -155,16 +155,26 @@ def _compressed(arm):
 
     print(f"== compress.py (streams {str(arm['streams']).lower()}) into {arm['run_dir']}")
     rows = staged.run(arm, progress=False)
-    tries = _tries(arm["run_dir"], rows)
+    steps = _retraining_steps(arm, rows)
     last = rows[-1]
     model_def, mask, checkpoint = staged._stage_model(arm, last)
     stopped = staged.stop_reason(arm, rows)
-    return {"name": _arm_name(arm["streams"]), "steps": tries * arm["retrain_iterations"],
+    val, test = last["val_miou_retrained"], last["test_miou"]
+    note = f"{len(rows) - 1} stages kept, {steps // arm['retrain_iterations']} tries"
+    final_path = os.path.join(arm["run_dir"], staged.FINAL_DIR, staged.FINAL_FILE)
+    if os.path.isfile(final_path):  # the last stage's model after the final retraining
+        with open(final_path, encoding="utf-8") as handle:
+            final = json.load(handle)
+        checkpoint = os.path.join(arm["run_dir"], final["checkpoint"])
+        val, test = final["val_miou"], final["test_miou"]
+        note += (f", final +{final['iterations']} steps (stage {last['stage']}: val "
+                 f"{last['val_miou_retrained']:.2f}, test {last['test_miou']:.2f})")
+    return {"name": _arm_name(arm["streams"]), "steps": steps,
             "parameters": last["parameters"], "macs": last["macs"],
-            "val_miou": last["val_miou_retrained"], "test_miou": last["test_miou"],
+            "val_miou": val, "test_miou": test,
             "model": {"model_def": model_def, "mask": mask,
                       "checkpoint": resolve_checkpoint(checkpoint)},
-            "note": f"{len(rows) - 1} stages kept, {tries} tries; stopped: {stopped}"}
+            "note": f"{note}; stopped: {stopped}"}
 
 
 def _threshold_for_target(config, model_def, masks, scores, layers):

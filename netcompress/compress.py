@@ -53,6 +53,8 @@ ROW_FILE = "row.json"
 CSV_FILE = "stages.csv"
 PLOT_FILE = "compression.png"
 STOP_FILE = "stopped.json"
+FINAL_DIR = "final"  # the last kept stage's model, retrained final_iterations more steps
+FINAL_FILE = "final.json"
 CSV_COLUMNS = ("stage", "parameters", "parameter_reduction_pct", "gmacs",
                "macs_reduction_pct", "latency_ms", "test_miou", "miou_change",
                "val_miou_start", "val_miou_pruned", "val_miou_retrained", "reference",
@@ -335,10 +337,11 @@ def run(config, args=None, rows=None, log=print, progress=True):
             durations.append(row["seconds"])
         write_csv(rows, {}, os.path.join(run_dir, CSV_FILE))
     log(f"stopped: {reason}")
+    final = final_tuning(config, rows, log, progress)
     latencies = measure_latency(config, rows, log, progress)
-    write_csv(rows, latencies, os.path.join(run_dir, CSV_FILE))
+    write_csv(rows, latencies, os.path.join(run_dir, CSV_FILE), final)
     write_plot(config, rows, os.path.join(run_dir, PLOT_FILE))
-    for line in table(rows, latencies):
+    for line in table(rows, latencies, final):
         log(line)
     log(f"saved {os.path.join(run_dir, CSV_FILE)} and {os.path.join(run_dir, PLOT_FILE)}")
     return rows
@@ -874,6 +877,62 @@ def _prune_removal(config, model, rank_path, removed, directory, log, model_def,
                 checkpoint=settings.new_checkpoint_save), plan
 
 
+def failed_retraining_steps(config, rows):
+    """Retraining steps of the tries not kept: the failed tries of kept
+    stages and the tries of a stage that failed (its tries.json). The
+    reference's retraining, a control, is not counted."""
+    failed = [t for row in rows[1:] for t in row.get("failed_tries") or []]
+    stopped = os.path.join(config["run_dir"], f"stage{len(rows)}", "tries.json")
+    if os.path.isfile(stopped):
+        failed += _read_json(stopped)["tries"]
+    # retrain_iterations is one of RUN_KEYS: every try of a run used it.
+    return config["retrain_iterations"] * sum(
+        1 for t in failed if t.get("val_miou_retrained") is not None)
+
+
+def final_tuning(config, rows, log=print, progress=True):
+    """The last kept stage's model retrained ``final_iterations`` more steps
+    (auto: as many as the tries not kept used, so that the final model has
+    had as much retraining as the run spent in all) into run_dir/final/;
+    validated and tested. Its record (run_dir/final/final.json, kept for a
+    rerun that ends at the same stage with as many steps), or None."""
+    from netcompress.checkpoint_paths import resolve_checkpoint
+
+    iterations = config["final_iterations"]
+    if iterations == "auto":
+        iterations = failed_retraining_steps(config, rows)
+    directory = os.path.join(config["run_dir"], FINAL_DIR)
+    path = os.path.join(directory, FINAL_FILE)
+    last = rows[-1]
+    if len(rows) < 2 or not iterations:
+        if os.path.exists(directory):  # an earlier run's, for another model
+            shutil.rmtree(directory)
+        return None
+    if os.path.isfile(path):
+        done = _read_json(path)
+        if done["stage"] == last["stage"] and done["iterations"] == iterations:
+            log(f"final: stage {last['stage']}'s model retrained {iterations} more steps "
+                f"(done: {done['checkpoint']})")
+            return done
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    make_directory(directory)
+    model_def, mask, checkpoint = _stage_model(config, last)
+    model = model_config(config, model_def, mask, resolve_checkpoint(checkpoint))
+    log(f"== final: stage {last['stage']}'s model retrained {iterations} more steps "
+        f"(final_iterations {config['final_iterations']})")
+    retrained = _retrain(config, model, directory, len(rows), log, progress,
+                         iterations=iterations, step="final")
+    final = dict(model, checkpoint=retrained)
+    val = _validate(config, final, directory, log, progress, what="of the final model")
+    miou = _evaluate_test(config, final, directory, log, progress)
+    record = {"stage": last["stage"], "iterations": iterations,
+              "model_def": last["model_def"], "mask": last["mask"],
+              "checkpoint": _relative(config, retrained), "val_miou": val, "test_miou": miou}
+    _write_json(path, record)
+    return record
+
+
 def retrain_config(config, pruned, directory, iterations=None):
     """The training config that retrains ``pruned`` into directory/retrain/
     (retrain_iterations steps unless ``iterations``); the train settings it
@@ -959,8 +1018,24 @@ def latency_of(config, models, progress=True):
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def csv_rows(rows, latencies):
-    """The stage table as dicts of CSV_COLUMNS (numbers rounded for reading)."""
+def csv_rows(rows, latencies, final=None):
+    """The stage table as dicts of CSV_COLUMNS (numbers rounded for reading);
+    with ``final`` (final_tuning's record) a last row, stage "final": the last
+    stage's model (same costs and latency) after its final retraining."""
+    table_rows = _stage_csv_rows(rows, latencies)
+    if final is not None:
+        last = table_rows[-1]
+        table_rows.append(dict(
+            last, stage="final", test_miou=round(final["test_miou"], 2),
+            miou_change=round(final["test_miou"] - rows[0]["test_miou"], 2),
+            val_miou_start="", val_miou_pruned="",
+            val_miou_retrained=_rounded(final["val_miou"]), reference="", tries=0,
+            step_pct="", removed_channels=0, candidates=0, candidates_per_s="",
+            allocation="", thresholds=""))
+    return table_rows
+
+
+def _stage_csv_rows(rows, latencies):
     table_rows = []
     for row in rows:
         latency = latencies.get(row["stage"])
@@ -981,32 +1056,39 @@ def csv_rows(rows, latencies):
             "removed_channels": row["removed_channels"], "candidates": row["candidates"],
             "candidates_per_s": _rounded(row["candidates_per_s"]),
             "allocation": row.get("allocation") or "",
-            "thresholds": " ".join(f"{name}={value:.3f}"
-                                   for name, value in row["thresholds"].items()),
+            "thresholds": _thresholds_text(row["thresholds"]),
         })
     return table_rows
+
+
+def _thresholds_text(thresholds):
+    return " ".join(f"{name}={value:.3f}" for name, value in thresholds.items())
 
 
 def _rounded(value):
     return "" if value is None else round(value, 2)
 
 
-def write_csv(rows, latencies, path):
+def write_csv(rows, latencies, path, final=None):
     def write(tmp):
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
             writer.writeheader()
-            writer.writerows(csv_rows(rows, latencies))
+            writer.writerows(csv_rows(rows, latencies, final))
     replace_atomically(path, write)
 
 
-def table(rows, latencies):
+def table(rows, latencies, final=None):
     """The summary table, one line per stage (validation mIoU: the stage's
-    model -> pruned, gated; after retraining; the reference it was judged by)."""
+    model -> pruned, gated; after retraining; the reference it was judged by),
+    and the final model's line after final_tuning."""
     lines = [f"{'stage':>5} {'parameters':>11} {'params %':>9} {'GMACs':>8} {'MACs %':>7} "
              f"{'latency ms':>10} {'val pruned':>13} {'val retrained':>13} {'reference':>9} "
              f"{'tries':>5} {'test mIoU':>9} {'change':>7}  how"]
-    for row, full in zip(csv_rows(rows, latencies), rows):
+    how = [_how(full) for full in rows]
+    if final is not None:
+        how.append(f"stage {final['stage']} retrained {final['iterations']} more steps")
+    for row, described in zip(csv_rows(rows, latencies, final), how):
         latency = "-" if row["latency_ms"] == "" else f"{row['latency_ms']:.2f}"
         val = "-" if row["val_miou_start"] == "" else \
             f"{row['val_miou_start']:.2f}->{row['val_miou_pruned']:.2f}"
@@ -1017,17 +1099,17 @@ def table(rows, latencies):
                      f"{0.0 - row['macs_reduction_pct']:>+7.1f} {latency:>10} {val:>13} "
                      f"{retrained:>13} {reference:>9} {row['tries']:>5} "
                      f"{row['test_miou']:>9.2f} "
-                     f"{row['miou_change']:>+7.2f}  {_how(full, row)}")
+                     f"{row['miou_change']:>+7.2f}  {described}")
     return lines
 
 
-def _how(full, row):
+def _how(full):
     """What a stage removed: thresholds, or its step and allocation (and
     the steps of the tries redone)."""
     if full["stage"] == 0:
         return "the given model"
-    if row["thresholds"]:
-        return row["thresholds"]
+    if full["thresholds"]:
+        return _thresholds_text(full["thresholds"])
     failed = full.get("failed_tries") or []
     redone = ""
     if failed:

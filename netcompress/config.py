@@ -282,6 +282,11 @@ COMPRESS_SETTINGS = (
     Setting("learning_rate", "threshold", 0.001, "initial learning rate of the retraining"),
     Setting("power", "threshold", 0.9, "power of the polynomial learning-rate decay"),
     Setting("flip", "bool", False, "random horizontal flips while retraining"),
+    Setting("final_iterations", "auto_count", "auto",
+            "after the stages, the last kept stage's model is retrained this many more "
+            "steps into run_dir/final/ (auto: as many as the tries not kept retrained, so "
+            "that the final model has been retrained as long as the run retrained in all; "
+            "0: none)"),
     Setting("seed", "optional_text", None,
             "an integer: seeded retraining (stage N uses seed + N); None = unseeded"),
     Setting("criterion", "choice", PRUNE_DEFAULT_CRITERION,
@@ -720,6 +725,12 @@ def _check_setting(setting, value, source):
             fail("a positive integer")
         if kind == "size" and value % INPUT_SIZE_MULTIPLE:
             fail(SIZE_RULE)
+        return value
+    if kind == "auto_count":
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if not _is_int(value) or value < 0:
+            fail("auto or an integer >= 0")
         return value
     if kind == "replicas":
         if _is_none(value):

@@ -408,8 +408,50 @@ def test_failed_try_is_redone_with_the_other_family_then_half_the_step(runs):
                f"40.00)" in line for line in log)
     with open(runs["run_dir"] / "stages.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
-    assert [line["tries"] for line in table] == ["0", "3", "1"]
-    assert [float(line["val_miou_retrained"]) for line in table] == [50.0, 49.5, 49.5]
+    assert [line["tries"] for line in table] == ["0", "3", "1", "0"]  # the last: final
+    assert [float(line["val_miou_retrained"]) for line in table] == [50.0, 49.5, 49.5, 49.5]
+
+
+@pytest.mark.slow
+def test_final_model_gets_the_retraining_the_failed_tries_used(runs, workspace):
+    """final_iterations auto: the last kept stage's model is retrained as
+    many more steps as the tries not kept retrained (stage 1's two failed
+    tries, 2 steps each), so that it has had the run's whole retraining; a
+    rerun that ends at another stage redoes it from that stage's model, and
+    a run whose tries were all kept has none."""
+    from netcompress.checkpoint_paths import resolve_checkpoint
+
+    run_dir = runs["run_dir"]
+    rows = _rows(run_dir)
+    final = json.loads((run_dir / "final" / "final.json").read_text())
+    assert final["stage"] == 2 and final["iterations"] == 2 * 2
+    assert (final["model_def"], final["mask"]) == (rows[2]["model_def"], rows[2]["mask"])
+    assert final["checkpoint"] == os.path.join("final", "retrain", "model.ckpt-4")
+    tested = (run_dir / "final" / "eval.txt").read_text().strip().splitlines()[-1]
+    assert float(tested[6:]) == round(final["test_miou"], 2)
+    for run, stage in (("first", 1), ("second", 2)):
+        retrained = [event for event in runs[run][2]
+                     if event[0] == "retrain" and event[1] == "final"]
+        source = staged._stage_model({"run_dir": str(run_dir)}, rows[stage])[2]
+        assert [event[2] for event in retrained] == [
+            os.path.realpath(resolve_checkpoint(source))]
+        assert any(line.rstrip().endswith(f"stage {stage} retrained 4 more steps")
+                   and line.split()[0] == "final" for line in runs[run][0])
+    assert not (runs["budget_dir"] / "final").exists()
+
+
+def test_failed_retraining_steps_counts_every_try_not_kept(tmp_path):
+    rows = [{"stage": 0},
+            {"stage": 1, "failed_tries": [{"val_miou_retrained": 40.0},
+                                          {"val_miou_retrained": None}]},  # not retrained
+            {"stage": 2, "failed_tries": []}]
+    config = {"run_dir": str(tmp_path), "retrain_iterations": 50}
+    assert staged.failed_retraining_steps(config, rows) == 50
+    (tmp_path / "stage3").mkdir()  # the stage that failed: every try retrained
+    (tmp_path / "stage3" / "tries.json").write_text(json.dumps(
+        {"tries": [{"val_miou_retrained": 30.0}, {"val_miou_retrained": 31.0}]}))
+    assert staged.failed_retraining_steps(config, rows) == 150
+    assert staged.failed_retraining_steps(config, rows[:1]) == 0
 
 
 def test_reference_is_retrained_alongside(tmp_path):
@@ -483,6 +525,13 @@ def test_run_directory_is_consistent(runs, workspace):
 def _check_table(run_dir, rows, latency=True):
     with open(run_dir / "stages.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
+    final = run_dir / "final" / "final.json"
+    if final.is_file():  # the last line: the last stage's model after its final retraining
+        last = table.pop()
+        assert last["stage"] == "final"
+        assert {key: last[key] for key in ("parameters", "gmacs", "latency_ms")} == \
+            {key: table[-1][key] for key in ("parameters", "gmacs", "latency_ms")}
+        assert float(last["test_miou"]) == round(json.loads(final.read_text())["test_miou"], 2)
     assert [int(r["stage"]) for r in table] == [row["stage"] for row in rows]
     for row, line in zip(rows, table):
         evaluated = (run_dir / f"stage{row['stage']}" / "eval.txt").read_text()
@@ -578,6 +627,9 @@ def test_test_records_are_read_after_the_stage_is_decided(runs):
             if what == "evaluate":
                 assert stage not in later, (run, events)
         evaluated = [event[1] for event in events if event[0] == "evaluate"]
+        if evaluated[-1] == "final":  # the final retraining's test comes last of all
+            assert events[-1] == ("evaluate", "final")
+            evaluated.pop()
         assert evaluated == sorted(set(evaluated)) and evaluated
 
 
