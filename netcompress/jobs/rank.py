@@ -245,7 +245,9 @@ def rank(config, shard=None, progress=True):
         return {"packed": made[-1].packed, "count": made[-1].batch_size}
 
     # Several replicas: each ranks its share of a batch; the sums add.
-    inference = InferenceGraph(config, data_path, shard=shard, per_replica=per_replica)
+    # Masked kernels folded: the pass differentiates activations, never kernels.
+    inference = InferenceGraph(config, data_path, shard=shard, per_replica=per_replica,
+                               fold_masks=True)
     batch_sums = made[0]
     sums = RankSums(batch_sums.layers, batch_sums.widths)
 
