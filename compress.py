@@ -13,7 +13,7 @@ run_dir/compression.png.
 
 import sys
 
-from netcompress.cli import run_main, run_script
+from netcompress.settings.cli import run_main, run_script
 
 DESCRIPTION = ("Compress a trained model in stages: rank -> threshold search on val_data "
                "within an mIoU budget -> prune -> retrain -> evaluate on test_data. "
@@ -25,13 +25,13 @@ def main(argv=None):
 
 
 def _check(config, args):
-    from netcompress.compress import check
+    from netcompress.jobs.compress import check
 
     return check(config, args)
 
 
 def _run(config, args, rows):
-    from netcompress.compress import run
+    from netcompress.jobs.compress import run
 
     run(config, args, rows)
 

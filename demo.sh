@@ -37,7 +37,7 @@ $PY evaluate.py -c config/test.config --checkpoint $RUN/retrain $PRUNED | tee $R
 echo "== 8. the same in one command: two stages of step -> prune -> retrain -> validate -> evaluate"
 $PY compress.py -c config/compress.config --stages 2 --retrain_iterations 200
 
-params() { $PY -c "import sys; from models.model_def import load_model_def; from netcompress.costs import total_parameters; print(total_parameters(load_model_def(sys.argv[1]), 6))" "$1"; }
+params() { $PY -c "import sys; from models.model_def import load_model_def; from netcompress.pruning_math.costs import total_parameters; print(total_parameters(load_model_def(sys.argv[1]), 6))" "$1"; }
 echo
 echo "== summary (threshold $THRESHOLD, criterion taylor_out, max normalisation)"
 printf '%-34s %12s %8s\n' model parameters mIoU

@@ -2,7 +2,7 @@
 
 import sys
 
-from netcompress.cli import run_main, run_script
+from netcompress.settings.cli import run_main, run_script
 
 DESCRIPTION = ("Evaluate a checkpoint's mean IoU; --KEY VALUE or --set KEY=VALUE "
                "overrides any config key.")
@@ -13,7 +13,7 @@ def main(argv=None):
 
 
 def _evaluate(config, args, _):
-    from netcompress.evaluation import evaluate
+    from netcompress.jobs.evaluate import evaluate
 
     evaluate(config)
 

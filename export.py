@@ -3,7 +3,7 @@
 import sys
 
 from common.errors import UserError
-from netcompress.cli import run_main, run_script
+from netcompress.settings.cli import run_main, run_script
 
 DESCRIPTION = ("Export a checkpoint (any model_def + mask) as a SavedModel and a TFLite "
                "file, checked against the session graph; --KEY VALUE or --set KEY=VALUE "
@@ -35,7 +35,7 @@ def _check(config, args):
 
 
 def _export(config, args, _):
-    from netcompress.export import export
+    from netcompress.jobs.export import export
 
     export(config, args.output, int8=args.int8, onnx=args.onnx,
            check_images=args.check_images)

@@ -18,12 +18,12 @@ import sys
 
 from common.digests import checkpoint_digest, checkpoint_line, records_line, short
 from common.errors import UserError
-from netcompress.checkpoint_paths import input_checkpoint_files
-from netcompress.cli import run_main, run_script
+from netcompress.files.checkpoint_paths import input_checkpoint_files
+from netcompress.settings.cli import run_main, run_script
 from common.outputs import check_outputs
 from common.runtime import graph_mode
-from netcompress.compare import DEFAULT_FRACTIONS, check_fractions, output_paths
-from netcompress.sharding import parse_shard, shard_output_path
+from netcompress.jobs.compare import DEFAULT_FRACTIONS, check_fractions, output_paths
+from netcompress.files.sharding import parse_shard, shard_output_path
 
 SHARD_NAME = re.compile(r"\.shard\d+of\d+(\.|$)")
 
@@ -69,7 +69,7 @@ def merge_main(argv):
                         f"shard file; give OUT.npz, then the shards")
     check_outputs({"--merge OUT": [output]}, {"shard": shards})
     graph_mode()
-    from netcompress.ranking import merge_shards, summary_table
+    from netcompress.jobs.rank import merge_shards, summary_table
 
     merged = merge_shards(shards)
     merged.save(output)
@@ -120,16 +120,16 @@ def _check_compare(config, args):
 
 
 def _run(config, args, prepared):
-    from netcompress.description import with_checkpoint_model
+    from netcompress.graphs.models import with_checkpoint_model
 
     config = with_checkpoint_model(config)  # model_def, mask, num_classes: the checkpoint's
     return (_compare if args.compare else _rank)(config, args, prepared)
 
 
 def _compare(config, args, written):
-    from netcompress.checkpoint_paths import resolve_checkpoint
-    from netcompress.compare import compare, table, write_csv, write_plot
-    from netcompress.scores import load_ranks
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.jobs.compare import compare, table, write_csv, write_plot
+    from netcompress.files.rankfile import load_ranks
 
     ranks = load_ranks(config["rank_save"], config["checkpoint_model"].model_def,
                        config["num_classes"])
@@ -162,7 +162,7 @@ def _check_rank(config, args):
 
 
 def _rank(config, args, prepared):
-    from netcompress.ranking import rank, summary_table
+    from netcompress.jobs.rank import rank, summary_table
 
     shard, output = prepared
     sums = rank(config, shard)

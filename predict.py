@@ -3,7 +3,7 @@
 import sys
 
 from common.errors import UserError
-from netcompress.cli import run_main, run_script
+from netcompress.settings.cli import run_main, run_script
 
 DESCRIPTION = ("Predict label maps of images with a checkpoint (any model_def + mask); "
                "--KEY VALUE or --set KEY=VALUE overrides any config key.")
@@ -34,7 +34,7 @@ def main(argv=None):
 
 
 def _predict(config, args, _):
-    from netcompress.predict import predict
+    from netcompress.jobs.predict import predict
 
     if args.overlays is not None and not args.cityscapes_ids:
         raise UserError("--overlays goes with --cityscapes_ids (otherwise the colour files "

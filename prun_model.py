@@ -9,7 +9,7 @@ file with -c FILE, e.g.
         --try_zeros false
 
 Each setting is explained by `python prun_model.py --help` and in README.md
-("Pruning"); both come from one declaration (netcompress/config.py,
+("Pruning"); both come from one declaration (netcompress/settings/config.py,
 PRUNE_SETTINGS). The original's names Num_classes and save_nvidia_name are
 kept here and on the command line; the library calls them num_classes and
 rank_file.
@@ -17,8 +17,8 @@ rank_file.
 
 import sys
 
-from netcompress.cli import run_main, run_script
-from netcompress.config import accepted_keys
+from netcompress.settings.cli import run_main, run_script
+from netcompress.settings.config import accepted_keys
 
 DESCRIPTION = ("Prune AdapNet++ filters. Every setting below can replace the header "
                "constant of prun_model.py with --NAME VALUE (YAML scalars: true, 0.3, None).")
@@ -58,13 +58,13 @@ def main(argv=None):
 
 
 def _prepare(config, args):
-    from netcompress.pruning import PruneSettings, prepare
+    from netcompress.jobs.prune import PruneSettings, prepare
 
     return prepare(PruneSettings(**config))  # every check that needs no session, first
 
 
 def _prune(config, args, job):
-    from netcompress.pruning import execute
+    from netcompress.jobs.prune import execute
 
     execute(job)
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from netcompress.cli import run_main, run_script
+from netcompress.settings.cli import run_main, run_script
 
 DESCRIPTION = ("Train AdapNet++ from a config; --KEY VALUE or --set KEY=VALUE overrides "
                "any config key.")
@@ -13,7 +13,7 @@ def main(argv=None):
 
 
 def _train(config, args, _):
-    from netcompress.training import train
+    from netcompress.jobs.train import train
 
     train(config)
 

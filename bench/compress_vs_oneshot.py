@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.errors import UserError  # noqa: E402
 from common.files import make_directory, replace_atomically  # noqa: E402
-from netcompress.cli import run_main, run_script  # noqa: E402
+from netcompress.settings.cli import run_main, run_script  # noqa: E402
 
 DESCRIPTION = ("compress.py's run against one-shot pruning at fixed thresholds and the "
                "unpruned model, all retrained as long (settings from a compress.py config).")
@@ -70,7 +70,7 @@ def _arm_name(streams):
 
 
 def _check(config, args):
-    from netcompress import compress as staged
+    from netcompress.jobs import compress as staged
 
     for threshold in args.thresholds:
         if not 0 < threshold <= 1:
@@ -94,7 +94,7 @@ def _check(config, args):
 def _miou(config, model, data):
     import numpy as np
 
-    from netcompress.evaluation import evaluate
+    from netcompress.jobs.evaluate import evaluate
 
     matrix = evaluate(dict(model, test_data=data), log=lambda line: None, progress=False)
     return 100.0 * float(np.nan_to_num(matrix.mean_iou()))
@@ -102,7 +102,7 @@ def _miou(config, model, data):
 
 def _result(config, name, model, steps, out, **extra):
     """Costs and mIoU of a finished arm, saved as DIR/<name>/result.json."""
-    from netcompress import compress as staged
+    from netcompress.jobs import compress as staged
 
     parameters, macs = staged._costs(config, model["model_def"], model["mask"])
     result = {"name": name, "steps": steps, "parameters": parameters, "macs": macs,
@@ -132,15 +132,15 @@ def _retraining_steps(arm, rows):
     the tries not kept (the reference's retraining, a control, and the
     final retraining, which gives the kept lineage what the others used,
     are not counted)."""
-    from netcompress import compress as staged
+    from netcompress.jobs import compress as staged
 
     kept = arm["retrain_iterations"] * (len(rows) - 1)
     return kept + staged.failed_retraining_steps(arm, rows)
 
 
 def _retrained(config, model, directory, steps):
-    from netcompress import compress as staged
-    from netcompress.training import train
+    from netcompress.jobs import compress as staged
+    from netcompress.jobs.train import train
 
     result = train(staged.retrain_config(config, model, directory, steps),
                    log=lambda line: None, progress=False,
@@ -150,8 +150,8 @@ def _retrained(config, model, directory, steps):
 
 def _compressed(arm):
     """compress.py's run for one arm (resumed if begun): its result."""
-    from netcompress import compress as staged
-    from netcompress.checkpoint_paths import resolve_checkpoint
+    from netcompress.jobs import compress as staged
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
 
     print(f"== compress.py (streams {str(arm['streams']).lower()}) into {arm['run_dir']}")
     rows = staged.run(arm, progress=False)
@@ -181,8 +181,8 @@ def _threshold_for_target(config, model_def, masks, scores, layers):
     """The smallest threshold (bisection) whose one-shot removal brings the
     target resource (latency: MACs) to target_percent of the given model's;
     1.0 if even that does not."""
-    from netcompress.plan import plan_pruning
-    from netcompress.schedule import resource_of
+    from netcompress.pruning_math.plan import plan_pruning
+    from netcompress.pruning_math.schedule import resource_of
 
     resource = "parameters" if config["target"] == "parameters" else "macs"
     num_classes, height, width = config["num_classes"], config["height"], config["width"]
@@ -205,8 +205,8 @@ def _threshold_for_target(config, model_def, masks, scores, layers):
 
 def _oneshot(config, given, rank_path, model_def, masks, scores, layers, name, threshold,
              steps, out):
-    from netcompress import compress as staged
-    from netcompress.plan import plan_pruning
+    from netcompress.jobs import compress as staged
+    from netcompress.pruning_math.plan import plan_pruning
 
     print(f"== one shot at threshold {threshold:g} ({name})")
     plan = plan_pruning(model_def, masks, config["num_classes"], scores, layers, threshold,
@@ -222,8 +222,8 @@ def _oneshot(config, given, rank_path, model_def, masks, scores, layers, name, t
 def _work(config, args, prepared):
     from models.architecture import adapnet_pp
     from models.model_def import load_masks, load_model_def
-    from netcompress import compress as staged
-    from netcompress.scores import load_normalised_scores
+    from netcompress.jobs import compress as staged
+    from netcompress.files.rankfile import load_normalised_scores
 
     out = prepared["out"]
     make_directory(out)
@@ -272,7 +272,7 @@ def _work(config, args, prepared):
 def _latencies(config, given, results):
     """{arm: median ms} of every arm's final model and the given model
     ("given"), timed together (compress.py's latency_of)."""
-    from netcompress import compress as staged
+    from netcompress.jobs import compress as staged
 
     models = {"given": given}
     for result in results:

@@ -22,8 +22,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.errors import UserError  # noqa: E402
-from netcompress.cli import run_main, run_script  # noqa: E402
-from netcompress.rankfile import CRITERIA  # noqa: E402
+from netcompress.settings.cli import run_main, run_script  # noqa: E402
+from netcompress.pruning_math.criteria import CRITERIA  # noqa: E402
 
 DESCRIPTION = ("Remove the same fraction of every prunable layer by each criterion, "
                "retrain, and compare validation and test mIoU (settings from a compress.py "
@@ -43,7 +43,7 @@ def add_arguments(parser):
 
 
 def _check(config, args):
-    from netcompress.compress import check_inputs
+    from netcompress.jobs.compress import check_inputs
 
     check_inputs(config)
     if not 0 < args.fraction < 1:
@@ -66,7 +66,7 @@ def _gated_mious(config, model, data, removals):
     """Validation mIoU of ``model`` with each removal gated ({layer: indices})."""
     import tensorflow as tf
 
-    from netcompress.evaluation import GatedGraph
+    from netcompress.graphs.inference import GatedGraph
 
     gated = GatedGraph(model, data)
     with tf.compat.v1.Session(graph=gated.graph) as session:
@@ -78,9 +78,9 @@ def _gated_mious(config, model, data, removals):
 def _prune(config, model, rank_path, removed, directory):
     """Remove exactly ``removed`` through pruning.execute; the pruned model."""
     from models.model_def import load_masks, load_model_def
-    from netcompress.plan import plan_removal
-    from netcompress.compress import prune_settings
-    from netcompress.pruning import PruneJob, execute
+    from netcompress.pruning_math.plan import plan_removal
+    from netcompress.jobs.compress import prune_settings
+    from netcompress.jobs.prune import PruneJob, execute
 
     model_def = load_model_def(model["model_def"])
     masks = load_masks(model["mask"])
@@ -95,13 +95,13 @@ def _prune(config, model, rank_path, removed, directory):
 
 def _work(config, args, out):
     from models.model_def import load_model_def
-    from netcompress import compress as staged
-    from netcompress.checkpoint_paths import resolve_checkpoint
-    from netcompress.compare import lowest
-    from netcompress.costs import total_parameters
-    from netcompress.evaluation import evaluate
-    from netcompress.ranking import rank
-    from netcompress.training import train
+    from netcompress.jobs import compress as staged
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.jobs.compare import lowest
+    from netcompress.pruning_math.costs import total_parameters
+    from netcompress.jobs.evaluate import evaluate
+    from netcompress.jobs.rank import rank
+    from netcompress.jobs.train import train
 
     def test_miou(model, data):
         return _miou(evaluate(dict(model, test_data=data), log=lambda line: None))

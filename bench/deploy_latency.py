@@ -10,7 +10,7 @@ residual conv3s included (so its graph holds residual masks), and the
 "streams" variant: every prunable layer but the conv3s and every block's
 residual stream lose about --fraction (no masks; docs/design.md, "Residual
 streams"); --no_streams leaves it out. Each is
-exported as export.py does (netcompress/export.py: serving graph, uint8 BGR
+exported as export.py does (netcompress/jobs/export.py: serving graph, uint8 BGR
 in, class map and probabilities out) and every form is timed in one
 process, interleaved run by run so that machine noise hits them alike,
 with the same thread count. Random weights and inputs (values do not change
@@ -37,7 +37,8 @@ def exported_forms(model_def, masks, num_classes, height, width, directory, thre
     import tensorflow as tf
 
     from models.model_def import save_masks, save_model_def
-    from netcompress import export, serving
+    from netcompress.jobs import export
+    from netcompress.graphs import serving
 
     os.makedirs(directory)
     model_def_path = os.path.join(directory, "model_def.json")
@@ -93,7 +94,7 @@ def main():
     import numpy as np
 
     from models.model_def import load_model_def
-    from netcompress.costs import inference_macs, total_parameters
+    from netcompress.pruning_math.costs import inference_macs, total_parameters
     from pruned_latency import variant_plans
 
     threads = args.threads or os.cpu_count()

@@ -42,7 +42,7 @@ def mask_variants(model_def, num_classes, fraction, round_to, seed=0):
     import numpy as np
 
     from models.architecture import adapnet_pp, resolve_widths
-    from netcompress.pruning import plan_pruning
+    from netcompress.jobs.prune import plan_pruning
 
     groups = adapnet_pp().prunable_groups()
     widths = resolve_widths(model_def, num_classes, adapnet_pp())
@@ -78,7 +78,7 @@ def main():
 
     from deploy_latency import exported_forms
     from models.model_def import load_model_def
-    from netcompress.costs import inference_macs, total_parameters
+    from netcompress.pruning_math.costs import inference_macs, total_parameters
 
     threads = args.threads or os.cpu_count()
     model_def = load_model_def(args.model_def)

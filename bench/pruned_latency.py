@@ -42,7 +42,7 @@ def variant_plans(model_def, num_classes, fractions, round_to, seed=0, streams=F
     import numpy as np
 
     from models.architecture import adapnet_pp, resolve_widths
-    from netcompress.pruning import plan_pruning
+    from netcompress.jobs.prune import plan_pruning
 
     architecture = adapnet_pp()
     groups = architecture.prunable_groups()
@@ -148,7 +148,7 @@ def main():
     import numpy as np
 
     from models.model_def import load_model_def
-    from netcompress.costs import inference_macs, total_parameters
+    from netcompress.pruning_math.costs import inference_macs, total_parameters
 
     model_def = load_model_def(args.model_def)
     variants = variant_plans(model_def, args.num_classes, args.fractions, args.round_to,

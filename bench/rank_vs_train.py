@@ -7,7 +7,7 @@ On random data (held in graph variables, so no input pipeline is timed), each
 in its own graph and session with freshly initialised weights:
 
 - train:    one Adam step (batch-norm batch statistics, aux losses, weight decay);
-- rank:     one session run of the ranking pass (netcompress.ranking), fetching
+- rank:     one session run of the ranking pass (netcompress.jobs.rank), fetching
             only the per-layer batch sums;
 - original: the original code's way, two session runs per batch, one fetching
             every ranked activation z and one fetching every dC/dz to numpy,
@@ -35,7 +35,7 @@ import tensorflow as tf  # noqa: E402
 
 from models.AdapNet_pp import AdapNet_pp  # noqa: E402
 from models.model_def import load_model_def  # noqa: E402
-from netcompress.ranking import BatchTaylorSums, ranked_convs  # noqa: E402
+from netcompress.jobs.rank import BatchTaylorSums, ranked_convs  # noqa: E402
 
 tf1 = tf.compat.v1
 WARMUP_STEPS = 2

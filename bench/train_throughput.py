@@ -76,7 +76,7 @@ def main():
 
     from models.AdapNet_pp import AdapNet_pp
     from models.model_def import load_masks, load_model_def
-    from netcompress.costs import total_parameters
+    from netcompress.pruning_math.costs import total_parameters
 
     tf1 = tf.compat.v1
     model_def = load_model_def(args.model_def)
@@ -103,13 +103,13 @@ def main():
 
 
 def replica_scaling(args):
-    """Images/s of a replicated training step (netcompress/replicas.py) per
+    """Images/s of a replicated training step (netcompress/graphs/replicas.py) per
     replica count, all measured in this run."""
     import tensorflow as tf
 
     from models.model_def import load_masks, load_model_def
-    from netcompress.replicas import Replicas
-    from netcompress.training import replica_step
+    from netcompress.graphs.replicas import Replicas
+    from netcompress.graphs.training import replica_step
 
     tf1 = tf.compat.v1
     images, labels = random_batch(args)

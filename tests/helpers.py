@@ -87,7 +87,7 @@ def random_values(variables, rng):
 
 def randomise_variables(session, variables, seed=0):
     """Assign random_values to ``variables``; returns them by name."""
-    from netcompress.checkpoints import assign_values
+    from netcompress.files.checkpoints import assign_values
     values = random_values(variables, np.random.default_rng(seed))
     assign_values(session, {v: values[v.name[:-2]] for v in variables})
     return values
@@ -105,7 +105,7 @@ def run_script_in_process(script, *arguments, env=None):
     import io
     import types
 
-    from netcompress.cli import run_main
+    from netcompress.settings.cli import run_main
 
     module = importlib.import_module(os.path.splitext(str(script))[0].replace(os.sep, "."))
     saved = dict(os.environ)
@@ -131,8 +131,8 @@ def compress_workspace(root, num_classes, height, width, num_train, train_steps,
     the defaults). Returns {root, files, config, checkpoint, model_def, base}."""
     from dataset import synthetic
     from models.model_def import save_model_def
-    from netcompress import training
-    from netcompress.config import load_config
+    from netcompress.jobs import train as training
+    from netcompress.settings.config import load_config
 
     model_def = scaled_model_def(16)
     save_model_def(model_def, str(root / "tiny.json"))

@@ -156,11 +156,11 @@ def test_official_evaluation_agrees_with_evaluate(tmp_path):
     """Convert, train 2 steps, evaluate, predict --cityscapes_ids, and run
     Cityscapes' own evaluation on the predictions: the same class IoUs and
     mean (docs/metric.md says why they can be equal)."""
-    from netcompress import compress as staged
-    from netcompress.config import load_config
-    from netcompress.evaluation import evaluate
-    from netcompress.predict import predict
-    from netcompress.training import train
+    from netcompress.jobs import compress as staged
+    from netcompress.settings.config import load_config
+    from netcompress.jobs.evaluate import evaluate
+    from netcompress.jobs.predict import predict
+    from netcompress.jobs.train import train
 
     root = build_tree(tmp_path / "cs", {"train": ["aachen", "bremen"],
                                         "val": ["frankfurt", "lindau"]})
@@ -223,7 +223,7 @@ def test_official_evaluation_agrees_with_evaluate(tmp_path):
 
 def test_cityscapes_ids_refusals(tmp_path):
     """Checked before any graph is built."""
-    from netcompress.predict import predict
+    from netcompress.jobs.predict import predict
 
     root = build_tree(tmp_path / "cs", {"val": ["lindau"]})
     images = os.path.join(root, "leftImg8bit", "val")
@@ -243,8 +243,8 @@ def test_cityscapes_ids_refusals(tmp_path):
 
 
 def test_classes_key_of_another_class_set_is_refused(tmp_path):
-    from netcompress.config import load_config
-    from netcompress.palette import config_class_names
+    from netcompress.settings.config import load_config
+    from netcompress.files.palette import config_class_names
 
     names = tmp_path / "x.classes.txt"
     names.write_text(cityscapes.classes_text(cityscapes.ClassSet(19).names))
@@ -267,7 +267,7 @@ def test_classes_key_of_another_class_set_is_refused(tmp_path):
 def test_official_evaluation_script_on_hand_made_predictions(tmp_path):
     """Ground truth with every car pixel predicted as road: car IoU 0, road
     IoU = road pixels / (road + car pixels); void ids are ignored."""
-    from netcompress.metrics import ConfusionMatrix
+    from netcompress.graphs.metrics import ConfusionMatrix
 
     root = build_tree(tmp_path / "cs", {"val": ["lindau"]})
     predictions = tmp_path / "predictions"

@@ -33,14 +33,15 @@ from dataset import synthetic
 from helpers import REPO, compress_workspace, scaled_model_def
 from models.architecture import adapnet_pp, resolve_widths
 from models.model_def import load_masks, load_model_def
-from netcompress import compress as staged
-from netcompress import evaluation, ranking, training
-from netcompress.config import load_config
-from netcompress.costs import total_parameters
-from netcompress.plan import plan_removal
-from netcompress.schedule import Attempt, channel_costs, family_orderings, orderings, \
-    prefix_removal, removal_for_goal, resource_of, run_stage
-from netcompress.search import removed_channels, search, search_groups
+from netcompress.jobs import compress as staged
+from netcompress.graphs import inference, training
+from netcompress.jobs import evaluate as evaluation, rank as ranking
+from netcompress.settings.config import load_config
+from netcompress.pruning_math.costs import total_parameters
+from netcompress.pruning_math.plan import plan_removal
+from netcompress.pruning_math.schedule import Attempt, channel_costs, family_orderings, \
+    orderings, prefix_removal, removal_for_goal, resource_of, run_stage
+from netcompress.pruning_math.search import removed_channels, search, search_groups
 
 HEIGHT, WIDTH = 32, 64
 NUM_CLASSES = synthetic.NUM_CLASSES
@@ -310,12 +311,12 @@ def _run(workspace, *overrides):
             return function(path, *args, **kwargs)
         return wrapper
 
-    with mock.patch.object(evaluation, "eval_dataset", recording(evaluation.eval_dataset)), \
+    with mock.patch.object(inference, "eval_dataset", recording(inference.eval_dataset)), \
             mock.patch.object(evaluation, "count_records", recording(evaluation.count_records)), \
             mock.patch.object(ranking, "count_records", recording(ranking.count_records)), \
             mock.patch.object(training, "train_dataset", recording(training.train_dataset)), \
-            mock.patch.object(evaluation.GatedGraph, "evaluate",
-                              _fake_miou(evaluation.GatedGraph.evaluate)), \
+            mock.patch.object(inference.GatedGraph, "evaluate",
+                              _fake_miou(inference.GatedGraph.evaluate)), \
             mock.patch.object(staged, "_validate", _fake_validation(staged._validate, events)), \
             mock.patch.object(staged, "_evaluate_test",
                               _recorded_test(staged._evaluate_test, events)), \
@@ -419,7 +420,7 @@ def test_final_model_gets_the_retraining_the_failed_tries_used(runs, workspace):
     tries, 2 steps each), so that it has had the run's whole retraining; a
     rerun that ends at another stage redoes it from that stage's model, and
     a run whose tries were all kept has none."""
-    from netcompress.checkpoint_paths import resolve_checkpoint
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
 
     run_dir = runs["run_dir"]
     rows = _rows(run_dir)
@@ -493,8 +494,8 @@ def test_reference_is_retrained_alongside(tmp_path):
 
 @pytest.mark.slow
 def test_run_directory_is_consistent(runs, workspace):
-    from netcompress.checkpoint_paths import resolve_checkpoint
-    from netcompress.pruning import verify_checkpoint
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.jobs.prune import verify_checkpoint
 
     run_dir = runs["run_dir"]
     rows = _rows(run_dir)
@@ -567,8 +568,8 @@ def test_budget_rule_prunes_the_streams(runs, workspace):
     the stage checkpoint restores against model_def + mask, and the table's
     parameters and MACs fall."""
     from models.architecture import adapnet_pp, resolve_widths
-    from netcompress.checkpoint_paths import resolve_checkpoint
-    from netcompress.pruning import verify_checkpoint
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.jobs.prune import verify_checkpoint
 
     budget_dir = runs["budget_dir"]
     given, row = _rows(budget_dir)

@@ -7,9 +7,9 @@ import textwrap
 import pytest
 
 from helpers import REPO
-from netcompress.cli import parse_script_args
-from netcompress.checkpoint_paths import checkpoint_exists
-from netcompress.config import apply_gpu_id, load_config
+from netcompress.settings.cli import parse_script_args
+from netcompress.files.checkpoint_paths import checkpoint_exists
+from netcompress.settings.config import apply_gpu_id, load_config
 from common.errors import UserError
 
 
@@ -313,7 +313,7 @@ def test_apply_gpu_id(monkeypatch):
 def run_script(tmp_path, body):
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent("""\
-        from netcompress.cli import run_main
+        from netcompress.settings.cli import run_main
         from common.errors import UserError
 
         def main():
@@ -357,7 +357,7 @@ def test_atrous_path_key(workdir):
 
 def test_config_atrous_names_are_the_builders():
     from models import atrous
-    from netcompress.config import ATROUS_PATHS
+    from netcompress.settings.config import ATROUS_PATHS
     assert ATROUS_PATHS == (atrous.AUTO,) + atrous.PATHS
 
 
@@ -366,13 +366,13 @@ def test_config_atrous_names_are_the_builders():
 def _prun_model_header():
     sys.path.insert(0, REPO)
     import prun_model
-    from netcompress.config import accepted_keys
+    from netcompress.settings.config import accepted_keys
     return {name: value for name, value in vars(prun_model).items()
             if name in accepted_keys("prune")}
 
 
 def test_prune_header_constants_are_the_declared_settings():
-    from netcompress.config import KEY_ALIASES, PRUNE_SETTINGS
+    from netcompress.settings.config import KEY_ALIASES, PRUNE_SETTINGS
     header = _prun_model_header()
     legacy = KEY_ALIASES["prune"]
     assert sorted(legacy.get(name, name) for name in header) == \
@@ -384,8 +384,8 @@ def test_prune_header_constants_are_the_declared_settings():
 
 
 def test_prune_help_and_readme_table_come_from_the_declaration():
-    from netcompress.cli import build_parser
-    from netcompress.config import KEY_ALIASES, PRUNE_SETTINGS
+    from netcompress.settings.cli import build_parser
+    from netcompress.settings.config import KEY_ALIASES, PRUNE_SETTINGS
     header = _prun_model_header()
     help_text = " ".join(build_parser("prune", "prune", defaults=header).format_help().split())
     for setting in PRUNE_SETTINGS:
@@ -422,7 +422,7 @@ SCRIPT_KINDS = {"train.py": "train", "evaluate.py": "evaluate",
 def _script_help(script, monkeypatch):
     """(kind, --help text) of a script, from the parser run_script would build."""
     import importlib
-    from netcompress.cli import build_parser
+    from netcompress.settings.cli import build_parser
     sys.path.insert(0, REPO)
     module = importlib.import_module(script[:-len(".py")])
     built = {}
@@ -439,7 +439,7 @@ def _script_help(script, monkeypatch):
 
 
 def test_every_setting_has_help_and_every_script_lists_them(monkeypatch):
-    from netcompress.config import KEY_ALIASES, REQUIRED, SETTINGS
+    from netcompress.settings.config import KEY_ALIASES, REQUIRED, SETTINGS
     assert set(SCRIPT_KINDS.values()) == set(SETTINGS)
     for kind, settings in SETTINGS.items():
         names = [setting.name for setting in settings]
@@ -484,7 +484,7 @@ def test_predict_needs_no_test_data_and_export_does(workdir):
 def test_readme_training_keys_are_the_declared_settings():
     """The README's training config lists every train setting, and nothing
     else (the evaluation and ranking keys are described, not listed)."""
-    from netcompress.config import KEY_ALIASES, TRAIN_SETTINGS
+    from netcompress.settings.config import KEY_ALIASES, TRAIN_SETTINGS
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
         readme = handle.read()
     block = readme.split("#### Training (`config/train.config`)\n```\n", 1)[1]
@@ -571,7 +571,7 @@ def test_long_values_are_not_echoed(workdir):
 
 
 def test_cpu_replicas_are_bounded_by_the_cores(workdir, monkeypatch):
-    import netcompress.config as config_module
+    from netcompress.settings import config as config_module
     monkeypatch.setattr(config_module, "_cpu_cores", lambda: 2)
     path = train_config(workdir, replace={"gpu_id": "-1", "batch_size": "1000"})
     assert load_config(path, "train", ["replicas=8"])["replicas"] == 8

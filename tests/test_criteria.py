@@ -23,14 +23,16 @@ from dataset import records, synthetic
 from helpers import FLOAT32_PASS_TOLERANCE, REPO, scaled_model_def, write_config
 from models.architecture import OUTER_SCOPE, adapnet_pp
 from models.model_def import load_masks, save_masks, save_model_def
-from netcompress.checkpoints import read_checkpoint, write_checkpoint
-from netcompress.compare import compared_layers, lowest
-from netcompress.config import load_config
-from netcompress.evaluation import GatedGraph, evaluate
-from netcompress.plan import model_values, plan_pruning, zero_channels
-from netcompress.rankfile import CRITERIA, RankSums, merge
-from netcompress.ranking import rank
-from netcompress.training import train
+from netcompress.files.checkpoints import read_checkpoint, write_checkpoint
+from netcompress.jobs.compare import compared_layers, lowest
+from netcompress.settings.config import load_config
+from netcompress.graphs.inference import GatedGraph
+from netcompress.jobs.evaluate import evaluate
+from netcompress.pruning_math.plan import model_values, plan_pruning, zero_channels
+from netcompress.files.rankfile import RankSums, merge
+from netcompress.pruning_math.criteria import CRITERIA
+from netcompress.jobs.rank import rank
+from netcompress.jobs.train import train
 
 graph_mode()
 tf1 = tf.compat.v1

@@ -38,14 +38,15 @@ from dataset.records import encode_example, record_writer
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import OUTER_SCOPE, adapnet_pp
 from models.model_def import load_masks, load_model_def, save_masks, save_model_def
-from netcompress import export as export_lib
-from netcompress import predict as predict_lib
-from netcompress import serving
-from netcompress.checkpoints import checkpoint_key, model_variables, read_checkpoint, \
+from netcompress.jobs import export as export_lib
+from netcompress.jobs import predict as predict_lib
+from netcompress.graphs import serving
+from netcompress.files.checkpoints import checkpoint_key, model_variables, read_checkpoint, \
     restore_model, write_checkpoint
-from netcompress.config import load_config
-from netcompress.evaluation import InferenceGraph, evaluate
-from netcompress.metrics import ConfusionMatrix
+from netcompress.settings.config import load_config
+from netcompress.graphs.inference import InferenceGraph
+from netcompress.jobs.evaluate import evaluate
+from netcompress.graphs.metrics import ConfusionMatrix
 
 tf1 = tf.compat.v1
 tf1.disable_eager_execution()

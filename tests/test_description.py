@@ -22,10 +22,11 @@ from dataset import synthetic
 from models.AdapNet_pp import AdapNet_pp
 from models.model_def import load_masks, load_model_def, save_masks
 from common.errors import UserError
-from netcompress import checkpoints, description
-from netcompress.config import load_config
-from netcompress.evaluation import evaluate
-from netcompress.pruning import PruneSettings, prepare, prune
+from netcompress.files import checkpoints, description
+from netcompress.settings.config import load_config
+from netcompress.jobs.evaluate import evaluate
+from netcompress.graphs.models import with_checkpoint_model
+from netcompress.jobs.prune import PruneSettings, prepare, prune
 from test_faults import write_rank_file
 
 tf1 = tf.compat.v1
@@ -140,7 +141,7 @@ def test_evaluate_prune_predict_refuse_other_split_halves(tiny, tmp_path):
                                num_classes=NUM_CLASSES))
     assert str(caught.value).endswith(SPLIT_DIFFERENCE)
     assert not os.path.exists(tmp_path / "pruned")
-    from netcompress.predict import predict
+    from netcompress.jobs.predict import predict
     with pytest.raises(UserError, match=SPLIT_MESSAGE) as caught:
         predict(config, tiny["data"]["test"], str(tmp_path / "predicted"), progress=False)
     assert str(caught.value).endswith(SPLIT_DIFFERENCE)
@@ -187,7 +188,7 @@ def test_evaluate_needs_no_model_def_and_reads_originals_as_before(tiny):
     assert described.matrix.sum() > 0 and described.mean_iou() == original.mean_iou()
     # num_classes may be left out too; an original needs its model_def.
     bare = evaluate_config(tiny, "no_classes", num_classes=None)
-    assert description.with_checkpoint_model(bare)["num_classes"] == NUM_CLASSES
+    assert with_checkpoint_model(bare)["num_classes"] == NUM_CLASSES
     with pytest.raises(UserError, match="does not describe its model .*: give its model_def"):
         evaluate(evaluate_config(tiny, "no_def", checkpoint=tiny["original"]),
                  log=logged.append, progress=False)
@@ -209,7 +210,7 @@ def test_pruned_checkpoint_describes_the_files_beside_it(tiny, tmp_path):
 
 
 def test_compress_takes_the_given_model_from_its_description(tiny, tmp_path):
-    from netcompress.compress import given_model_files
+    from netcompress.jobs.compress import given_model_files
 
     config = dict(checkpoint=tiny["described"], model_def=None, mask=None, num_classes=None,
                   run_dir=str(tmp_path / "run"))

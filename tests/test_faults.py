@@ -34,11 +34,11 @@ from models.model_def import load_masks, save_masks
 from common import digests
 from common.errors import UserError
 from common.files import replace_atomically
-from netcompress import checkpoints
-from netcompress.checkpoint_paths import resolve_checkpoint
-from netcompress.config import load_config
-from netcompress.models import model_class
-from netcompress.rankfile import RankSums
+from netcompress.files import checkpoints
+from netcompress.files.checkpoint_paths import resolve_checkpoint
+from netcompress.settings.config import load_config
+from netcompress.graphs.models import model_class
+from netcompress.files.rankfile import RankSums
 
 tf1 = tf.compat.v1
 tf1.disable_eager_execution()
@@ -649,7 +649,7 @@ def events_have_graph(directory):
 def test_resume_warns_that_it_ignores_intialize(tiny, tmp_path):
     """What train() does first: a run directory with a checkpoint resumes
     from it, and an explicit intialize is named as not used."""
-    from netcompress.training import _initialise
+    from netcompress.jobs.train import _initialise
 
     run = tmp_path / "run"
     config = load_config(tiny["train_config"], "train",
@@ -670,7 +670,7 @@ def test_resume_warns_that_it_ignores_intialize(tiny, tmp_path):
 
 @pytest.mark.parametrize("write_graph", [False, True])
 def test_the_graph_is_written_to_tensorboard_only_when_asked(tmp_path, write_graph):
-    from netcompress.training import summary_writer
+    from netcompress.jobs.train import summary_writer
 
     graph = tf.Graph()
     with graph.as_default():
@@ -694,7 +694,7 @@ def test_the_graph_is_written_to_tensorboard_only_when_asked(tmp_path, write_gra
 def test_tensorboard_events_on_a_full_disk_are_one_line(tmp_path, monkeypatch):
     """Writes to /dev/full fail as on a full disk. TensorFlow's FileWriter
     failed in its writer thread, a traceback per event; ours in this thread."""
-    from netcompress import training
+    from netcompress.jobs import train as training
 
     monkeypatch.setattr(training, "_events_path", lambda directory: "/dev/full")
     with pytest.raises(UserError, match=re.escape(
@@ -707,7 +707,7 @@ def test_tensorboard_events_on_a_full_disk_are_one_line(tmp_path, monkeypatch):
 
 def test_predict_skips_16_bit_images_as_the_converter_refuses_them(tmp_path):
     """Pillow's convert('RGB') would clip a 16-bit PNG to white."""
-    from netcompress.predict import Source
+    from netcompress.jobs.predict import Source
 
     grey16 = np.full((4, 6), 1000, np.uint16)  # dark in 16 bits; 255 once clipped
     Image.fromarray(grey16).save(tmp_path / "deep.png")
@@ -724,8 +724,8 @@ def test_predict_skips_16_bit_images_as_the_converter_refuses_them(tmp_path):
 # ---- export.py's self-check ------------------------------------------------------------
 
 def test_export_check_images_are_resized_to_the_network_as_predict_does(tiny):
-    from netcompress.export import test_images
-    from netcompress.predict import network_input
+    from netcompress.jobs.export import test_images
+    from netcompress.jobs.predict import network_input
     from dataset.records import read_examples
 
     path = tiny["data"]["test"]
@@ -742,7 +742,7 @@ def test_export_check_bound_is_relative_to_the_logits_scale():
     """An untrained network's logits are large: its probabilities may move by
     the tolerance times the largest logit (a softmax moves no probability by
     more than the largest logit change)."""
-    from netcompress.export import EXPORT_TOLERANCE, compare
+    from netcompress.jobs.export import EXPORT_TOLERANCE, compare
 
     logits = np.array([[[[120.0, 0.0, -40.0], [3.0, 3.05, 0.0]]]])  # 1x1x2 pixels, 3 classes
     exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -769,7 +769,7 @@ def test_export_check_bound_is_relative_to_the_logits_scale():
 # ---- environment failures: writes, resume files, model size, workers -------------------
 
 def stand_in_training_graph():
-    """What training.py's resume and save need of a TrainGraph, without the
+    """What netcompress/jobs/train.py's resume and save need of a TrainGraph, without the
     model (whose training graph takes long to build): a global step and a
     weight, their initializer and Saver."""
     from types import SimpleNamespace
@@ -790,7 +790,7 @@ def stand_in_training_graph():
 def test_resume_from_a_truncated_data_file_is_one_line(tiny, tmp_path, damage):
     """A .data file cut short, overwritten, or with one byte changed (the
     index is intact: only the restore itself can tell)."""
-    from netcompress.training import _initialise
+    from netcompress.jobs.train import _initialise
 
     run = tmp_path / "run"
     config = load_config(tiny["train_config"], "train", [f"checkpoint={run}"])
@@ -843,8 +843,8 @@ def test_a_killed_save_is_cleaned_up_by_the_next_run_into_the_directory(tmp_path
     """What TensorFlow's Saver leaves when killed (its .tempstate file, for
     real), and the other leftovers of killed saves (by name), go when the
     next run takes the directory; checkpoints and other files stay."""
-    from netcompress.checkpoint_paths import latest_of_run
-    from netcompress.training import _run_directory
+    from netcompress.files.checkpoint_paths import latest_of_run
+    from netcompress.jobs.train import _run_directory
 
     run = tmp_path / "run"
     process = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(run / "model.ckpt")],
@@ -874,7 +874,7 @@ def test_a_killed_save_is_cleaned_up_by_the_next_run_into_the_directory(tmp_path
 def test_two_training_runs_into_one_directory_are_refused(tmp_path):
     """The second is refused while the first holds the directory (and a
     worker that is not the chief neither locks nor cleans)."""
-    from netcompress.training import _run_directory
+    from netcompress.jobs.train import _run_directory
 
     run, prefix = str(tmp_path / "run"), str(tmp_path / "run" / "model.ckpt")
     with _run_directory(run, prefix, True, print):
@@ -896,7 +896,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_in_one_line(tmp_path
     ENOSPC would; Python ignores SIGXFSZ), and leaves nothing behind."""
     import resource
 
-    from netcompress.training import _save_if_finite
+    from netcompress.jobs.train import _save_if_finite
 
     run = tmp_path / "run"
     graph = stand_in_training_graph()
@@ -966,7 +966,7 @@ def _restoring_limits(save, limits):
 
 def test_export_with_the_disk_full_is_one_line_and_leaves_nothing(tiny, tmp_path, monkeypatch):
     """TensorFlow's own file writes fail with an OpError, not an OSError."""
-    from netcompress import export
+    from netcompress.jobs import export
 
     def full(graph, session, directory):
         os.makedirs(directory)
@@ -989,7 +989,7 @@ def test_a_model_def_too_large_is_refused_before_building(tiny, tmp_path, monkey
     import copy
 
     from helpers import default_model_def
-    from netcompress import models
+    from netcompress.graphs import models
 
     big = copy.deepcopy(default_model_def())
     for key, value in big["params"].items():
@@ -1012,7 +1012,7 @@ def test_a_model_def_too_large_is_refused_before_building(tiny, tmp_path, monkey
 @pytest.mark.parametrize("address", ["localhost", "localhost:http", "localhost:0",
                                      ":2222", "localhost:70000", 12345, "local host:22"])
 def test_tf_config_addresses_must_be_host_port(monkeypatch, address):
-    from netcompress.replicas import cluster_task
+    from netcompress.graphs.replicas import cluster_task
 
     monkeypatch.setenv("TF_CONFIG", json.dumps({
         "cluster": {"worker": ["localhost:2222", address]},
@@ -1041,7 +1041,7 @@ def test_tf_config_addresses_must_be_host_port(monkeypatch, address):
     ("[1, 2]", "TF_CONFIG is not {"),
 ])
 def test_a_malformed_tf_config_is_one_line(monkeypatch, text, message):
-    from netcompress.replicas import cluster_task
+    from netcompress.graphs.replicas import cluster_task
 
     monkeypatch.setenv("TF_CONFIG", text)
     with pytest.raises(UserError, match=re.escape(message)) as error:
@@ -1050,7 +1050,7 @@ def test_a_malformed_tf_config_is_one_line(monkeypatch, text, message):
 
 
 def test_a_worker_that_never_starts_is_named_after_the_timeout():
-    from netcompress.replicas import wait_for_workers
+    from netcompress.graphs.replicas import wait_for_workers
 
     listening = socket.socket()
     listening.bind(("localhost", 0))
@@ -1082,7 +1082,7 @@ _PEER_RESET = ("From /job:worker/replica:0/task:0:\nCollective ops is aborted by
 
 
 def test_a_worker_that_dies_is_named_with_its_whole_cause():
-    from netcompress.replicas import PeerWatch
+    from netcompress.graphs.replicas import PeerWatch
 
     listening = socket.socket()
     listening.bind(("localhost", 0))
@@ -1117,7 +1117,7 @@ def test_a_step_waiting_for_a_dead_worker_ends_naming_it():
     the grace time, and only while a step waits."""
     import threading
 
-    from netcompress.replicas import PeerWatch
+    from netcompress.graphs.replicas import PeerWatch
 
     listening = socket.socket()
     listening.bind(("localhost", 0))
@@ -1356,7 +1356,7 @@ def _prune_arguments(tiny, rank_path, directory, **settings):
 
 def _prune_in_process(tiny, rank_path, directory, **settings):
     """The same run as prun_model.py in this process, without its graph checks."""
-    from netcompress import pruning
+    from netcompress.jobs import prune as pruning
 
     values = dict(decide_threshold=False, phase="block1", all_convs=True, conv_name=None,
                   rank_file=rank_path, threshold=0.2, checkpoint_name=tiny["checkpoint"],
@@ -1376,7 +1376,7 @@ def test_a_pruned_set_is_replaced_whole_or_not_at_all(tiny, tmp_path, monkeypatc
     stale mask included; a kill at its last rename is finished by the next
     run into the directory."""
     from models.model_def import load_model_def
-    from netcompress.pruning import verify_checkpoint
+    from netcompress.jobs.prune import verify_checkpoint
 
     rank_path = write_rank_file(tmp_path / "rank.npz", tiny["model_def"])
     pruned = tmp_path / "pruned"

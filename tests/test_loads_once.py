@@ -17,11 +17,12 @@ from dataset import synthetic
 from helpers import compress_workspace
 from models import model_def as model_def_module
 from models.AdapNet_pp import AdapNet_pp
-from netcompress import checkpoints, evaluation
-from netcompress import compress as staged
-from netcompress.config import load_config
-from netcompress.costs import inference_macs, total_parameters
-from netcompress.ranking import rank
+from netcompress.files import checkpoints
+from netcompress.graphs import inference
+from netcompress.jobs import compress as staged
+from netcompress.settings.config import load_config
+from netcompress.pruning_math.costs import inference_macs, total_parameters
+from netcompress.jobs.rank import rank
 
 HEIGHT, WIDTH = 32, 64
 NUM_CLASSES = synthetic.NUM_CLASSES
@@ -100,8 +101,8 @@ def _stage_one(workspace, tmp_path, *overrides):
 
     original_validate = staged._validate
     counts = Counts()
-    with mock.patch.object(evaluation.GatedGraph, "evaluate",
-                           _fake_miou(evaluation.GatedGraph.evaluate)), \
+    with mock.patch.object(inference.GatedGraph, "evaluate",
+                           _fake_miou(inference.GatedGraph.evaluate)), \
             mock.patch.object(staged, "_validate", validate), \
             contextlib.redirect_stdout(io.StringIO()), counts.active():
         row, reason = work(config, [row0], str(tmp_path / "run" / "stage1"), print, False)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from common.errors import UserError
-from netcompress.metrics import ConfusionMatrix, confusion_matrix
+from netcompress.graphs.metrics import ConfusionMatrix, confusion_matrix
 
 # 5 classes: 0 void, 1, 2, 3 (only ever predicted), 4 (never appears on a
 # non-void pixel; predicted once on a void pixel, which must not count).

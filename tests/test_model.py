@@ -11,8 +11,8 @@ from models.AdapNet_pp import AdapNet_pp
 from models.architecture import Pooling, adapnet_pp
 from models.model_def import (check_masks, load_masks, save_masks,
                               validate_model_def)
-from netcompress import checkpoints
-from netcompress.costs import total_parameters
+from netcompress.files import checkpoints
+from netcompress.pruning_math.costs import total_parameters
 from common.errors import UserError
 
 tf1 = tf.compat.v1
@@ -151,7 +151,7 @@ def test_declared_facts_agree_with_the_built_graph():
     group's width; the graph holds nothing else. The smallest map any conv
     writes is the input divided by the output stride."""
     from models.architecture import resolve_widths
-    from netcompress.config import INPUT_SIZE_MULTIPLE
+    from netcompress.settings.config import INPUT_SIZE_MULTIPLE
 
     arch = adapnet_pp()
     model_def, num_classes, height, width = scaled_model_def(16), 3, 32, 64

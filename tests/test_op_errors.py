@@ -6,9 +6,9 @@ import tensorflow as tf
 
 from dataset.pipeline import eval_dataset
 from dataset.records import encode_example, record_writer
-from netcompress import op_errors
+from netcompress.graphs import op_errors
 from common.errors import UserError
-from netcompress.evaluation import iterate_batches
+from netcompress.graphs.inference import iterate_batches
 
 tf1 = tf.compat.v1
 

@@ -10,8 +10,8 @@ from dataset import pipeline
 from dataset.records import encode_example, record_writer
 from models.architecture import OUTER_SCOPE
 from models.layers import batch_norm
-from netcompress import training
-from netcompress.config import load_config, setting_defaults
+from netcompress.graphs import training
+from netcompress.settings.config import load_config, setting_defaults
 from common.errors import UserError
 
 tf1 = tf.compat.v1

@@ -8,12 +8,12 @@ from helpers import scaled_model_def, write_config, write_json
 from dataset import synthetic
 from models.architecture import UNITS
 from models.model_def import load_masks, load_model_def
-from netcompress.costs import total_parameters
-from netcompress.config import load_config
-from netcompress.evaluation import evaluate
-from netcompress.pruning import PruneSettings, prune
-from netcompress.ranking import rank
-from netcompress.training import train
+from netcompress.pruning_math.costs import total_parameters
+from netcompress.settings.config import load_config
+from netcompress.jobs.evaluate import evaluate
+from netcompress.jobs.prune import PruneSettings, prune
+from netcompress.jobs.rank import rank
+from netcompress.jobs.train import train
 
 HEIGHT, WIDTH = 32, 64
 

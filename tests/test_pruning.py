@@ -27,19 +27,21 @@ from helpers import FLOAT32_PASS_TOLERANCE, REPO, random_values, scaled_model_de
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, resolve_widths
 from models.model_def import load_masks, load_model_def, save_masks, save_model_def
-from netcompress import pruning
-from netcompress.checkpoints import check_matches, checkpoint_key, model_variables, \
+from netcompress.jobs import prune as pruning
+from netcompress.files.checkpoints import check_matches, checkpoint_key, model_variables, \
     read_checkpoint, write_checkpoint
 from common.digests import checkpoint_digest
 from common.errors import UserError
-from netcompress.config import load_config
-from netcompress.description import describe, read_description
-from netcompress.costs import conv_costs, inference_macs, spatial_sizes, total_parameters
-from netcompress.plan import plan_pruning, plan_removal, remove_channels, zero_channels
-from netcompress.reports import cost_report
-from netcompress.rankfile import RankSums, masks_json
-from netcompress.scores import channels_to_keep, normalise
-from netcompress.selection import select_layers
+from netcompress.settings.config import load_config
+from netcompress.files.description import describe, read_description
+from netcompress.pruning_math.costs import conv_costs, inference_macs, spatial_sizes, \
+    total_parameters
+from netcompress.pruning_math.plan import plan_pruning, plan_removal, remove_channels, \
+    zero_channels
+from netcompress.jobs.prune_report import cost_report
+from netcompress.files.rankfile import RankSums, masks_json
+from netcompress.pruning_math.scores import channels_to_keep, normalise
+from netcompress.pruning_math.selection import select_layers
 
 tf1 = tf.compat.v1
 tf1.disable_eager_execution()
@@ -721,7 +723,7 @@ def test_normalise_and_channels_to_keep():
 
 def prune_settings(header, argv):
     """prun_model.py's settings from a header and a command line."""
-    from netcompress.cli import parse_script_args
+    from netcompress.settings.cli import parse_script_args
     config_path, overrides, _ = parse_script_args(argv, "prune", "prune", defaults=header)
     return load_config(config_path, "prune", overrides, defaults=(header, "header"))
 

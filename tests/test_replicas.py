@@ -13,12 +13,12 @@ import pytest
 from helpers import FLOAT32_PASS_TOLERANCE, REPO, scaled_model_def, write_config, write_json
 from dataset import synthetic
 from dataset.records import encode_example, record_writer
-from netcompress.checkpoints import read_checkpoint
-from netcompress.config import load_config
+from netcompress.files.checkpoints import read_checkpoint
+from netcompress.settings.config import load_config
 from common.errors import UserError
-from netcompress.rankfile import SUMS, RankSums
-from netcompress.ranking import rank
-from netcompress.training import train
+from netcompress.files.rankfile import SUMS, RankSums
+from netcompress.jobs.rank import rank
+from netcompress.jobs.train import train
 
 STEPS = 3
 LEARNING_RATE = 1e-4
@@ -210,7 +210,7 @@ def test_synchronised_batch_norm_is_batch_norm_of_the_whole_batch():
     and moving statistics of plain batch norm over the 8 examples."""
     import tensorflow as tf
     from models import layers
-    from netcompress.replicas import Replicas
+    from netcompress.graphs.replicas import Replicas
 
     tf1 = tf.compat.v1
     rng = np.random.default_rng(1)

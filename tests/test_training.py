@@ -13,10 +13,10 @@ import pytest
 from helpers import REPO, run_script_in_process, scaled_model_def, write_config, write_json
 from dataset import synthetic
 from dataset.records import encode_example, record_writer
-from netcompress.config import load_config
+from netcompress.settings.config import load_config
 from common.errors import UserError
-from netcompress.evaluation import evaluate
-from netcompress.training import train
+from netcompress.jobs.evaluate import evaluate
+from netcompress.jobs.train import train
 
 
 def write_workspace(root, model_def, height, width, batch_size, num_train, num_test):
@@ -103,9 +103,9 @@ def test_small_model_learns_the_synthetic_shapes(demo, trained):
 def test_default_criterion_beats_random_on_the_trained_model(demo, trained):
     """Criteria judged as users judge them (get_oracle_rank.py --compare):
     validation mIoU after removing a fraction of every prunable layer."""
-    from netcompress.compare import compare
-    from netcompress.config import PRUNE_SETTINGS
-    from netcompress.ranking import rank
+    from netcompress.jobs.compare import compare
+    from netcompress.settings.config import PRUNE_SETTINGS
+    from netcompress.jobs.rank import rank
 
     root, files, _, test_config = demo
     config = dict(load_config(test_config, "evaluate"), test_data=files["train"],
@@ -195,7 +195,7 @@ def test_resume_only_a_training_checkpoint_of_this_model(tiny, tmp_path):
     train(load_config(train_config, "train", [f"checkpoint={tmp_path}/a", f"model_def={other}",
                                               *one_step]), progress=False)
     before = directory_digest(tmp_path / "a")
-    # Its description names the first difference (netcompress/description.py).
+    # Its description names the first difference (netcompress/files/description.py).
     with pytest.raises(UserError, match=r"model_def .*tiny.json differs from the one in "
                                         r"checkpoint .*a/model.ckpt-1: params\[\"1\"\] is 4 "
                                         r"in the file, 2 in the checkpoint"):
@@ -203,8 +203,8 @@ def test_resume_only_a_training_checkpoint_of_this_model(tiny, tmp_path):
               progress=False)
     assert directory_digest(tmp_path / "a") == before
     # A folder whose state file names a checkpoint of no training run (a pruned one).
-    from netcompress.checkpoint_paths import record_in_state_file
-    from netcompress.checkpoints import read_checkpoint, write_checkpoint
+    from netcompress.files.checkpoint_paths import record_in_state_file
+    from netcompress.files.checkpoints import read_checkpoint, write_checkpoint
     values = {name: value for name, value in read_checkpoint(f"{tmp_path}/a").items()
               if "Adam" not in name and name != "global_step"}
     write_checkpoint(values, f"{tmp_path}/pruned/model.ckpt")
@@ -347,11 +347,11 @@ def test_checkpoint_over_an_input_is_refused_before_training(tiny, tmp_path):
 
 def test_training_checkpoints_describe_their_model_for_resume_and_intialize(
         tiny, quick_checkpoint, tmp_path):
-    """netcompress/description.py: a resume and an `intialize` take the
+    """netcompress/files/description.py: a resume and an `intialize` take the
     model from the checkpoint and refuse a model_def that differs in what
     shapes cannot tell (split halves)."""
     import copy
-    from netcompress.description import read_description
+    from netcompress.files.description import read_description
     root, _, train_config, _ = tiny
     model_def = scaled_model_def(16)
     found = read_description(quick_checkpoint)
@@ -370,7 +370,7 @@ def test_training_checkpoints_describe_their_model_for_resume_and_intialize(
               progress=False)
     assert not os.path.exists(tmp_path / "init")
     # Without a model_def: the one `intialize` describes (its class count may differ).
-    from netcompress.training import training_model
+    from netcompress.graphs.training import training_model
     fresh = [f"checkpoint={tmp_path}/init", "model_def=None"]
     config = training_model(load_config(train_config, "train", [
         *fresh, f"intialize={quick_checkpoint}", "num_classes=7"]))

@@ -15,8 +15,8 @@ def main(config_path, *overrides):
     graph_mode()
     import tensorflow as tf
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    from netcompress.config import load_config
-    from netcompress.training import train
+    from netcompress.settings.config import load_config
+    from netcompress.jobs.train import train
 
     config = load_config(config_path, "train", overrides)
     result = train(config, log=lambda _: None, progress=False, seed=7, dropout=False)

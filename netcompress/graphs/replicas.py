@@ -25,7 +25,7 @@ import time
 import tensorflow as tf
 
 from common.errors import UserError
-from netcompress.config import listed_gpus, setting_defaults
+from netcompress.settings.config import listed_gpus, setting_defaults
 
 tf1 = tf.compat.v1
 
@@ -36,7 +36,7 @@ WORKER_TIMEOUT = setting_defaults("train")["worker_timeout"]
 # step waits, has died: TensorFlow may wait for it forever (PeerWatch).
 PEER_GRACE = 10.0
 PEER_INTERVAL = 2.0
-PEER_EXIT = 1  # as a failed op (netcompress/op_errors.py)
+PEER_EXIT = 1  # as a failed op (netcompress/graphs/op_errors.py)
 
 
 def _with_process_options(config):
@@ -138,7 +138,7 @@ def whole_cause(exc, limit=1500):
 
 class PeerFailure(UserError):
     """Another worker died: not the config's fault; exit status 1, as a
-    failed op (netcompress/op_errors.py)."""
+    failed op (netcompress/graphs/op_errors.py)."""
 
     exit_status = PEER_EXIT
 

@@ -3,7 +3,7 @@
 Inputs: a directory of PNG/JPEG files (not searched recursively), one
 image file, or a .tfrecords file of the project's format. Each image is
 resized (bilinear) to the network's height x width, run through the
-serving graph (netcompress/serving.py), and its class map resized back to
+serving graph (netcompress/graphs/serving.py), and its class map resized back to
 the image's own size (nearest neighbour). For each image NAME:
 
   NAME_label.png    a palette PNG: pixel values are class ids, shown in
@@ -35,10 +35,10 @@ from common.errors import UserError
 from common.files import make_directory, replace_atomically
 from common.outputs import check_outputs
 from dataset.records import count_records, read_examples
-from netcompress import serving
-from netcompress.checkpoint_paths import input_checkpoint_files
-from netcompress.description import with_checkpoint_model
-from netcompress.palette import config_class_names, make_palette
+from netcompress.graphs import serving
+from netcompress.files.checkpoint_paths import input_checkpoint_files
+from netcompress.graphs.models import with_checkpoint_model
+from netcompress.files.palette import config_class_names, make_palette
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CITYSCAPES_IMAGE_SUFFIX = "_leftImg8bit.png"

@@ -27,9 +27,9 @@ import yaml
 
 from common.errors import UserError
 from models.architecture import adapnet_pp
-from netcompress.checkpoint_paths import checkpoint_exists
-from netcompress.rankfile import CRITERIA
-from netcompress.scores import NORMALISATIONS
+from netcompress.files.checkpoint_paths import checkpoint_exists
+from netcompress.pruning_math.criteria import CRITERIA
+from netcompress.pruning_math.scores import NORMALISATIONS
 
 # How dilated convs are computed (models/atrous.py; docs/atrous.md). The same
 # names as models.atrous, repeated here because configs load before TensorFlow.
@@ -248,9 +248,10 @@ PRUNE_SETTINGS = (
 )
 
 PRUNE_DEFAULT_CRITERION = next(s.default for s in PRUNE_SETTINGS if s.name == "criterion")
-SEARCH_MODES = ("section", "all")  # netcompress/search.py
-STAGE_RULES = ("after_retraining", "budget_before_retraining")  # netcompress/compress.py
-TARGET_RESOURCES = ("parameters", "macs", "latency")  # netcompress/schedule.py
+SEARCH_MODES = ("section", "all")  # netcompress/pruning_math/search.py
+AFTER_RETRAINING = "after_retraining"  # compress.py's default rule
+STAGE_RULES = (AFTER_RETRAINING, "budget_before_retraining")  # netcompress/jobs/compress.py
+TARGET_RESOURCES = ("parameters", "macs", "latency")  # netcompress/pruning_math/schedule.py
 
 # compress.py's settings (docs/compress.md).
 COMPRESS_SETTINGS = (

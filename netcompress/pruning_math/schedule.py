@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.architecture import adapnet_pp, resolve_widths
-from netcompress.costs import inference_macs, total_parameters
-from netcompress.plan import plan_removal
+from netcompress.pruning_math.costs import inference_macs, total_parameters
+from netcompress.pruning_math.plan import plan_removal
 
 RESOURCES = ("parameters", "macs", "latency")
 

@@ -1,20 +1,18 @@
-"""Evaluation (evaluate.py): mIoU over one pass of the test records; the
-inference graph and pass loop that ranking uses too."""
+"""Inference graphs: the model over one pass of a record file (evaluate,
+the rank pass) and the gated graph (channel gates as inputs: the threshold
+searches), with the pass loop they share."""
 
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from common.digests import checkpoint_line, records_line
 from dataset.pipeline import eval_dataset
-from dataset.records import count_records
-from netcompress import checkpoints, op_errors
-from netcompress.checkpoint_paths import resolve_checkpoint
-from netcompress.description import with_checkpoint_model
-from netcompress.metrics import ConfusionMatrix
-from netcompress.models import model_from_config
-from netcompress.palette import config_class_names
-from netcompress.replicas import Replicas
+from netcompress.files import checkpoints
+from netcompress.files.checkpoint_paths import resolve_checkpoint
+from netcompress.graphs import op_errors
+from netcompress.graphs.metrics import ConfusionMatrix
+from netcompress.graphs.models import model_from_config, with_checkpoint_model
+from netcompress.graphs.replicas import Replicas
 
 tf1 = tf.compat.v1
 
@@ -24,7 +22,7 @@ class InferenceGraph:
 
     ``per_replica(model, images, labels)`` -> {name: tensor}: instead of the
     plain outputs, the graph computes these on every replica's share of each
-    batch (netcompress/replicas.py; the config's replicas), summed over the
+    batch (netcompress/graphs/replicas.py; the config's replicas), summed over the
     replicas into ``results``. A replicated pass pads the last batch with
     all-zero examples, which must add nothing to those sums.
 
@@ -154,33 +152,3 @@ def iterate_batches(session, fetches, data_path):
         except tf.errors.OutOfRangeError:
             return
         yield batch
-
-
-def evaluate(config, log=print, class_names=None, progress=True):
-    """Returns the ConfusionMatrix; logs the per-class report, mIoU last.
-    ``class_names`` default: the config's optional `classes` file."""
-    config = with_checkpoint_model(config)
-    if class_names is None:
-        class_names = config_class_names(config)  # read before the pass
-    data_path = config["test_data"]
-    inference = InferenceGraph(config, data_path, fold_masks=True)
-    matrix = ConfusionMatrix(config["num_classes"])
-    batches = examples = 0
-
-    def handle(fetched):
-        nonlocal batches, examples
-        labels, predictions = fetched
-        matrix.update(labels, predictions)
-        batches += 1
-        examples += labels.shape[0]
-        note = None
-        if batches % config["skip_step"] == 0:
-            note = f"mIoU={100 * np.nan_to_num(matrix.mean_iou()):.2f}"
-        return labels.shape[0], note
-
-    inference.run_pass(config, [inference.label_ids, inference.predictions], handle,
-                       count_records(data_path), "evaluate", progress)
-    log(checkpoint_line(inference.restored))
-    log(records_line("test_data", data_path, examples))
-    log(matrix.report(class_names))
-    return matrix

@@ -1,5 +1,5 @@
 """prun_model.py's job on files (README.md, "Pruning"): check the outputs,
-read the model and rank file, select layers (netcompress/selection.py), score
+read the model and rank file, select layers (netcompress/pruning_math/selection.py), score
 them (scores.py), plan (plan.py), then print the summary (reports.py) or
 write the zeroed or pruned checkpoint, model_def and masks together.
 """
@@ -13,19 +13,21 @@ from common.errors import UserError
 from common.files import staged
 from models.model_def import check_masks, save_masks, save_model_def
 from common import outputs
-from netcompress.checkpoint_paths import checkpoint_directory, checkpoint_files, \
+from netcompress.files.checkpoint_paths import checkpoint_directory, checkpoint_files, \
     input_checkpoint_files, record_in_state_file, resolve_checkpoint
-from netcompress.config import PRUNE_SETTINGS, REQUIRED
-from netcompress.description import DEFAULT_MODEL, checkpoint_model, describe
-from netcompress.palette import read_class_names
-from netcompress.plan import model_values, plan_pruning, remove_channels, zero_channels
-from netcompress.reports import cost_report, threshold_summary
-from netcompress.rankfile import CRITERIA
-from netcompress.scores import load_ranks, normalised_scores
-from netcompress.selection import ALL_PHASE, select_layers
+from netcompress.settings.config import PRUNE_SETTINGS, REQUIRED
+from netcompress.files.description import DEFAULT_MODEL, checkpoint_model, describe
+from netcompress.files.palette import read_class_names
+from netcompress.pruning_math.plan import model_values, plan_pruning, remove_channels, \
+    zero_channels
+from netcompress.jobs.prune_report import cost_report, threshold_summary
+from netcompress.pruning_math.criteria import CRITERIA
+from netcompress.files.rankfile import load_ranks
+from netcompress.pruning_math.scores import normalised_scores
+from netcompress.pruning_math.selection import ALL_PHASE, select_layers
 
 
-# prun_model.py's settings, one field per declared setting (netcompress/config.py).
+# prun_model.py's settings, one field per declared setting (netcompress/settings/config.py).
 PruneSettings = make_dataclass(
     "PruneSettings", [(s.name, object) if s.default is REQUIRED else (s.name, object, s.default)
                       for s in PRUNE_SETTINGS], kw_only=True)
@@ -85,8 +87,8 @@ def verify_checkpoint(path, model_def, masks, num_classes, height, width, name,
     variables (aux heads included)."""
     import tensorflow as tf
 
-    from netcompress.checkpoints import check_matches, model_variables
-    from netcompress.models import model_class
+    from netcompress.files.checkpoints import check_matches, model_variables
+    from netcompress.graphs.models import model_class
 
     graph = tf.Graph()
     with graph.as_default():
@@ -108,7 +110,7 @@ class PruneJob:
     plan: object = None  # PruningPlan; None with decide_threshold
     ranks: object = None  # the RankSums read (None: compress.py's own plan)
     # The model class the graph checks build (a `model` name), and what the
-    # written checkpoints' descriptions name (netcompress/description.py).
+    # written checkpoints' descriptions name (netcompress/files/description.py).
     model_name: str = DEFAULT_MODEL
     class_names: dict = None
     source: str = "the model"  # the source model in messages
@@ -174,7 +176,7 @@ def execute(job, log=print, verify=True):
         return PruneResult(report=report, written=[settings.histogram_save]
                            if settings.histogram_save else [])
 
-    from netcompress.checkpoints import read_checkpoint
+    from netcompress.files.checkpoints import read_checkpoint
 
     if settings.phase == ALL_PHASE and settings.all_convs:
         log(f"selected all {len(job.layers)} prunable layers")
@@ -217,7 +219,7 @@ def _write_result(settings, plan, new_values, verify, description, model_name):
     the new checkpoint restores into its model; the files of a replaced set
     that the new one lacks (a mask) go with the move. Returns the paths
     written."""
-    from netcompress.checkpoints import write_checkpoint
+    from netcompress.files.checkpoints import write_checkpoint
 
     files, _ = planned_files(settings, with_mask=bool(plan.masks_after))
     prefix = settings.new_checkpoint_save

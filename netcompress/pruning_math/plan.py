@@ -20,7 +20,7 @@ from common.errors import UserError
 from models.architecture import OUTER_SCOPE, adapnet_pp, input_offsets, output_offset, \
     resolve_widths
 from models.model_def import check_masks, validate_model_def
-from netcompress.scores import channels_to_keep, kept_count
+from netcompress.pruning_math.scores import channels_to_keep, kept_count
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ import numpy as np
 
 from common.errors import UserError
 from common.files import numpy_file_kind, one_line, replace_atomically
+from models.architecture import adapnet_pp, resolve_widths
+from netcompress.pruning_math.criteria import CRITERIA
+from netcompress.pruning_math.scores import normalised_scores
 
 # What numpy's zip and .npy readers raise on a truncated or damaged file.
 _DAMAGED_ARCHIVE = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
@@ -35,7 +38,6 @@ _DAMAGED_ARCHIVE = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile,
 # The additive sums a rank file stores per layer (shards add them up).
 SUMS = ("taylor", "reference", "taylor_out")
 FORMAT_VERSION = 2
-RANDOM_SEED = 20171101  # the `random` criterion's scores are fixed per layer name
 METADATA_KEYS = ("model_def_json", "model_def_sha256", "masks_json", "checkpoint", "data",
                  "shard")
 # The content digests (common/digests.py) of the checkpoint ranked and the
@@ -182,7 +184,7 @@ class RankSums:
         recorded = self.metadata["masks_json"]
         if not recorded:  # not written by get_oracle_rank.py
             return
-        from netcompress.description import masks_difference
+        from netcompress.files.description import masks_difference
         ranked = {unit: (entry["kept"], entry["width"])
                   for unit, entry in json.loads(recorded).items()}
         difference = masks_difference(ranked, masks or {}, "in the rank file", "in the mask")
@@ -238,8 +240,8 @@ def _check_finite(sums, path):
 
 def masks_json(masks):
     """Masks ({unit: (kept, width)}) as the rank file records them: JSON of
-    {unit: {"width": w, "kept": [indices]}} (netcompress/description.py)."""
-    from netcompress.description import masks_json as masks_object
+    {unit: {"width": w, "kept": [indices]}} (netcompress/files/description.py)."""
+    from netcompress.files.description import masks_json as masks_object
     return json.dumps(masks_object(masks or {}))
 
 
@@ -280,37 +282,20 @@ def merge(parts):
     return merged
 
 
-# ---- criteria: per-channel scores from the sums (docs/ranking.md) -----------
-# A criterion is one function (rank sums, layer) -> float64 [channels],
-# higher = keep; prun_model.py's `criterion` names an entry of CRITERIA.
-
-def taylor(ranks, layer):
-    """Molchanov et al.: mean over examples of |t_n|, t on the conv's output
-    before batch norm."""
-    return ranks.sum_of("taylor", layer) / max(ranks.count, 1)
-
-
-def reference(ranks, layer):
-    """The original code's signed sum of t_n, negatives clamped to zero."""
-    return np.maximum(ranks.sum_of("reference", layer), 0.0)
+def load_ranks(rank_path, model_def, num_classes, architecture=None):
+    """The rank file, checked to cover exactly this model's layers and channels."""
+    architecture = architecture or adapnet_pp()
+    ranks = RankSums.load(rank_path)
+    widths = resolve_widths(model_def, num_classes, architecture)
+    ranks.check_model(widths, [g.name for g in architecture.prunable_groups(streams=True)],
+                      rank_path, [g.name for g in architecture.stream_groups()])
+    return ranks
 
 
-def taylor_out(ranks, layer):
-    """Mean over examples of |t_out_n|: |first-order loss change| of removing
-    the channel from what its consumers read."""
-    return ranks.sum_of("taylor_out", layer) / max(ranks.count, 1)
-
-
-def l1(ranks, layer):
-    """The filter's weight norm, sum of |w| over its kernel."""
-    return ranks.l1_of(layer)
-
-
-def random(ranks, layer):
-    """A baseline: fixed pseudo-random scores (seeded by the layer name)."""
-    seed = [RANDOM_SEED, zlib.crc32(layer.encode("utf-8"))]
-    return np.random.default_rng(seed).random(ranks.widths[layer])
-
-
-CRITERIA = {"taylor": taylor, "reference": reference, "taylor_out": taylor_out, "l1": l1,
-            "random": random}
+def load_normalised_scores(rank_path, model_def, num_classes, criterion, normalisation,
+                           architecture=None):
+    """Rank file -> {layer: normalised scores or None}; the file must match the model."""
+    if criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
+    ranks = load_ranks(rank_path, model_def, num_classes, architecture)
+    return normalised_scores(ranks, criterion, normalisation)

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from common.errors import INTERRUPT_EXIT, USER_ERROR_EXIT, UserError
-from netcompress.config import KEY_ALIASES, REQUIRED, SETTINGS, accepted_keys, \
+from netcompress.settings.config import KEY_ALIASES, REQUIRED, SETTINGS, accepted_keys, \
     apply_gpu_id, load_config
 
 

@@ -5,6 +5,7 @@ import inspect
 import re
 
 from common.errors import UserError
+from netcompress.files.description import checkpoint_model, files_model
 
 # `Module` or `Module.Class`: a file models/Module.py and a class in it.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
@@ -41,7 +42,7 @@ MAX_PARAMETERS = 10 ** 9
 def check_model_size(model_def, num_classes, source):
     """A UserError when ``model_def`` has more than MAX_PARAMETERS parameters
     (counted from the declaration, nothing built)."""
-    from netcompress.costs import total_parameters
+    from netcompress.pruning_math.costs import total_parameters
 
     count = total_parameters(model_def, num_classes)
     if count > MAX_PARAMETERS:
@@ -54,9 +55,7 @@ def model_from_config(config, **options):
     """``options``: further keyword arguments of the model class (e.g.
     AdapNet_pp's fold_masks for inference graphs). The model_def and masks
     are a checkpoint's when the config went through
-    netcompress.description.with_checkpoint_model, else the config's files."""
-    from netcompress.description import files_model
-
+    with_checkpoint_model, else the config's files."""
     found = config.get("checkpoint_model")
     if found is None:
         if config.get("model_def") is None:
@@ -72,3 +71,25 @@ def model_from_config(config, **options):
         where = found.source if found.description else \
             f"{found.source} / mask {config.get('mask')}"
         raise UserError(f"{where}: {exc}") from None
+
+
+def check_model_name(given, described):
+    """A config's model name must build the class the description names."""
+    if given is None or described is None:
+        return
+    if model_class(given) is not model_class(described.model):
+        raise UserError(f"model {given} differs from the checkpoint's ({described.checkpoint}):"
+                        f" {described.model}")
+
+
+def with_checkpoint_model(config, checkpoint_key="checkpoint"):
+    """``config`` (a dict of train/evaluate/oracle_rank/predict/export) with
+    its model taken from ``config[checkpoint_key]``: 'num_classes' filled,
+    and 'checkpoint_model' the CheckpointModel that model_from_config
+    builds. Idempotent."""
+    if config.get("checkpoint_model") is not None:
+        return config
+    found = checkpoint_model(config[checkpoint_key], config.get("model_def"),
+                             config.get("mask"), config.get("num_classes"))
+    check_model_name(config.get("model"), found.description)
+    return dict(config, num_classes=found.num_classes, checkpoint_model=found)

@@ -22,9 +22,9 @@ from common.errors import UserError
 from common.files import atomic_directory, make_directory, one_line
 from common.outputs import real
 from dataset.records import first_message_line, read_examples, require_record_file
-from netcompress import serving
-from netcompress.description import with_checkpoint_model
-from netcompress.metrics import ConfusionMatrix
+from netcompress.graphs import serving
+from netcompress.graphs.models import with_checkpoint_model
+from netcompress.graphs.metrics import ConfusionMatrix
 
 tf1 = tf.compat.v1
 
@@ -237,7 +237,7 @@ def compare(reference, other, tolerance):
 def network_images(images_bgr, height, width):
     """uint8 BGR images at the network's size, resized as predict.py resizes
     (bilinear, only when the size differs)."""
-    from netcompress.predict import network_input
+    from netcompress.jobs.predict import network_input
 
     return np.stack([network_input(np.ascontiguousarray(image[..., ::-1]), height, width)
                      for image in images_bgr])
@@ -260,7 +260,7 @@ def test_images(path, limit, height, width):
 def mean_iou(runner, path, num_classes, batch_size, height, width):
     """mIoU (percent) of ``runner`` over a whole record file: images resized
     to the network's size, class maps back to the labels' (as predict.py)."""
-    from netcompress.predict import to_original_size
+    from netcompress.jobs.predict import to_original_size
 
     matrix = ConfusionMatrix(num_classes)
     images, labels = [], []

@@ -110,8 +110,8 @@ def read_description(path):
 
     # First: scripts' checks read descriptions before graph_mode imports it.
     tf = import_tensorflow_quietly()
-    from netcompress.checkpoints import damaged_error
-    from netcompress.checkpoint_paths import resolve_checkpoint
+    from netcompress.files.checkpoints import damaged_error
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
 
     prefix = resolve_checkpoint(path)
     try:
@@ -235,26 +235,3 @@ def files_model(model_def_path, mask_path, num_classes, model_def_name="model_de
     model_def, masks = load_model_def(model_def_path), load_masks(mask_path)
     return CheckpointModel(model_def, masks, num_classes, None, model_def_path,
                            f"{model_def_name} {model_def_path} (mask {mask_path})")
-
-
-def check_model_name(given, described):
-    """A config's model name must build the class the description names."""
-    if given is None or described is None:
-        return
-    from netcompress.models import model_class
-    if model_class(given) is not model_class(described.model):
-        raise UserError(f"model {given} differs from the checkpoint's ({described.checkpoint}):"
-                        f" {described.model}")
-
-
-def with_checkpoint_model(config, checkpoint_key="checkpoint"):
-    """``config`` (a dict of train/evaluate/oracle_rank/predict/export) with
-    its model taken from ``config[checkpoint_key]``: 'num_classes' filled,
-    and 'checkpoint_model' the CheckpointModel that netcompress.models
-    builds. Idempotent."""
-    if config.get("checkpoint_model") is not None:
-        return config
-    found = checkpoint_model(config[checkpoint_key], config.get("model_def"),
-                             config.get("mask"), config.get("num_classes"))
-    check_model_name(config.get("model"), found.description)
-    return dict(config, num_classes=found.num_classes, checkpoint_model=found)

@@ -6,11 +6,12 @@ training records and, by ``stage_rule``:
 
 - after_retraining (default): removes a step of the target resource, the
   allocation across layers chosen by gated passes over the validation
-  records (netcompress/schedule.py) -> prune -> retrain -> validate; a try
-  that ends below reference - tolerance is redone with half the step
-  (stageN/tryK/ holds each try);
+  records (netcompress/pruning_math/schedule.py) -> prune -> retrain ->
+  validate; a try that ends below reference - tolerance is redone with half
+  the step (stageN/tryK/ holds each try);
 - budget_before_retraining: threshold search within ``budget`` before
-  retraining (netcompress/search.py) -> prune -> retrain -> validate.
+  retraining (netcompress/pruning_math/search.py) -> prune -> retrain ->
+  validate.
 
 Only then is the stage's model evaluated on the test records, which nothing
 else reads. Every stage's files live in run_dir/stageN/, its row
@@ -19,10 +20,10 @@ stage with a row. Latency is measured at the end of every run, for all
 stages in one process.
 
 Its settings are the config kind 'compress' (COMPRESS_SETTINGS in
-netcompress/config.py). No TensorFlow at import.
+netcompress/settings/config.py); its table, CSV and plot are
+netcompress/jobs/compress_report.py's. No TensorFlow at import.
 """
 
-import csv
 import json
 import os
 import shutil
@@ -35,10 +36,11 @@ from common import outputs
 from common.digests import checkpoint_digest, file_digest, short
 from common.errors import UserError
 from common.files import make_directory, replace_atomically
-from netcompress.checkpoint_paths import checkpoint_exists, input_checkpoint_files
-from netcompress.config import setting_defaults
-from netcompress.palette import config_class_names
-from netcompress.search import search_groups
+from netcompress.files.checkpoint_paths import checkpoint_exists, input_checkpoint_files
+from netcompress.files.palette import config_class_names
+from netcompress.jobs.compress_report import table, write_csv, write_plot
+from netcompress.pruning_math.search import search_groups
+from netcompress.settings.config import AFTER_RETRAINING, setting_defaults
 
 # What defines a run: a rerun into the same run_dir must agree on these.
 RUN_KEYS = ("model", "num_classes", "model_def", "mask", "checkpoint", "train_data",
@@ -55,12 +57,6 @@ PLOT_FILE = "compression.png"
 STOP_FILE = "stopped.json"
 FINAL_DIR = "final"  # the last kept stage's model, retrained final_iterations more steps
 FINAL_FILE = "final.json"
-CSV_COLUMNS = ("stage", "parameters", "parameter_reduction_pct", "gmacs",
-               "macs_reduction_pct", "latency_ms", "test_miou", "miou_change",
-               "val_miou_start", "val_miou_pruned", "val_miou_retrained", "reference",
-               "tries", "step_pct", "removed_channels", "candidates", "candidates_per_s",
-               "allocation", "thresholds")
-AFTER_RETRAINING = "after_retraining"
 
 # Which step runs now (reference, rank, search, prune, retrain, validate,
 # evaluate, latency): the tests check which records each step reads.
@@ -155,7 +151,7 @@ def _check_run_dir(config):
 def input_digests(config):
     """{key: {"path", "sha256"} or None} of the inputs (PATH_KEYS) as read
     now: a checkpoint directory by the prefix it names (common/digests.py)."""
-    from netcompress.checkpoint_paths import resolve_checkpoint
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
 
     inputs = {}
     for key in PATH_KEYS:
@@ -250,7 +246,7 @@ def stop_reason(config, rows):
     if stage >= config["stages"]:
         return f"{config['stages']} stage(s) done"
     if stage > 0:
-        from netcompress.schedule import target_reached
+        from netcompress.pruning_math.schedule import target_reached
 
         percent = rows[-1]["resource_percent"]
         if target_reached(percent, config["target_percent"]):
@@ -262,14 +258,6 @@ def stop_reason(config, rows):
         if record.get("stage") == stage + 1:
             return record["reason"]
     return None
-
-
-def parameter_reduction(rows, row):
-    return 100.0 * (1 - row["parameters"] / rows[0]["parameters"])
-
-
-def macs_reduction(rows, row):
-    return 100.0 * (1 - row["macs"] / rows[0]["macs"])
 
 
 def model_config(config, model_def, mask, checkpoint=None):
@@ -340,7 +328,7 @@ def run(config, args=None, rows=None, log=print, progress=True):
     final = final_tuning(config, rows, log, progress)
     latencies = measure_latency(config, rows, log, progress)
     write_csv(rows, latencies, os.path.join(run_dir, CSV_FILE), final)
-    write_plot(config, rows, os.path.join(run_dir, PLOT_FILE))
+    write_plot(config, rows, layer_widths(config, rows), os.path.join(run_dir, PLOT_FILE))
     for line in table(rows, latencies, final):
         log(line)
     log(f"saved {os.path.join(run_dir, CSV_FILE)} and {os.path.join(run_dir, PLOT_FILE)}")
@@ -372,7 +360,7 @@ def _set_step(name):
 def _miou_pass(model, records, report_path, progress):
     """mIoU in percent of one plain pass of ``model`` over ``records``; the
     per-class report goes to ``report_path``."""
-    from netcompress.evaluation import evaluate
+    from netcompress.jobs.evaluate import evaluate
 
     lines = []
     matrix = evaluate(dict(model, test_data=records), log=lines.append, progress=progress)
@@ -407,7 +395,7 @@ def _costs(config, model_def_path, mask_path):
 
 def _model_costs(config, model_def, masks):
     """(parameters, multiply-adds) of a model_def and masks already read."""
-    from netcompress.costs import inference_macs, total_parameters
+    from netcompress.pruning_math.costs import inference_macs, total_parameters
 
     return (total_parameters(model_def, config["num_classes"]),
             inference_macs(model_def, config["num_classes"], config["height"],
@@ -438,7 +426,7 @@ def given_model_files(config):
     config leaves out is written from the description into run_dir/given/
     (every stage reads files); else the config's, as before."""
     from models.model_def import save_masks, save_model_def
-    from netcompress.description import checkpoint_model
+    from netcompress.files.description import checkpoint_model
 
     found = checkpoint_model(config["checkpoint"], config["model_def"], config["mask"],
                              config["num_classes"])
@@ -458,7 +446,7 @@ def given_model_files(config):
 
 
 def _given_model(config):
-    from netcompress.checkpoint_paths import resolve_checkpoint
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
 
     return model_config(config, config["model_def"], config["mask"],
                         resolve_checkpoint(config["checkpoint"]))
@@ -488,7 +476,7 @@ def _stage_budget(config, rows, directory, log, progress):
     """budget_before_retraining: (its row, None), or (None, why) when nothing
     can be removed within the budget."""
     from models.model_def import load_masks, load_model_def
-    from netcompress.checkpoint_paths import resolve_checkpoint
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
 
     stage = len(rows)
     model_def_path, mask_path, checkpoint = _stage_model(config, rows[-1])
@@ -560,7 +548,7 @@ class _GatedCandidates:
     def miou(self, removed):
         import tensorflow as tf
 
-        from netcompress.evaluation import GatedGraph
+        from netcompress.graphs.inference import GatedGraph
 
         key = _removal_key(removed)
         if key in self.cache:
@@ -589,11 +577,11 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     directory/tryK/."""
     from models.architecture import adapnet_pp
     from models.model_def import load_masks, load_model_def
-    from netcompress.checkpoint_paths import resolve_checkpoint
-    from netcompress.rankfile import RankSums
-    from netcompress.schedule import Attempt, channel_costs, family_orderings, \
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.files.rankfile import RankSums
+    from netcompress.pruning_math.schedule import Attempt, channel_costs, family_orderings, \
         removal_for_goal, run_stage
-    from netcompress.scores import load_normalised_scores
+    from netcompress.files.rankfile import load_normalised_scores
 
     stage = len(rows)
     num_classes, height, width = config["num_classes"], config["height"], config["width"]
@@ -712,7 +700,7 @@ def _stage_after_retraining(config, rows, directory, log, progress):
 
 
 def _rank(config, model, rank_path, log, progress):
-    from netcompress.ranking import rank
+    from netcompress.jobs.rank import rank
 
     _set_step("rank")
     sums = rank(dict(model, test_data=config["train_data"]), progress=progress)
@@ -724,9 +712,9 @@ def _search(config, model, model_def, rank_path, log, progress):
     import tensorflow as tf
     from tqdm import tqdm
 
-    from netcompress.evaluation import GatedGraph
-    from netcompress.scores import load_normalised_scores
-    from netcompress.search import max_evaluations, search
+    from netcompress.graphs.inference import GatedGraph
+    from netcompress.files.rankfile import load_normalised_scores
+    from netcompress.pruning_math.search import max_evaluations, search
 
     _set_step("search")
     scores = load_normalised_scores(rank_path, model_def,
@@ -784,9 +772,9 @@ def _prune(config, model, model_def, masks, rank_path, groups, scores, found, di
     its checkpoint restored by the stage's rank pass). Returns (the pruned
     model's paths, the plan)."""
     from models.model_def import check_masks
-    from netcompress.plan import plan_pruning
-    from netcompress.pruning import PruneJob, execute, planned_files
-    from netcompress.search import plan_scores
+    from netcompress.pruning_math.plan import plan_pruning
+    from netcompress.jobs.prune import PruneJob, execute, planned_files
+    from netcompress.pruning_math.search import plan_scores
 
     _set_step("prune")
     pruned_dir = os.path.join(directory, "pruned")
@@ -816,14 +804,14 @@ def _prune(config, model, model_def, masks, rank_path, groups, scores, found, di
 
 def _described_as(config):
     """What a stage's checkpoint description names besides its model_def and
-    masks (netcompress/description.py)."""
+    masks (netcompress/files/description.py)."""
     return {"model_name": config["model"], "class_names": config_class_names(config)}
 
 
 def prune_settings(config, model, rank_path, directory, threshold=None):
     """prun_model.py's settings for pruning ``model`` into directory/pruned/
     (``threshold`` None: the plan is an explicit removal)."""
-    from netcompress.pruning import PruneSettings
+    from netcompress.jobs.prune import PruneSettings
 
     pruned_dir = os.path.join(directory, "pruned")
     return PruneSettings(
@@ -839,7 +827,7 @@ def prune_settings(config, model, rank_path, directory, threshold=None):
 
 def prune_removal(config, model, rank_path, removed, directory, log=None):
     """Remove exactly ``removed`` ({layer: indices}; round_to may give some
-    back, as netcompress/schedule.py counted) through pruning.execute into
+    back, as netcompress/pruning_math/schedule.py counted) through pruning.execute into
     directory/pruned/. Returns the pruned model's paths."""
     from models.model_def import load_masks, load_model_def
 
@@ -854,8 +842,8 @@ def _prune_removal(config, model, rank_path, removed, directory, log, model_def,
     (the pruned model's paths, the plan). ``source_verified``: its checkpoint
     was restored strictly into this model (the stage's rank pass), so the
     pruning does not build its graph again to check it."""
-    from netcompress.plan import plan_removal
-    from netcompress.pruning import PruneJob, execute, planned_files
+    from netcompress.pruning_math.plan import plan_removal
+    from netcompress.jobs.prune import PruneJob, execute, planned_files
 
     _set_step("prune")
     plan = plan_removal(model_def, masks, config["num_classes"], removed,
@@ -896,7 +884,7 @@ def final_tuning(config, rows, log=print, progress=True):
     had as much retraining as the run spent in all) into run_dir/final/;
     validated and tested. Its record (run_dir/final/final.json, kept for a
     rerun that ends at the same stage with as many steps), or None."""
-    from netcompress.checkpoint_paths import resolve_checkpoint
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
 
     iterations = config["final_iterations"]
     if iterations == "auto":
@@ -950,7 +938,7 @@ def _retrain(config, pruned, directory, stage, log, progress, iterations=None,
              step="retrain"):
     """Train the pruned model retrain_iterations (or ``iterations``) steps;
     its checkpoint prefix."""
-    from netcompress.training import train
+    from netcompress.jobs.train import train
 
     _set_step(step)
     train_config = retrain_config(config, pruned, directory, iterations)
@@ -968,7 +956,7 @@ def _retrain(config, pruned, directory, stage, log, progress, iterations=None,
 def measure_latency(config, rows, log=print, progress=True):
     """{stage: median ms} of one batch-1 inference on the CPU, every stage in
     this process."""
-    from netcompress.checkpoint_paths import resolve_checkpoint
+    from netcompress.files.checkpoint_paths import resolve_checkpoint
 
     models = {}
     for row in rows:
@@ -985,7 +973,7 @@ def latency_of(config, models, progress=True):
     import tensorflow as tf
     from tqdm import tqdm
 
-    from netcompress.serving import ServingGraph
+    from netcompress.graphs.serving import ServingGraph
 
     step = current_step
     _set_step("latency")
@@ -1018,115 +1006,6 @@ def latency_of(config, models, progress=True):
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def csv_rows(rows, latencies, final=None):
-    """The stage table as dicts of CSV_COLUMNS (numbers rounded for reading);
-    with ``final`` (final_tuning's record) a last row, stage "final": the last
-    stage's model (same costs and latency) after its final retraining."""
-    table_rows = _stage_csv_rows(rows, latencies)
-    if final is not None:
-        last = table_rows[-1]
-        table_rows.append(dict(
-            last, stage="final", test_miou=round(final["test_miou"], 2),
-            miou_change=round(final["test_miou"] - rows[0]["test_miou"], 2),
-            val_miou_start="", val_miou_pruned="",
-            val_miou_retrained=_rounded(final["val_miou"]), reference="", tries=0,
-            step_pct="", removed_channels=0, candidates=0, candidates_per_s="",
-            allocation="", thresholds=""))
-    return table_rows
-
-
-def _stage_csv_rows(rows, latencies):
-    table_rows = []
-    for row in rows:
-        latency = latencies.get(row["stage"])
-        table_rows.append({
-            "stage": row["stage"], "parameters": row["parameters"],
-            "parameter_reduction_pct": round(parameter_reduction(rows, row), 2),
-            "gmacs": round(row["macs"] / 1e9, 4),
-            "macs_reduction_pct": round(macs_reduction(rows, row), 2),
-            "latency_ms": "" if latency is None else round(latency, 2),
-            "test_miou": round(row["test_miou"], 2),
-            "miou_change": round(row["test_miou"] - rows[0]["test_miou"], 2),
-            "val_miou_start": _rounded(row["val_miou_start"]),
-            "val_miou_pruned": _rounded(row["val_miou_pruned"]),
-            "val_miou_retrained": _rounded(row.get("val_miou_retrained")),
-            "reference": _rounded(row.get("reference")),
-            "tries": row.get("tries", 1 if row["stage"] else 0),
-            "step_pct": _rounded(row.get("step_pct")),
-            "removed_channels": row["removed_channels"], "candidates": row["candidates"],
-            "candidates_per_s": _rounded(row["candidates_per_s"]),
-            "allocation": row.get("allocation") or "",
-            "thresholds": _thresholds_text(row["thresholds"]),
-        })
-    return table_rows
-
-
-def _thresholds_text(thresholds):
-    return " ".join(f"{name}={value:.3f}" for name, value in thresholds.items())
-
-
-def _rounded(value):
-    return "" if value is None else round(value, 2)
-
-
-def write_csv(rows, latencies, path, final=None):
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(csv_rows(rows, latencies, final))
-    replace_atomically(path, write)
-
-
-def table(rows, latencies, final=None):
-    """The summary table, one line per stage (validation mIoU: the stage's
-    model -> pruned, gated; after retraining; the reference it was judged by),
-    and the final model's line after final_tuning."""
-    lines = [f"{'stage':>5} {'parameters':>11} {'params %':>9} {'GMACs':>8} {'MACs %':>7} "
-             f"{'latency ms':>10} {'val pruned':>13} {'val retrained':>13} {'reference':>9} "
-             f"{'tries':>5} {'test mIoU':>9} {'change':>7}  how"]
-    how = [_how(full) for full in rows]
-    if final is not None:
-        how.append(f"stage {final['stage']} retrained {final['iterations']} more steps")
-    for row, described in zip(csv_rows(rows, latencies, final), how):
-        latency = "-" if row["latency_ms"] == "" else f"{row['latency_ms']:.2f}"
-        val = "-" if row["val_miou_start"] == "" else \
-            f"{row['val_miou_start']:.2f}->{row['val_miou_pruned']:.2f}"
-        retrained, reference = ("-" if row[key] == "" else f"{row[key]:.2f}"
-                                for key in ("val_miou_retrained", "reference"))
-        lines.append(f"{row['stage']:>5} {row['parameters']:>11} "
-                     f"{0.0 - row['parameter_reduction_pct']:>+9.1f} {row['gmacs']:>8.4f} "
-                     f"{0.0 - row['macs_reduction_pct']:>+7.1f} {latency:>10} {val:>13} "
-                     f"{retrained:>13} {reference:>9} {row['tries']:>5} "
-                     f"{row['test_miou']:>9.2f} "
-                     f"{row['miou_change']:>+7.2f}  {described}")
-    return lines
-
-
-def _how(full):
-    """What a stage removed: thresholds, or its step and allocation (and
-    the steps of the tries redone)."""
-    if full["stage"] == 0:
-        return "the given model"
-    if full["thresholds"]:
-        return _thresholds_text(full["thresholds"])
-    failed = full.get("failed_tries") or []
-    redone = ""
-    if failed:
-        redone = " (redone: " + ", ".join(
-            f"step {t['step_pct']:g}{_failed_allocation(t, full)} -> val "
-            f"{t['val_miou_retrained']:.2f}"
-            if t.get("val_miou_retrained") is not None else f"step {t['step_pct']:g}"
-            for t in failed) + ")"
-    return f"step {full['step_pct']:g}, {full['allocation']}{redone}"
-
-
-def _failed_allocation(failed, row):
-    # Named only where it differs from the kept one (a family redone).
-    allocation = failed.get("allocation")
-    return f" {allocation}" if allocation and allocation != row["allocation"] else ""
-
-
 def layer_widths(config, rows):
     """(layers, original widths, kept widths of the last stage)."""
     from models.architecture import adapnet_pp, resolve_widths
@@ -1141,99 +1020,3 @@ def layer_widths(config, rows):
     return layers, [first[name] for name in layers], [last[name] for name in layers]
 
 
-def write_plot(config, rows, path):
-    """Parameter reduction per stage; validation mIoU after retraining
-    against the target resource and the reference; the last stage's width
-    of every prunable layer against the original."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    stages = [row["stage"] for row in rows]
-    reduction = [0.0 - parameter_reduction(rows, row) for row in rows]
-    layers, original, kept = layer_widths(config, rows)
-    figure = plt.figure(figsize=(9, 7))
-    grid = figure.add_gridspec(2, 2, height_ratios=[1, 1.1])
-    axes = figure.add_subplot(grid[0, 0])
-    bars = axes.bar(stages, reduction, color="tab:blue", alpha=0.75, width=0.6)
-    for bar, value in zip(bars, reduction):
-        axes.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value),
-                      ha="center", va="top" if value < 0 else "bottom", fontsize=8,
-                      xytext=(0, -2 if value < 0 else 2), textcoords="offset points")
-    axes.axhline(0, color="black", linewidth=0.8)
-    low = min(reduction + [0.0])
-    axes.set_ylim(low - 0.15 * max(-low, 1.0), 0.15 * max(-low, 1.0))
-    axes.set_xticks(stages)
-    axes.set_xlabel("stage")
-    axes.set_title("parameters (%)", fontsize=10)
-    axes.grid(axis="y", alpha=0.3)
-    _plot_curve(figure.add_subplot(grid[0, 1]), config, rows)
-    if config.get("stage_rule") == AFTER_RETRAINING:
-        title = (f"staged compression: {config['criterion']}, {config['target']} toward "
-                 f"{config['target_percent']:g} %, tolerance {config['tolerance']:g} mIoU "
-                 f"after retraining")
-    else:
-        title = (f"staged compression: {config['criterion']}, budget {config['budget']:g} "
-                 f"mIoU per stage before retraining, {config['search']} search")
-    figure.suptitle(title, fontsize=11)
-    bottom = figure.add_subplot(grid[1, :])
-    positions = np.arange(len(layers))
-    bottom.bar(positions, original, color="lightgray", label="original")
-    bottom.bar(positions, kept, color="tab:blue", label=f"stage {stages[-1]}")
-    bottom.set_xlim(-1, len(layers))
-    sections = [_section_of(name) for name in layers]
-    starts = [i for i in range(len(layers)) if i == 0 or sections[i] != sections[i - 1]]
-    for begin, end in zip(starts, starts[1:] + [len(layers)]):
-        if begin:
-            bottom.axvline(begin - 0.5, color="gray", linewidth=0.6, linestyle=":")
-        bottom.annotate(sections[begin], ((begin + end - 1) / 2, 1.0),
-                        xycoords=("data", "axes fraction"), ha="center", va="bottom",
-                        fontsize=7)
-    bottom.set_xticks([])
-    bottom.set_xlabel("prunable layers, network order")
-    bottom.set_ylabel("channels")
-    bottom.set_title("width of every prunable layer: kept vs original", fontsize=10, pad=14)
-    bottom.legend(fontsize=8, loc="upper left")
-    figure.tight_layout()
-    replace_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
-    plt.close(figure)
-
-
-def _plot_curve(axes, config, rows):
-    """Validation mIoU after retraining against the target resource, with
-    the reference, the tolerance and the tries that fell below it."""
-    resource = [row.get("resource_percent", 100.0) for row in rows]
-    val = [row.get("val_miou_retrained") for row in rows]
-    axes.plot(resource, [row["test_miou"] for row in rows], "s--", color="gray",
-              markersize=4, linewidth=0.8, label="test")
-    axes.plot(resource, val, "o-", color="tab:red", label="validation, retrained")
-    for row, x, y in zip(rows, resource, val):
-        axes.annotate(str(row["stage"]), (x, y), fontsize=7, xytext=(3, 3),
-                      textcoords="offset points")
-    failed = [t for row in rows for t in row.get("failed_tries") or []
-              if t.get("val_miou_retrained") is not None]
-    if failed:
-        axes.plot([t["resource_pct"] for t in failed],
-                  [t["val_miou_retrained"] for t in failed], "x", color="black",
-                  label="tries redone")
-    references = [(x, row["reference"]) for x, row in zip(resource, rows)
-                  if row.get("reference") is not None]
-    if references:
-        xs, ys = zip(*references)
-        axes.plot(xs, ys, "-", color="black", linewidth=0.8, label="reference")
-        if config.get("stage_rule") == AFTER_RETRAINING:
-            axes.plot(xs, [y - config["tolerance"] for y in ys], "--", color="black",
-                      linewidth=0.8, label="reference - tolerance")
-    axes.set_xlim(105, min(resource + [config.get("target_percent", 100)]) - 5)
-    axes.set_xlabel(f"{config.get('target', 'parameters')} (% of the given model)")
-    axes.set_ylabel("mIoU")
-    axes.set_title("mIoU after retraining", fontsize=10)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-
-
-def _section_of(layer):
-    from models.architecture import adapnet_pp
-    from netcompress.search import search_section
-
-    return search_section(adapnet_pp().group_by_name[layer].section)

@@ -12,10 +12,9 @@ once at restore (fold_masks), so masks cost nothing per run.
 import tensorflow as tf
 
 from models import atrous
-from netcompress import checkpoints
-from netcompress.checkpoint_paths import resolve_checkpoint
-from netcompress.description import with_checkpoint_model
-from netcompress.models import model_from_config
+from netcompress.files import checkpoints
+from netcompress.files.checkpoint_paths import resolve_checkpoint
+from netcompress.graphs.models import model_from_config, with_checkpoint_model
 
 tf1 = tf.compat.v1
 

@@ -5,7 +5,7 @@ import numpy as np
 
 from common.errors import UserError
 from common.files import replace_atomically
-from netcompress.costs import conv_costs, inference_macs, total_parameters
+from netcompress.pruning_math.costs import conv_costs, inference_macs, total_parameters
 
 SUMMARY_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 

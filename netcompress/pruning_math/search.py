@@ -3,7 +3,7 @@
 For one stage's model: the largest threshold (per section, or one for all
 layers) whose gated model keeps the validation mIoU within the budget.
 Candidates are evaluated by ``evaluate(removed) -> mIoU``, in practice a
-GatedGraph pass over the validation records (netcompress/evaluation.py): a
+GatedGraph pass over the validation records (netcompress/graphs/inference.py): a
 gate of 0 computes exactly what removal computes, so no graph is rebuilt and
 no checkpoint written per candidate. No TensorFlow here.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.architecture import adapnet_pp
-from netcompress.scores import channels_to_keep
+from netcompress.pruning_math.scores import channels_to_keep
 
 ALL = "all"
 # What the search calls a section: prun_model.py's phases, with the decoder's

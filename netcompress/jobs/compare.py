@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from common.files import replace_atomically
-from netcompress.rankfile import CRITERIA
+from netcompress.pruning_math.criteria import CRITERIA
 
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.2)
 
@@ -71,7 +71,7 @@ def compare(config, ranks, fractions=DEFAULT_FRACTIONS, oracle_layers=(), progre
     import tensorflow as tf
 
     from dataset.records import count_records
-    from netcompress.evaluation import GatedGraph
+    from netcompress.graphs.inference import GatedGraph
 
     scores = {criterion: ranks.scores(criterion) for criterion in CRITERIA}
     gated = GatedGraph(config, data_path)

@@ -1,12 +1,11 @@
-"""From a rank file to the per-layer scores a threshold is applied to:
-a criterion (netcompress/rankfile.py's CRITERIA), a normalisation, and the
-channels each layer keeps."""
+"""From rank sums to the per-layer scores a threshold is applied to: a
+criterion (netcompress/pruning_math/criteria.py's CRITERIA), a normalisation,
+and the channels each layer keeps. Loading a rank file is
+netcompress/files/rankfile.py's."""
 
 import numpy as np
 
 from common.errors import UserError
-from models.architecture import adapnet_pp, resolve_widths
-from netcompress.rankfile import CRITERIA, RankSums
 
 
 # How a layer's scores are scaled before the threshold: by their maximum (as
@@ -24,25 +23,6 @@ def normalise(values, method):
     if not scale > 0:
         return None
     return values / scale
-
-
-def load_ranks(rank_path, model_def, num_classes, architecture=None):
-    """The rank file, checked to cover exactly this model's layers and channels."""
-    architecture = architecture or adapnet_pp()
-    ranks = RankSums.load(rank_path)
-    widths = resolve_widths(model_def, num_classes, architecture)
-    ranks.check_model(widths, [g.name for g in architecture.prunable_groups(streams=True)],
-                      rank_path, [g.name for g in architecture.stream_groups()])
-    return ranks
-
-
-def load_normalised_scores(rank_path, model_def, num_classes, criterion, normalisation,
-                           architecture=None):
-    """Rank file -> {layer: normalised scores or None}; the file must match the model."""
-    if criterion not in CRITERIA:
-        raise UserError(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
-    ranks = load_ranks(rank_path, model_def, num_classes, architecture)
-    return normalised_scores(ranks, criterion, normalisation)
 
 
 def normalised_scores(ranks, criterion, normalisation):

@@ -1,0 +1,1 @@
+"""Every script's settings (config.py) and its command line (cli.py)."""
