@@ -18,12 +18,12 @@ import sys
 
 from common.digests import checkpoint_digest, checkpoint_line, records_line, short
 from common.errors import UserError
-from netcompress.files.checkpoint_paths import input_checkpoint_files
+from netcompress.formats.checkpoint_paths import input_checkpoint_files
 from netcompress.settings.cli import run_main, run_script
 from common.outputs import check_outputs
 from common.runtime import graph_mode
 from netcompress.jobs.compare import DEFAULT_FRACTIONS, check_fractions, output_paths
-from netcompress.files.sharding import parse_shard, shard_output_path
+from netcompress.formats.sharding import parse_shard, shard_output_path
 
 SHARD_NAME = re.compile(r"\.shard\d+of\d+(\.|$)")
 
@@ -127,9 +127,9 @@ def _run(config, args, prepared):
 
 
 def _compare(config, args, written):
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
     from netcompress.jobs.compare import compare, table, write_csv, write_plot
-    from netcompress.files.rankfile import load_ranks
+    from netcompress.formats.rankfile import load_ranks
 
     ranks = load_ranks(config["rank_save"], config["checkpoint_model"].model_def,
                        config["num_classes"])

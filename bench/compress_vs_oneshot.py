@@ -151,7 +151,7 @@ def _retrained(config, model, directory, steps):
 def _compressed(arm):
     """compress.py's run for one arm (resumed if begun): its result."""
     from netcompress.jobs import compress as staged
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
 
     print(f"== compress.py (streams {str(arm['streams']).lower()}) into {arm['run_dir']}")
     rows = staged.run(arm, progress=False)
@@ -223,7 +223,7 @@ def _work(config, args, prepared):
     from models.architecture import adapnet_pp
     from models.model_def import load_masks, load_model_def
     from netcompress.jobs import compress as staged
-    from netcompress.files.rankfile import load_normalised_scores
+    from netcompress.formats.rankfile import load_normalised_scores
 
     out = prepared["out"]
     make_directory(out)

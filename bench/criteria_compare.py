@@ -96,7 +96,7 @@ def _prune(config, model, rank_path, removed, directory):
 def _work(config, args, out):
     from models.model_def import load_model_def
     from netcompress.jobs import compress as staged
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
     from netcompress.jobs.compare import lowest
     from netcompress.pruning_math.costs import total_parameters
     from netcompress.jobs.evaluate import evaluate

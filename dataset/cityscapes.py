@@ -34,7 +34,7 @@ LABEL_SUFFIX = "_gtFine_labelIds.png"
 SPLITS = ("train", "val", "test")
 CLASS_SETS = (19, 12)
 
-# AdapNet++'s Cityscapes classes in class-id order (netcompress/files/palette.py
+# AdapNet++'s Cityscapes classes in class-id order (netcompress/formats/palette.py
 # has their colours): each lists the Cityscapes labels it is made of; the
 # first one is what predict.py --cityscapes_ids writes for it.
 ADAPNET_12_LABELS = (

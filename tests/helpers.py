@@ -87,7 +87,7 @@ def random_values(variables, rng):
 
 def randomise_variables(session, variables, seed=0):
     """Assign random_values to ``variables``; returns them by name."""
-    from netcompress.files.checkpoints import assign_values
+    from netcompress.formats.checkpoints import assign_values
     values = random_values(variables, np.random.default_rng(seed))
     assign_values(session, {v: values[v.name[:-2]] for v in variables})
     return values

@@ -14,7 +14,7 @@ import tensorflow as tf
 from helpers import randomise_variables, scaled_model_def
 from models import atrous
 from models.AdapNet_pp import AdapNet_pp
-from netcompress.files import checkpoints
+from netcompress.formats import checkpoints
 
 tf1 = tf.compat.v1
 # Which kernels exist depends on oneDNN: every test here runs in both passes.

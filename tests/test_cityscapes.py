@@ -244,7 +244,7 @@ def test_cityscapes_ids_refusals(tmp_path):
 
 def test_classes_key_of_another_class_set_is_refused(tmp_path):
     from netcompress.settings.config import load_config
-    from netcompress.files.palette import config_class_names
+    from netcompress.formats.palette import config_class_names
 
     names = tmp_path / "x.classes.txt"
     names.write_text(cityscapes.classes_text(cityscapes.ClassSet(19).names))

@@ -420,7 +420,7 @@ def test_final_model_gets_the_retraining_the_failed_tries_used(runs, workspace):
     tries, 2 steps each), so that it has had the run's whole retraining; a
     rerun that ends at another stage redoes it from that stage's model, and
     a run whose tries were all kept has none."""
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
 
     run_dir = runs["run_dir"]
     rows = _rows(run_dir)
@@ -494,7 +494,7 @@ def test_reference_is_retrained_alongside(tmp_path):
 
 @pytest.mark.slow
 def test_run_directory_is_consistent(runs, workspace):
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
     from netcompress.jobs.prune import verify_checkpoint
 
     run_dir = runs["run_dir"]
@@ -568,7 +568,7 @@ def test_budget_rule_prunes_the_streams(runs, workspace):
     the stage checkpoint restores against model_def + mask, and the table's
     parameters and MACs fall."""
     from models.architecture import adapnet_pp, resolve_widths
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
     from netcompress.jobs.prune import verify_checkpoint
 
     budget_dir = runs["budget_dir"]

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import REPO
 from netcompress.settings.cli import parse_script_args
-from netcompress.files.checkpoint_paths import checkpoint_exists
+from netcompress.formats.checkpoint_paths import checkpoint_exists
 from netcompress.settings.config import apply_gpu_id, load_config
 from common.errors import UserError
 

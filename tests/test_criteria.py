@@ -23,13 +23,13 @@ from dataset import records, synthetic
 from helpers import FLOAT32_PASS_TOLERANCE, REPO, scaled_model_def, write_config
 from models.architecture import OUTER_SCOPE, adapnet_pp
 from models.model_def import load_masks, save_masks, save_model_def
-from netcompress.files.checkpoints import read_checkpoint, write_checkpoint
+from netcompress.formats.checkpoints import read_checkpoint, write_checkpoint
 from netcompress.jobs.compare import compared_layers, lowest
 from netcompress.settings.config import load_config
 from netcompress.graphs.inference import GatedGraph
 from netcompress.jobs.evaluate import evaluate
 from netcompress.pruning_math.plan import model_values, plan_pruning, zero_channels
-from netcompress.files.rankfile import RankSums, merge
+from netcompress.formats.rankfile import RankSums, merge
 from netcompress.pruning_math.criteria import CRITERIA
 from netcompress.jobs.rank import rank
 from netcompress.jobs.train import train

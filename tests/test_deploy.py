@@ -41,7 +41,7 @@ from models.model_def import load_masks, load_model_def, save_masks, save_model_
 from netcompress.jobs import export as export_lib
 from netcompress.jobs import predict as predict_lib
 from netcompress.graphs import serving
-from netcompress.files.checkpoints import checkpoint_key, model_variables, read_checkpoint, \
+from netcompress.formats.checkpoints import checkpoint_key, model_variables, read_checkpoint, \
     restore_model, write_checkpoint
 from netcompress.settings.config import load_config
 from netcompress.graphs.inference import InferenceGraph

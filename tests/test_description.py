@@ -22,7 +22,7 @@ from dataset import synthetic
 from models.AdapNet_pp import AdapNet_pp
 from models.model_def import load_masks, load_model_def, save_masks
 from common.errors import UserError
-from netcompress.files import checkpoints, description
+from netcompress.formats import checkpoints, description
 from netcompress.settings.config import load_config
 from netcompress.jobs.evaluate import evaluate
 from netcompress.graphs.models import with_checkpoint_model

@@ -34,11 +34,11 @@ from models.model_def import load_masks, save_masks
 from common import digests
 from common.errors import UserError
 from common.files import replace_atomically
-from netcompress.files import checkpoints
-from netcompress.files.checkpoint_paths import resolve_checkpoint
+from netcompress.formats import checkpoints
+from netcompress.formats.checkpoint_paths import resolve_checkpoint
 from netcompress.settings.config import load_config
 from netcompress.graphs.models import model_class
-from netcompress.files.rankfile import RankSums
+from netcompress.formats.rankfile import RankSums
 
 tf1 = tf.compat.v1
 tf1.disable_eager_execution()
@@ -843,7 +843,7 @@ def test_a_killed_save_is_cleaned_up_by_the_next_run_into_the_directory(tmp_path
     """What TensorFlow's Saver leaves when killed (its .tempstate file, for
     real), and the other leftovers of killed saves (by name), go when the
     next run takes the directory; checkpoints and other files stay."""
-    from netcompress.files.checkpoint_paths import latest_of_run
+    from netcompress.formats.checkpoint_paths import latest_of_run
     from netcompress.jobs.train import _run_directory
 
     run = tmp_path / "run"

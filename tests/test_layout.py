@@ -19,7 +19,7 @@ ALLOWED = {
     "netcompress": {"common", "models", "dataset", "netcompress"},
 }
 # netcompress/'s packages, lowest first: each imports only itself and those before it.
-NETCOMPRESS_LAYERS = ("pruning_math", "files", "settings", "graphs", "jobs")
+NETCOMPRESS_LAYERS = ("pruning_math", "formats", "settings", "graphs", "jobs")
 # Modules only the tests may import.
 TEST_MODULES = frozenset(os.path.splitext(name)[0]
                          for name in os.listdir(os.path.join(REPO, "tests"))

@@ -17,7 +17,7 @@ from dataset import synthetic
 from helpers import compress_workspace
 from models import model_def as model_def_module
 from models.AdapNet_pp import AdapNet_pp
-from netcompress.files import checkpoints
+from netcompress.formats import checkpoints
 from netcompress.graphs import inference
 from netcompress.jobs import compress as staged
 from netcompress.settings.config import load_config

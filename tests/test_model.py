@@ -11,7 +11,7 @@ from models.AdapNet_pp import AdapNet_pp
 from models.architecture import Pooling, adapnet_pp
 from models.model_def import (check_masks, load_masks, save_masks,
                               validate_model_def)
-from netcompress.files import checkpoints
+from netcompress.formats import checkpoints
 from netcompress.pruning_math.costs import total_parameters
 from common.errors import UserError
 

@@ -28,18 +28,18 @@ from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, resolve_widths
 from models.model_def import load_masks, load_model_def, save_masks, save_model_def
 from netcompress.jobs import prune as pruning
-from netcompress.files.checkpoints import check_matches, checkpoint_key, model_variables, \
+from netcompress.formats.checkpoints import check_matches, checkpoint_key, model_variables, \
     read_checkpoint, write_checkpoint
 from common.digests import checkpoint_digest
 from common.errors import UserError
 from netcompress.settings.config import load_config
-from netcompress.files.description import describe, read_description
+from netcompress.formats.description import describe, read_description
 from netcompress.pruning_math.costs import conv_costs, inference_macs, spatial_sizes, \
     total_parameters
 from netcompress.pruning_math.plan import plan_pruning, plan_removal, remove_channels, \
     zero_channels
 from netcompress.jobs.prune_report import cost_report
-from netcompress.files.rankfile import RankSums, masks_json
+from netcompress.formats.rankfile import RankSums, masks_json
 from netcompress.pruning_math.scores import channels_to_keep, normalise
 from netcompress.pruning_math.selection import select_layers
 

@@ -22,12 +22,12 @@ from dataset import records, synthetic
 from models.AdapNet_pp import AdapNet_pp
 from models.architecture import adapnet_pp, output_offset, resolve_widths
 from models.model_def import load_masks, load_model_def, save_masks, save_model_def
-from netcompress.files import checkpoints
+from netcompress.formats import checkpoints
 from common.digests import checkpoint_digest
 from common.errors import UserError
-from netcompress.files.rankfile import RankSums
+from netcompress.formats.rankfile import RankSums
 from netcompress.jobs.rank import rank, rank_layers, summary_table
-from netcompress.files.sharding import parse_shard, records_in_shard, shard_output_path
+from netcompress.formats.sharding import parse_shard, records_in_shard, shard_output_path
 from common.runtime import graph_mode
 
 graph_mode()

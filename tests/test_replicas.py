@@ -13,10 +13,10 @@ import pytest
 from helpers import FLOAT32_PASS_TOLERANCE, REPO, scaled_model_def, write_config, write_json
 from dataset import synthetic
 from dataset.records import encode_example, record_writer
-from netcompress.files.checkpoints import read_checkpoint
+from netcompress.formats.checkpoints import read_checkpoint
 from netcompress.settings.config import load_config
 from common.errors import UserError
-from netcompress.files.rankfile import SUMS, RankSums
+from netcompress.formats.rankfile import SUMS, RankSums
 from netcompress.jobs.rank import rank
 from netcompress.jobs.train import train
 

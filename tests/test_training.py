@@ -195,7 +195,7 @@ def test_resume_only_a_training_checkpoint_of_this_model(tiny, tmp_path):
     train(load_config(train_config, "train", [f"checkpoint={tmp_path}/a", f"model_def={other}",
                                               *one_step]), progress=False)
     before = directory_digest(tmp_path / "a")
-    # Its description names the first difference (netcompress/files/description.py).
+    # Its description names the first difference (netcompress/formats/description.py).
     with pytest.raises(UserError, match=r"model_def .*tiny.json differs from the one in "
                                         r"checkpoint .*a/model.ckpt-1: params\[\"1\"\] is 4 "
                                         r"in the file, 2 in the checkpoint"):
@@ -203,8 +203,8 @@ def test_resume_only_a_training_checkpoint_of_this_model(tiny, tmp_path):
               progress=False)
     assert directory_digest(tmp_path / "a") == before
     # A folder whose state file names a checkpoint of no training run (a pruned one).
-    from netcompress.files.checkpoint_paths import record_in_state_file
-    from netcompress.files.checkpoints import read_checkpoint, write_checkpoint
+    from netcompress.formats.checkpoint_paths import record_in_state_file
+    from netcompress.formats.checkpoints import read_checkpoint, write_checkpoint
     values = {name: value for name, value in read_checkpoint(f"{tmp_path}/a").items()
               if "Adam" not in name and name != "global_step"}
     write_checkpoint(values, f"{tmp_path}/pruned/model.ckpt")
@@ -347,11 +347,11 @@ def test_checkpoint_over_an_input_is_refused_before_training(tiny, tmp_path):
 
 def test_training_checkpoints_describe_their_model_for_resume_and_intialize(
         tiny, quick_checkpoint, tmp_path):
-    """netcompress/files/description.py: a resume and an `intialize` take the
+    """netcompress/formats/description.py: a resume and an `intialize` take the
     model from the checkpoint and refuse a model_def that differs in what
     shapes cannot tell (split halves)."""
     import copy
-    from netcompress.files.description import read_description
+    from netcompress.formats.description import read_description
     root, _, train_config, _ = tiny
     model_def = scaled_model_def(16)
     found = read_description(quick_checkpoint)

@@ -7,8 +7,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from dataset.pipeline import eval_dataset
-from netcompress.files import checkpoints
-from netcompress.files.checkpoint_paths import resolve_checkpoint
+from netcompress.formats import checkpoints
+from netcompress.formats.checkpoint_paths import resolve_checkpoint
 from netcompress.graphs import op_errors
 from netcompress.graphs.metrics import ConfusionMatrix
 from netcompress.graphs.models import model_from_config, with_checkpoint_model

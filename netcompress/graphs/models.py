@@ -5,7 +5,7 @@ import inspect
 import re
 
 from common.errors import UserError
-from netcompress.files.description import checkpoint_model, files_model
+from netcompress.formats.description import checkpoint_model, files_model
 
 # `Module` or `Module.Class`: a file models/Module.py and a class in it.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")

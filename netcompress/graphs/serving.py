@@ -12,8 +12,8 @@ once at restore (fold_masks), so masks cost nothing per run.
 import tensorflow as tf
 
 from models import atrous
-from netcompress.files import checkpoints
-from netcompress.files.checkpoint_paths import resolve_checkpoint
+from netcompress.formats import checkpoints
+from netcompress.formats.checkpoint_paths import resolve_checkpoint
 from netcompress.graphs.models import model_from_config, with_checkpoint_model
 
 tf1 = tf.compat.v1

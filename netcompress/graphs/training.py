@@ -6,9 +6,9 @@ import tensorflow as tf
 
 from common.errors import UserError
 from dataset.pipeline import train_dataset
-from netcompress.files import checkpoints, description
-from netcompress.files.checkpoint_paths import checkpoint_prefix, latest_of_run
-from netcompress.files.palette import config_class_names
+from netcompress.formats import checkpoints, description
+from netcompress.formats.checkpoint_paths import checkpoint_prefix, latest_of_run
+from netcompress.formats.palette import config_class_names
 from netcompress.graphs.models import check_model_name, model_from_config
 from netcompress.graphs.replicas import Replicas
 
@@ -16,7 +16,7 @@ tf1 = tf.compat.v1
 
 
 def training_model(config):
-    """``config`` with the model to train (netcompress/files/description.py): the
+    """``config`` with the model to train (netcompress/formats/description.py): the
     description of the checkpoint it resumes, which the config's model_def,
     mask and num_classes must equal when given; else that of `intialize`,
     whose model_def and masks must be the model's (num_classes may differ:
@@ -88,7 +88,7 @@ class TrainGraph:
             self.train_op = tf.group(step["train_op"],
                                      *tf1.get_collection(tf1.GraphKeys.UPDATE_OPS))
         with self.graph.as_default():
-            # Saved with every checkpoint (netcompress/files/description.py): one
+            # Saved with every checkpoint (netcompress/formats/description.py): one
             # plain variable outside the replicas' scope (never mirrored),
             # made after every seeded op (an op's seed follows the op count).
             found = config["checkpoint_model"]

@@ -36,8 +36,8 @@ from common import outputs
 from common.digests import checkpoint_digest, file_digest, short
 from common.errors import UserError
 from common.files import make_directory, replace_atomically
-from netcompress.files.checkpoint_paths import checkpoint_exists, input_checkpoint_files
-from netcompress.files.palette import config_class_names
+from netcompress.formats.checkpoint_paths import checkpoint_exists, input_checkpoint_files
+from netcompress.formats.palette import config_class_names
 from netcompress.jobs.compress_report import table, write_csv, write_plot
 from netcompress.pruning_math.search import search_groups
 from netcompress.settings.config import AFTER_RETRAINING, setting_defaults
@@ -151,7 +151,7 @@ def _check_run_dir(config):
 def input_digests(config):
     """{key: {"path", "sha256"} or None} of the inputs (PATH_KEYS) as read
     now: a checkpoint directory by the prefix it names (common/digests.py)."""
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
 
     inputs = {}
     for key in PATH_KEYS:
@@ -426,7 +426,7 @@ def given_model_files(config):
     config leaves out is written from the description into run_dir/given/
     (every stage reads files); else the config's, as before."""
     from models.model_def import save_masks, save_model_def
-    from netcompress.files.description import checkpoint_model
+    from netcompress.formats.description import checkpoint_model
 
     found = checkpoint_model(config["checkpoint"], config["model_def"], config["mask"],
                              config["num_classes"])
@@ -446,7 +446,7 @@ def given_model_files(config):
 
 
 def _given_model(config):
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
 
     return model_config(config, config["model_def"], config["mask"],
                         resolve_checkpoint(config["checkpoint"]))
@@ -476,7 +476,7 @@ def _stage_budget(config, rows, directory, log, progress):
     """budget_before_retraining: (its row, None), or (None, why) when nothing
     can be removed within the budget."""
     from models.model_def import load_masks, load_model_def
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
 
     stage = len(rows)
     model_def_path, mask_path, checkpoint = _stage_model(config, rows[-1])
@@ -577,11 +577,11 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     directory/tryK/."""
     from models.architecture import adapnet_pp
     from models.model_def import load_masks, load_model_def
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
-    from netcompress.files.rankfile import RankSums
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.rankfile import RankSums
     from netcompress.pruning_math.schedule import Attempt, channel_costs, family_orderings, \
         removal_for_goal, run_stage
-    from netcompress.files.rankfile import load_normalised_scores
+    from netcompress.formats.rankfile import load_normalised_scores
 
     stage = len(rows)
     num_classes, height, width = config["num_classes"], config["height"], config["width"]
@@ -713,7 +713,7 @@ def _search(config, model, model_def, rank_path, log, progress):
     from tqdm import tqdm
 
     from netcompress.graphs.inference import GatedGraph
-    from netcompress.files.rankfile import load_normalised_scores
+    from netcompress.formats.rankfile import load_normalised_scores
     from netcompress.pruning_math.search import max_evaluations, search
 
     _set_step("search")
@@ -804,7 +804,7 @@ def _prune(config, model, model_def, masks, rank_path, groups, scores, found, di
 
 def _described_as(config):
     """What a stage's checkpoint description names besides its model_def and
-    masks (netcompress/files/description.py)."""
+    masks (netcompress/formats/description.py)."""
     return {"model_name": config["model"], "class_names": config_class_names(config)}
 
 
@@ -884,7 +884,7 @@ def final_tuning(config, rows, log=print, progress=True):
     had as much retraining as the run spent in all) into run_dir/final/;
     validated and tested. Its record (run_dir/final/final.json, kept for a
     rerun that ends at the same stage with as many steps), or None."""
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
 
     iterations = config["final_iterations"]
     if iterations == "auto":
@@ -956,7 +956,7 @@ def _retrain(config, pruned, directory, stage, log, progress, iterations=None,
 def measure_latency(config, rows, log=print, progress=True):
     """{stage: median ms} of one batch-1 inference on the CPU, every stage in
     this process."""
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
 
     models = {}
     for row in rows:

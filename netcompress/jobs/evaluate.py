@@ -4,7 +4,7 @@ import numpy as np
 
 from common.digests import checkpoint_line, records_line
 from dataset.records import count_records
-from netcompress.files.palette import config_class_names
+from netcompress.formats.palette import config_class_names
 from netcompress.graphs.inference import InferenceGraph
 from netcompress.graphs.metrics import ConfusionMatrix
 from netcompress.graphs.models import with_checkpoint_model

@@ -36,9 +36,9 @@ from common.files import make_directory, replace_atomically
 from common.outputs import check_outputs
 from dataset.records import count_records, read_examples
 from netcompress.graphs import serving
-from netcompress.files.checkpoint_paths import input_checkpoint_files
+from netcompress.formats.checkpoint_paths import input_checkpoint_files
 from netcompress.graphs.models import with_checkpoint_model
-from netcompress.files.palette import config_class_names, make_palette
+from netcompress.formats.palette import config_class_names, make_palette
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CITYSCAPES_IMAGE_SUFFIX = "_leftImg8bit.png"

@@ -13,16 +13,16 @@ from common.errors import UserError
 from common.files import staged
 from models.model_def import check_masks, save_masks, save_model_def
 from common import outputs
-from netcompress.files.checkpoint_paths import checkpoint_directory, checkpoint_files, \
+from netcompress.formats.checkpoint_paths import checkpoint_directory, checkpoint_files, \
     input_checkpoint_files, record_in_state_file, resolve_checkpoint
 from netcompress.settings.config import PRUNE_SETTINGS, REQUIRED
-from netcompress.files.description import DEFAULT_MODEL, checkpoint_model, describe
-from netcompress.files.palette import read_class_names
+from netcompress.formats.description import DEFAULT_MODEL, checkpoint_model, describe
+from netcompress.formats.palette import read_class_names
 from netcompress.pruning_math.plan import model_values, plan_pruning, remove_channels, \
     zero_channels
 from netcompress.jobs.prune_report import cost_report, threshold_summary
 from netcompress.pruning_math.criteria import CRITERIA
-from netcompress.files.rankfile import load_ranks
+from netcompress.formats.rankfile import load_ranks
 from netcompress.pruning_math.scores import normalised_scores
 from netcompress.pruning_math.selection import ALL_PHASE, select_layers
 
@@ -87,7 +87,7 @@ def verify_checkpoint(path, model_def, masks, num_classes, height, width, name,
     variables (aux heads included)."""
     import tensorflow as tf
 
-    from netcompress.files.checkpoints import check_matches, model_variables
+    from netcompress.formats.checkpoints import check_matches, model_variables
     from netcompress.graphs.models import model_class
 
     graph = tf.Graph()
@@ -110,7 +110,7 @@ class PruneJob:
     plan: object = None  # PruningPlan; None with decide_threshold
     ranks: object = None  # the RankSums read (None: compress.py's own plan)
     # The model class the graph checks build (a `model` name), and what the
-    # written checkpoints' descriptions name (netcompress/files/description.py).
+    # written checkpoints' descriptions name (netcompress/formats/description.py).
     model_name: str = DEFAULT_MODEL
     class_names: dict = None
     source: str = "the model"  # the source model in messages
@@ -176,7 +176,7 @@ def execute(job, log=print, verify=True):
         return PruneResult(report=report, written=[settings.histogram_save]
                            if settings.histogram_save else [])
 
-    from netcompress.files.checkpoints import read_checkpoint
+    from netcompress.formats.checkpoints import read_checkpoint
 
     if settings.phase == ALL_PHASE and settings.all_convs:
         log(f"selected all {len(job.layers)} prunable layers")
@@ -219,7 +219,7 @@ def _write_result(settings, plan, new_values, verify, description, model_name):
     the new checkpoint restores into its model; the files of a replaced set
     that the new one lacks (a mask) go with the move. Returns the paths
     written."""
-    from netcompress.files.checkpoints import write_checkpoint
+    from netcompress.formats.checkpoints import write_checkpoint
 
     files, _ = planned_files(settings, with_mask=bool(plan.masks_after))
     prefix = settings.new_checkpoint_save

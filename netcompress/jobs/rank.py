@@ -31,14 +31,14 @@ import tensorflow as tf
 from dataset.records import count_records
 from models.architecture import adapnet_pp, output_offset
 from models.model_def import load_masks
-from netcompress.files import rankfile
-from netcompress.files.checkpoint_paths import resolve_checkpoint
+from netcompress.formats import rankfile
+from netcompress.formats.checkpoint_paths import resolve_checkpoint
 from common.digests import checkpoint_digest, records_digest
 from netcompress.graphs.models import with_checkpoint_model
 from common.errors import UserError
 from netcompress.graphs.inference import InferenceGraph
-from netcompress.files.rankfile import DIGEST_KEYS, SUMS, RankSums, masks_json
-from netcompress.files.sharding import parse_shard, records_in_shard, shard_label
+from netcompress.formats.rankfile import DIGEST_KEYS, SUMS, RankSums, masks_json
+from netcompress.formats.sharding import parse_shard, records_in_shard, shard_label
 
 tf1 = tf.compat.v1
 

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from dataset.records import first_message_line
 from common import files, outputs
-from netcompress.files import checkpoints
+from netcompress.formats import checkpoints
 from netcompress.graphs import op_errors
-from netcompress.files.checkpoint_paths import STATE_FILE, checkpoint_prefix, \
+from netcompress.formats.checkpoint_paths import STATE_FILE, checkpoint_prefix, \
     input_checkpoint_files, latest_of_run
 from common.errors import UserError
 from netcompress.graphs.training import TrainGraph

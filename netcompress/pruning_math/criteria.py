@@ -2,7 +2,7 @@
 
 A criterion is one function (rank sums, layer) -> float64 [channels], higher
 = keep; the `criterion` settings name an entry of CRITERIA. The rank sums are
-netcompress/files/rankfile.py's RankSums, read through ``sum_of``, ``l1_of``,
+netcompress/formats/rankfile.py's RankSums, read through ``sum_of``, ``l1_of``,
 ``count`` and ``widths``: no file is read here."""
 
 import zlib

@@ -1,7 +1,7 @@
 """From rank sums to the per-layer scores a threshold is applied to: a
 criterion (netcompress/pruning_math/criteria.py's CRITERIA), a normalisation,
 and the channels each layer keeps. Loading a rank file is
-netcompress/files/rankfile.py's."""
+netcompress/formats/rankfile.py's."""
 
 import numpy as np
 

@@ -27,7 +27,7 @@ import yaml
 
 from common.errors import UserError
 from models.architecture import adapnet_pp
-from netcompress.files.checkpoint_paths import checkpoint_exists
+from netcompress.formats.checkpoint_paths import checkpoint_exists
 from netcompress.pruning_math.criteria import CRITERIA
 from netcompress.pruning_math.scores import NORMALISATIONS
 

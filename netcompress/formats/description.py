@@ -110,8 +110,8 @@ def read_description(path):
 
     # First: scripts' checks read descriptions before graph_mode imports it.
     tf = import_tensorflow_quietly()
-    from netcompress.files.checkpoints import damaged_error
-    from netcompress.files.checkpoint_paths import resolve_checkpoint
+    from netcompress.formats.checkpoints import damaged_error
+    from netcompress.formats.checkpoint_paths import resolve_checkpoint
 
     prefix = resolve_checkpoint(path)
     try:

@@ -7,8 +7,8 @@ from models.architecture import OUTER_SCOPE, adapnet_pp
 from common.errors import UserError
 from common.files import staged
 from dataset.records import first_message_line
-from netcompress.files.description import KEY as DESCRIPTION_KEY
-from netcompress.files.checkpoint_paths import CHECKPOINT_SUFFIXES, checkpoint_files, \
+from netcompress.formats.description import KEY as DESCRIPTION_KEY
+from netcompress.formats.checkpoint_paths import CHECKPOINT_SUFFIXES, checkpoint_files, \
     record_in_state_file, resolve_checkpoint
 
 tf1 = tf.compat.v1
@@ -58,7 +58,7 @@ def read_checkpoint(path):
     otherwise carry them on silently."""
     prefix, reader, shapes = _open_reader(path)
     values = {}
-    # The description (netcompress/files/description.py) is no tensor of the model.
+    # The description (netcompress/formats/description.py) is no tensor of the model.
     for name in sorted(set(shapes) - {DESCRIPTION_KEY}):
         try:
             value = reader.get_tensor(name)
@@ -202,7 +202,7 @@ def write_checkpoint(values, path, description=None):
     """Write ``{name: array}`` as a TF checkpoint at prefix ``path``, through
     staging files (common/files.py); the directory's state file names it only when the
     directory has none of another run (see record_in_state_file). ``description``:
-    the JSON text of netcompress/files/description.py, which every checkpoint the
+    the JSON text of netcompress/formats/description.py, which every checkpoint the
     project writes carries (only tests write without)."""
     graph = tf.Graph()
     with graph.as_default():

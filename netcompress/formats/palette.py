@@ -136,7 +136,7 @@ def config_class_names(config):
     path = config.get("classes")
     if path:
         return read_class_names(path, config["num_classes"])
-    found = config.get("checkpoint_model")  # netcompress/files/description.py
+    found = config.get("checkpoint_model")  # netcompress/formats/description.py
     described = found.description if found is not None else None
     if described is None or described.num_classes != config["num_classes"]:
         return None

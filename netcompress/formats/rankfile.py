@@ -184,7 +184,7 @@ class RankSums:
         recorded = self.metadata["masks_json"]
         if not recorded:  # not written by get_oracle_rank.py
             return
-        from netcompress.files.description import masks_difference
+        from netcompress.formats.description import masks_difference
         ranked = {unit: (entry["kept"], entry["width"])
                   for unit, entry in json.loads(recorded).items()}
         difference = masks_difference(ranked, masks or {}, "in the rank file", "in the mask")
@@ -240,8 +240,8 @@ def _check_finite(sums, path):
 
 def masks_json(masks):
     """Masks ({unit: (kept, width)}) as the rank file records them: JSON of
-    {unit: {"width": w, "kept": [indices]}} (netcompress/files/description.py)."""
-    from netcompress.files.description import masks_json as masks_object
+    {unit: {"width": w, "kept": [indices]}} (netcompress/formats/description.py)."""
+    from netcompress.formats.description import masks_json as masks_object
     return json.dumps(masks_object(masks or {}))
 
 
