@@ -7,6 +7,7 @@ records.data_error_from(exc, path).
 """
 
 import numbers
+import os
 
 import tensorflow as tf
 
@@ -26,7 +27,8 @@ def _require_positive_int(name, value):
 
 
 def _check_common(path, batch_size, height, width, num_classes):
-    require_record_file(path)
+    if isinstance(path, (str, bytes, os.PathLike)):  # else a tensor, fed per pass
+        require_record_file(path)
     _require_positive_int("batch_size", batch_size)
     _require_positive_int("height", height)
     _require_positive_int("width", width)
@@ -77,6 +79,9 @@ def train_dataset(path, batch_size, height, width, num_classes, flip=False,
 def eval_dataset(path, batch_size, height, width, num_classes, shard=None,
                  whole_batches=False):
     """One ordered pass; the last batch may be smaller than batch_size.
+
+    path: a record file, or a string tensor fed when the pass's iterator is
+    initialised (one graph for several files; the caller checks each file).
 
     shard=(index, count) keeps every count-th record starting at index, so
     the count shards together cover every record exactly once.

@@ -307,7 +307,10 @@ def _run(workspace, *overrides):
 
     def recording(function):
         def wrapper(path, *args, **kwargs):
-            reads.append((staged.current_step, os.path.realpath(path)))
+            # A graph whose records are fed per pass is built with a tensor;
+            # its passes are recorded by count_records, one per file read.
+            if isinstance(path, str):
+                reads.append((staged.current_step, os.path.realpath(path)))
             return function(path, *args, **kwargs)
         return wrapper
 

@@ -343,6 +343,7 @@ def test_predict_class_map_is_evaluate_argmax(workspace, tmp_path):
         fetches = [inference.predictions, inference.outputs.logits, inference.label_ids]
     with tf1.Session(graph=inference.graph) as session:
         inference.restore(session, config["checkpoint"], config["model_def"])
+        session.run(inference.data_initializer)
         batches = [session.run(fetches) for _ in range(2)]  # 3 + 1 images
     predictions = np.concatenate([b[0] for b in batches])
     logits = np.concatenate([b[1] for b in batches])

@@ -27,7 +27,11 @@ class InferenceGraph:
     all-zero examples, which must add nothing to those sums.
 
     ``fold_masks``: masked conv3 kernels held at the residual width and
-    widened once at restore, not on every batch (evaluate; docs/deploy.md)."""
+    widened once at restore, not on every batch (evaluate; docs/deploy.md).
+
+    ``data_path`` None: the record file is fed at each pass (``run_pass``'s
+    ``data_path``), so that one graph and one restore serve passes over
+    several files (compress.py's validation, then test, of one model)."""
 
     def __init__(self, config, data_path, aux=False, shard=None, per_replica=None,
                  fold_masks=False):
@@ -35,16 +39,19 @@ class InferenceGraph:
         self.model_def_path = config.get("model_def")
         self.data_path = data_path
         self.replicas = Replicas(config if per_replica else {})
-        self.data_initializer = None
         self.graph = tf.Graph()
         with self.graph.as_default(), self.replicas.scope():
             self.model = model_from_config(config, fold_masks=fold_masks)
-            dataset = eval_dataset(data_path, config["batch_size"], config["height"],
-                                   config["width"], config["num_classes"], shard=shard,
+            self.records = tf1.placeholder(tf.string, [], name="records") \
+                if data_path is None else None
+            dataset = eval_dataset(data_path if self.records is None else self.records,
+                                   config["batch_size"], config["height"], config["width"],
+                                   config["num_classes"], shard=shard,
                                    whole_batches=self.replicas.count > 1)
             if per_replica is None:
-                self.images, self.labels = \
-                    tf1.data.make_one_shot_iterator(dataset).get_next()
+                iterator = tf1.data.make_initializable_iterator(dataset)
+                self.data_initializer = iterator.initializer
+                self.images, self.labels = iterator.get_next()
                 self.outputs = self.model.build(self.images, training=False, aux=aux)
                 self.predictions = tf.argmax(self.outputs.logits, axis=3,
                                              output_type=tf.int32)
@@ -55,25 +62,44 @@ class InferenceGraph:
                 self.data_initializer, self.results = self.replicas.run(dataset, step)
             self.model_variables = checkpoints.model_variables(self.graph)
 
-    def run_pass(self, config, fetches, handle, total, desc, progress=True):
-        """Restore ``config``'s checkpoint, then run ``fetches`` on every batch
-        of the single pass, with a progress bar of ``total`` images.
-        ``handle(fetched)`` returns the batch's image count and a progress
-        note (or None)."""
+    def open_session(self, config):
+        """A session with ``config``'s checkpoint restored (the caller closes it)."""
         # Resolved once: what was restored is what the caller reports.
         self.restored = resolve_checkpoint(config["checkpoint"])
-        with tf1.Session(graph=self.graph, config=self.replicas.session_config()) as session:
+        session = tf1.Session(graph=self.graph, config=self.replicas.session_config())
+        try:
             self.restore(session, self.restored, self.model_def_path)
-            if self.data_initializer is not None:
-                session.run(self.data_initializer)
-            bar = tqdm(total=total, desc=desc, unit="img", disable=not progress,
-                       dynamic_ncols=True)
-            with bar:  # closed (newline written) before any error message
-                for fetched in iterate_batches(session, fetches, self.data_path):
-                    images, note = handle(fetched)
-                    bar.update(images)
-                    if note:
-                        bar.set_postfix_str(note)
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def run_pass(self, config, fetches, handle, total, desc, progress=True, session=None,
+                 data_path=None):
+        """Run ``fetches`` on every batch of one pass over ``data_path`` (or
+        the graph's), with a progress bar of ``total`` images, in ``session``
+        (or one of its own, ``config``'s checkpoint restored).
+        ``handle(fetched)`` returns the batch's image count and a progress
+        note (or None)."""
+        if session is None:
+            with self.open_session(config) as own:
+                return self.run_pass(config, fetches, handle, total, desc, progress, own,
+                                     data_path)
+        if self.records is None:
+            if data_path not in (None, self.data_path):
+                raise ValueError(f"this graph reads {self.data_path}, not {data_path}")
+            data_path = self.data_path
+        if self.data_initializer is not None:
+            session.run(self.data_initializer,
+                        {} if self.records is None else {self.records: data_path})
+        bar = tqdm(total=total, desc=desc, unit="img", disable=not progress,
+                   dynamic_ncols=True)
+        with bar:  # closed (newline written) before any error message
+            for fetched in iterate_batches(session, fetches, data_path):
+                images, note = handle(fetched)
+                bar.update(images)
+                if note:
+                    bar.set_postfix_str(note)
 
     def restore(self, session, checkpoint, model_def_path):
         # Kept: the rank pass's filter norms come from the values restored.

@@ -282,6 +282,13 @@ def _stage_model(config, row):
 def run(config, args=None, rows=None, log=print, progress=True):
     """Run the stages still to do, then measure latency of every stage, write
     stages.csv and compression.png and log the summary table. Returns the rows."""
+    try:
+        return _run(config, rows, log, progress)
+    finally:
+        _held.close()
+
+
+def _run(config, rows, log, progress):
     run_dir = config["run_dir"]
     rows = list(rows if rows is not None else finished_rows(config))
     make_directory(run_dir)
@@ -357,13 +364,40 @@ def _set_step(name):
     current_step = name
 
 
+class _HeldEvaluation:
+    """The evaluation graph of the model evaluated last, restored once and
+    kept for its next pass: a stage tests the try it validated last (stage
+    0 and the final retraining validate and test one model too), so one
+    graph and one checkpoint read serve both. Closed before any retraining
+    (no idle session beside training) and at the end of a run."""
+
+    def __init__(self):
+        self.key = self.evaluation = None
+
+    def of(self, model):
+        from netcompress.jobs.evaluate import Evaluation
+
+        key = tuple(None if model[name] is None else os.path.realpath(model[name])
+                    for name in ("model_def", "mask", "checkpoint"))
+        if key != self.key:
+            self.close()
+            self.evaluation, self.key = Evaluation(model), key
+        return self.evaluation
+
+    def close(self):
+        if self.evaluation is not None:
+            self.evaluation.close()
+        self.key = self.evaluation = None
+
+
+_held = _HeldEvaluation()
+
+
 def _miou_pass(model, records, report_path, progress):
     """mIoU in percent of one plain pass of ``model`` over ``records``; the
     per-class report goes to ``report_path``."""
-    from netcompress.jobs.evaluate import evaluate
-
     lines = []
-    matrix = evaluate(dict(model, test_data=records), log=lines.append, progress=progress)
+    matrix = _held.of(model).run(records, log=lines.append, progress=progress)
     _write_lines(report_path, lines)
     return 100.0 * float(np.nan_to_num(matrix.mean_iou()))
 
@@ -941,6 +975,7 @@ def _retrain(config, pruned, directory, stage, log, progress, iterations=None,
     from netcompress.jobs.train import train
 
     _set_step(step)
+    _held.close()
     train_config = retrain_config(config, pruned, directory, iterations)
     seed = None if config["seed"] is None else config["seed"] + stage
     lines = []
