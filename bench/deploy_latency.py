@@ -37,6 +37,7 @@ def exported_forms(model_def, masks, num_classes, height, width, directory, thre
     import tensorflow as tf
 
     from models.model_def import save_masks, save_model_def
+    from netcompress.formats.description import files_model
     from netcompress.jobs import export
     from netcompress.graphs import serving
 
@@ -48,7 +49,9 @@ def exported_forms(model_def, masks, num_classes, height, width, directory, thre
         mask_path = os.path.join(directory, "mask.npy")
         save_masks(masks, mask_path)
     config = dict(model="AdapNet_pp", model_def=model_def_path, mask=mask_path,
-                  num_classes=num_classes, height=height, width=width, atrous_path="auto")
+                  num_classes=num_classes, height=height, width=width, atrous_path="auto",
+                  # Random weights, no checkpoint: the model is the files'.
+                  checkpoint_model=files_model(model_def_path, mask_path, num_classes))
     graph = serving.ServingGraph(config, fold_masks=fold_masks)
     with graph.graph.as_default():
         initializer = tf.compat.v1.variables_initializer(graph.variables)
