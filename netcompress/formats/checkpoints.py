@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from models.architecture import OUTER_SCOPE, adapnet_pp
+from models.architecture import OUTER_SCOPE
 from common.errors import UserError
 from common.files import staged
 from dataset.records import first_message_line
@@ -167,13 +167,15 @@ def restore_strict(session, path, variables, model_name="model_def", optional_sc
     return values
 
 
-def restore_model(session, path, variables, model_def_path, widened=None):
-    """restore_strict for a graph of a model_def, whose checkpoint may hold
-    auxiliary heads the graph does not build (inference); ``widened``: the
-    model's folded_kernels(). Returns the values read (restore_strict)."""
+def restore_model(session, path, variables, model_def_path, model):
+    """restore_strict for the graph of ``model`` (a model class instance),
+    whose checkpoint may hold the auxiliary heads its declaration names and
+    the graph does not build (inference); its folded_kernels() are widened.
+    Returns the values read (restore_strict)."""
     name = f"model_def {model_def_path}" if model_def_path else "model the checkpoint describes"
     return restore_strict(session, path, variables, model_name=name,
-                   optional_scopes=adapnet_pp().aux_scopes(), widened=widened)
+                          optional_scopes=model.architecture.aux_scopes(),
+                          widened=model.folded_kernels())
 
 
 def restore_matching(session, path, variables):

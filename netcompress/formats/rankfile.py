@@ -284,6 +284,7 @@ def merge(parts):
 
 def load_ranks(rank_path, model_def, num_classes, architecture=None):
     """The rank file, checked to cover exactly this model's layers and channels."""
+    # None: AdapNet++'s, for tests and bench/ scripts, which build no model.
     architecture = architecture or adapnet_pp()
     ranks = RankSums.load(rank_path)
     widths = resolve_widths(model_def, num_classes, architecture)
