@@ -26,8 +26,8 @@ import zlib
 
 import numpy as np
 
-from common.errors import UserError
-from common.files import numpy_file_kind, one_line, replace_atomically
+from common.errors import UserError, one_line
+from common.files import numpy_file_kind, replace_atomically
 from models.architecture import adapnet_pp, resolve_widths
 from netcompress.pruning_math.criteria import CRITERIA
 from netcompress.pruning_math.scores import normalised_scores
