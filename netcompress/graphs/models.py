@@ -89,9 +89,11 @@ def check_model_name(given, described):
 
 
 def with_checkpoint_model(config, checkpoint_key="checkpoint"):
-    """``config`` (a dict of train/evaluate/oracle_rank/predict/export) with
-    its model taken from ``config[checkpoint_key]``: 'num_classes' filled,
-    and 'checkpoint_model' the CheckpointModel that model_from_config
+    """``config`` (a dict of a kind that runs a checkpoint: evaluate,
+    oracle_rank, predict, export, or compress's per-stage evaluation config;
+    train's model is training.training_model's, prune's jobs/prune.py's)
+    with its model taken from ``config[checkpoint_key]``: 'num_classes'
+    filled, and 'checkpoint_model' the CheckpointModel that model_from_config
     builds. Idempotent."""
     if config.get("checkpoint_model") is not None:
         return config
