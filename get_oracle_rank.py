@@ -130,9 +130,10 @@ def _compare(config, args, written):
     from netcompress.formats.checkpoint_paths import resolve_checkpoint
     from netcompress.jobs.compare import compare, table, write_csv, write_plot
     from netcompress.formats.rankfile import load_ranks
+    from netcompress.graphs.models import model_architecture
 
     ranks = load_ranks(config["rank_save"], config["checkpoint_model"].model_def,
-                       config["num_classes"])
+                       config["num_classes"], model_architecture(config["model"]))
     checkpoint = resolve_checkpoint(config["checkpoint"])
     digest = checkpoint_digest(checkpoint)
     if ranks.metadata["checkpoint_sha256"]:

@@ -43,11 +43,6 @@ def _first_non_directory(directory):
     return None if os.path.isdir(path) else path
 
 
-def one_line(exc):
-    """An exception's text on one line (for `error: ...` messages)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def numpy_file_kind(path):
     """'npz', 'npy', 'empty' or 'other', from the file's first bytes: np.load
     would try to unpickle anything else and speak of pickled data."""

@@ -32,8 +32,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common.errors import INTERRUPT_EXIT, UserError
-from common.files import one_line
+from common.errors import INTERRUPT_EXIT, UserError, one_line
 from common.outputs import check_outputs
 
 # Pillow modes whose values are plain 8-bit class ids.

@@ -14,7 +14,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from common.errors import UserError
+from common.errors import UserError, error_text, first_message_line
 from common.files import atomic_target, replace_atomically
 
 IMAGE_KEY = "modality1"
@@ -179,28 +179,10 @@ def read_examples(path):
             yield decode_example(serialized)
         except Exception as exc:  # protobuf and reshape errors alike
             raise UserError(f"{path}: malformed example ({type(exc).__name__}: "
-                            f"{_first_line(str(exc))})") from None
+                            f"{first_message_line(exc)})") from None
 
 
 _ASSERT_MESSAGE = re.compile(r"assertion failed: \[(.*)\]")
-_TF_CONTEXT_PREFIX = re.compile(r"^.*?Iterator::[\w:]+: ")
-_TF_NOISE_LINE = re.compile(
-    r"^(Graph execution error:|Detected at node|Node: |File \"|\[\[|Original stack trace)")
-
-
-def _first_line(text):
-    """The first line of a TF error message that is not context or traceback."""
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not _TF_NOISE_LINE.match(line):
-            return line
-    return text.strip().splitlines()[0] if text.strip() else "unknown error"
-
-
-def first_message_line(exc):
-    """A TF error's first meaningful line, without context or traceback."""
-    message = getattr(exc, "message", None) or str(exc)
-    return _TF_CONTEXT_PREFIX.sub("", _first_line(message))
 
 
 def data_error_from(exc, path):
@@ -209,8 +191,7 @@ def data_error_from(exc, path):
     Keeps the message of parse_example's asserts (or the first meaningful line
     of any other TF error) and names the record file.
     """
-    message = getattr(exc, "message", None) or str(exc)
-    found = _ASSERT_MESSAGE.search(message)
+    found = _ASSERT_MESSAGE.search(error_text(exc))
     reason = found.group(1) if found else first_message_line(exc)
     if isinstance(exc, tf.errors.DataLossError):
         reason = f"corrupt or truncated record file ({reason})"
@@ -228,13 +209,13 @@ def record_writer(path):
                 writer = tf.io.TFRecordWriter(temp_path)
             except tf.errors.OpError as exc:
                 raise UserError(f"cannot write record file {path}: "
-                                f"{_first_line(exc.message)}") from None
+                                f"{first_message_line(exc)}") from None
             try:
                 yield writer
             finally:
                 writer.close()  # before the rename, or before the removal
     except (OSError, tf.errors.OpError) as exc:
-        reason = getattr(exc, "strerror", None) or _first_line(str(exc))
+        reason = getattr(exc, "strerror", None) or first_message_line(exc)
         raise UserError(f"cannot write record file {path}: {reason}") from None
 
 

@@ -43,6 +43,10 @@ DEFAULT_NUM_TRAIN = 400
 DEFAULT_NUM_TEST = 100
 DEFAULT_NUM_VAL = 100  # held out for choosing criteria and thresholds
 MIN_SIDE = 16
+# What AdapNet++'s input sides must be a multiple of (its output stride,
+# models/architecture.py, which dataset/ does not import): the --height and
+# --width help; any size is written.
+NETWORK_SIZE_MULTIPLE = 16
 
 _SPLIT_IDS = {"train": 0, "test": 1, "val": 2}
 _MIN_OBJECTS, _MAX_OBJECTS = 3, 6
@@ -188,9 +192,11 @@ def main(argv=None):
     parser.add_argument("--num_test", type=int, default=DEFAULT_NUM_TEST)
     parser.add_argument("--num_val", type=int, default=DEFAULT_NUM_VAL)
     parser.add_argument("--height", type=int, default=DEFAULT_HEIGHT,
-                        help="image height (AdapNet++ needs a multiple of 16)")
+                        help=f"image height (AdapNet++ needs a multiple of "
+                             f"{NETWORK_SIZE_MULTIPLE})")
     parser.add_argument("--width", type=int, default=DEFAULT_WIDTH,
-                        help="image width (AdapNet++ needs a multiple of 16)")
+                        help=f"image width (AdapNet++ needs a multiple of "
+                             f"{NETWORK_SIZE_MULTIPLE})")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from common.runtime import import_tensorflow_quietly

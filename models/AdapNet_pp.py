@@ -30,6 +30,10 @@ pre-activation output and the block output), before any gate."""
 
 
 class AdapNet_pp:
+    # On the class: pruning, ranking and costs read the declaration of the
+    # model a config names without building it (netcompress/graphs/models.py).
+    architecture = adapnet_pp()
+
     def __init__(self, model_def, num_classes, masks=None, atrous_path=atrous.AUTO,
                  fold_masks=False):
         """``masks``: {unit name: (kept indices, residual width)} as from
@@ -44,7 +48,6 @@ class AdapNet_pp:
         self.model_def = model_def
         self.num_classes = num_classes
         self.masks = dict(masks or {})
-        self.architecture = adapnet_pp()
         self.widths = resolve_widths(model_def, num_classes, self.architecture)
         self.kept_channels = check_masks(model_def, masks or {})
         # Tests switch dropout off to compare replica counts step for step.

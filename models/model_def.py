@@ -6,8 +6,8 @@ import os
 import numpy as np
 
 from models.architecture import Shortcut, adapnet_pp
-from common.errors import UserError
-from common.files import numpy_file_kind, one_line, replace_atomically
+from common.errors import UserError, one_line
+from common.files import numpy_file_kind, replace_atomically
 
 PARAM_KEYS = adapnet_pp().param_keys()
 UNIT_KEYS = {u.key for u in adapnet_pp().units}

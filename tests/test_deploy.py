@@ -282,7 +282,7 @@ def test_folded_masks_compute_the_per_run_widened_graph(workspace):
                                         for unit in masks) if fold else folded == {}
         with tf1.Session(graph=graph, config=SESSION_CONFIG) as session:
             restore_model(session, config["checkpoint"], model_variables(graph),
-                          config["model_def"], widened=folded)
+                          config["model_def"], model)
             logits[fold] = session.run(output, {placeholder: images.astype(np.float32)})
         shapes = {checkpoint_key(v.name): v.shape.as_list() for v in model_variables(graph)}
         for unit, (kept, width) in masks.items():

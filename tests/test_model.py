@@ -151,6 +151,7 @@ def test_declared_facts_agree_with_the_built_graph():
     group's width; the graph holds nothing else. The smallest map any conv
     writes is the input divided by the output stride."""
     from models.architecture import resolve_widths
+    from dataset.synthetic import NETWORK_SIZE_MULTIPLE
     from netcompress.settings.config import INPUT_SIZE_MULTIPLE
 
     arch = adapnet_pp()
@@ -178,7 +179,7 @@ def test_declared_facts_agree_with_the_built_graph():
     assert arch.input_norm().scope == "conv0"
     assert [arch.pre_activation(unit).scope for unit in arch.units] == \
         [f"{unit.scope}/conv3" for unit in arch.units]
-    assert arch.output_stride == INPUT_SIZE_MULTIPLE == 16
+    assert arch.output_stride == INPUT_SIZE_MULTIPLE == NETWORK_SIZE_MULTIPLE == 16
     sizes = [tensor.shape.as_list()[1:3] for scope, tensor in outputs.read.items()
              if arch.conv(scope).pooling is not Pooling.GLOBAL_INPUT]
     assert min(sizes) == [height // arch.output_stride, width // arch.output_stride]

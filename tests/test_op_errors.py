@@ -7,7 +7,8 @@ import tensorflow as tf
 from dataset.pipeline import eval_dataset
 from dataset.records import encode_example, record_writer
 from netcompress.graphs import op_errors
-from common.errors import UserError
+from common.errors import UserError, error_line, error_text, first_message_line, \
+    message_lines, one_line
 from netcompress.graphs.inference import iterate_batches
 
 tf1 = tf.compat.v1
@@ -59,3 +60,24 @@ def test_good_data_runs_to_the_end(tmp_path):
     path = write_records(tmp_path / "good.tfrecords", [1, 2, 3])
     batches = run_all(path, lambda images, labels: tf.shape(labels)[0])
     assert batches == [2, 1]
+
+
+def test_one_way_to_quote_a_tensorflow_error():
+    """common/errors.py keeps TensorFlow's own lines, without the frame,
+    node, stack trace and tf.data context it adds (docs/errors.md)."""
+    exc = tf.errors.InvalidArgumentError(None, None, (
+        "Graph execution error:\n\nDetected at node 'x' defined at (most recent call last):\n"
+        "  File \"train.py\", line 1, in <module>\n"
+        "Node: 'x'\n"
+        "{{function_node __wrapped}} Iterator::Root::Map: label id 7 >= num_classes (4)\n"
+        "\t second line of the cause\n"
+        "\t [[{{node IteratorGetNext}}]]\n"
+        "Original stack trace for 'x':\n  File \"y.py\", line 2"))
+    assert message_lines(exc) == [
+        "{{function_node __wrapped}} Iterator::Root::Map: label id 7 >= num_classes (4)",
+        "second line of the cause"]
+    assert first_message_line(exc) == "label id 7 >= num_classes (4)"
+    assert error_line(exc) == "InvalidArgumentError: label id 7 >= num_classes (4)"
+    assert error_text(ValueError("plain")) == "plain"
+    assert first_message_line(ValueError("")) == "ValueError"
+    assert one_line(ValueError("two\n  lines")) == "two lines"

@@ -169,7 +169,7 @@ def full_pass(trained, data, tiny_def):
 # ---- the layer list ----------------------------------------------------------------
 
 def test_default_layer_list_has_77_layers_and_4_streams_in_declaration_order():
-    layers = rank_layers()
+    layers = rank_layers(adapnet_pp())
     assert len(layers) == 81 == len(set(layers))
     # Each block's stream comes before its units' layers.
     assert [layers.index(f"block{b}/residual") for b in (1, 2, 3, 4)] == [1, 11, 25, 48]
@@ -191,7 +191,7 @@ def test_default_layer_list_has_77_layers_and_4_streams_in_declaration_order():
 def test_default_layer_widths_follow_the_model_def():
     model_def = load_model_def(os.path.join(REPO, "models", "default.json"))
     widths = resolve_widths(model_def, NUM_CLASSES)
-    layer_widths = [widths[name] for name in rank_layers()]
+    layer_widths = [widths[name] for name in rank_layers(adapnet_pp())]
     assert layer_widths[:5] == [64, 256, 64, 64, 256]  # conv1, block1 stream, unit_1
     assert widths["block2/unit_4/bottleneck_v1/conv2/A"] == 64
     assert widths["block4/unit_3/bottleneck_v1/conv2/B"] == 256
@@ -213,7 +213,7 @@ def test_rank_pass_equals_numpy_reference(full_pass, tiny, examples):
             abs_sums[scope] = abs_sums[scope] + np.abs(t).sum(axis=0)
             signed_sums[scope] = signed_sums[scope] + t.sum(axis=0)
     assert full_pass.count == NUM_RECORDS
-    assert full_pass.layers == rank_layers()
+    assert full_pass.layers == rank_layers(adapnet_pp())
     worst = 0.0
     for name in EXACTNESS_LAYERS:
         conv = architecture.producer_of(name)

@@ -3,10 +3,9 @@
 import numpy as np
 import tensorflow as tf
 
-from models.architecture import OUTER_SCOPE, adapnet_pp
-from common.errors import UserError
+from models.architecture import OUTER_SCOPE
+from common.errors import UserError, error_line, first_message_line
 from common.files import staged
-from dataset.records import first_message_line
 from netcompress.formats.description import KEY as DESCRIPTION_KEY
 from netcompress.formats.checkpoint_paths import CHECKPOINT_SUFFIXES, checkpoint_files, \
     record_in_state_file, resolve_checkpoint
@@ -15,8 +14,8 @@ tf1 = tf.compat.v1
 
 # What TensorFlow's checkpoint reader raises on a damaged or foreign file
 # (IndexError: a truncated .data file); none of the damage tried in
-# tests/test_faults.py aborts the process.
-_READER_ERRORS = (tf.errors.OpError, IndexError, ValueError, RuntimeError, OSError)
+# tests/test_faults.py aborts the process. description.py reads with them too.
+READER_ERRORS = (tf.errors.OpError, IndexError, ValueError, RuntimeError, OSError)
 
 
 def checkpoint_key(name):
@@ -25,16 +24,15 @@ def checkpoint_key(name):
 
 
 def _tf_reason(exc):
-    """The first meaningful line of a TensorFlow reader error."""
-    message = getattr(exc, "message", None) or str(exc)
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    reason = lines[0] if lines else type(exc).__name__
+    """The first own line of a TensorFlow reader error."""
+    reason = first_message_line(exc)
     if isinstance(exc, IndexError):  # what the reader raises on a short .data file
         reason = f"its data file is truncated or damaged ({reason})"
     return reason
 
 
 def damaged_error(prefix, exc, detail=""):
+    """One-line UserError for ``exc``, one of READER_ERRORS, on ``prefix``."""
     return UserError(f"checkpoint {prefix} is damaged or not a TensorFlow checkpoint"
                      f"{detail}: {_tf_reason(exc)}")
 
@@ -45,7 +43,7 @@ def _open_reader(path):
     try:
         reader = tf1.train.NewCheckpointReader(prefix)
         shapes = reader.get_variable_to_shape_map()
-    except _READER_ERRORS as exc:
+    except READER_ERRORS as exc:
         raise damaged_error(prefix, exc) from None
     return prefix, reader, shapes
 
@@ -62,7 +60,7 @@ def read_checkpoint(path):
     for name in sorted(set(shapes) - {DESCRIPTION_KEY}):
         try:
             value = reader.get_tensor(name)
-        except _READER_ERRORS as exc:
+        except READER_ERRORS as exc:
             raise damaged_error(prefix, exc, f" (reading {checkpoint_key(name)})") from None
         key = checkpoint_key(name)
         if (isinstance(value, np.ndarray) and value.dtype.kind in "fc"
@@ -167,13 +165,15 @@ def restore_strict(session, path, variables, model_name="model_def", optional_sc
     return values
 
 
-def restore_model(session, path, variables, model_def_path, widened=None):
-    """restore_strict for a graph of a model_def, whose checkpoint may hold
-    auxiliary heads the graph does not build (inference); ``widened``: the
-    model's folded_kernels(). Returns the values read (restore_strict)."""
+def restore_model(session, path, variables, model_def_path, model):
+    """restore_strict for the graph of ``model`` (a model class instance),
+    whose checkpoint may hold the auxiliary heads its declaration names and
+    the graph does not build (inference); its folded_kernels() are widened.
+    Returns the values read (restore_strict)."""
     name = f"model_def {model_def_path}" if model_def_path else "model the checkpoint describes"
     return restore_strict(session, path, variables, model_name=name,
-                   optional_scopes=adapnet_pp().aux_scopes(), widened=widened)
+                          optional_scopes=model.architecture.aux_scopes(),
+                          widened=model.folded_kernels())
 
 
 def restore_matching(session, path, variables):
@@ -227,8 +227,7 @@ def write_checkpoint(values, path, description=None):
                                write_state=False)
             except (OSError, tf.errors.OpError) as exc:
                 # TensorFlow's reason (disk full) follows its graph context.
-                reason = getattr(exc, "strerror", None) or \
-                    f"{type(exc).__name__}: {first_message_line(exc)}"
+                reason = getattr(exc, "strerror", None) or error_line(exc)
                 raise UserError(f"cannot write checkpoint {path}: {reason}") from None
     record_in_state_file(path)
     return path

@@ -110,7 +110,7 @@ def read_description(path):
 
     # First: scripts' checks read descriptions before graph_mode imports it.
     tf = import_tensorflow_quietly()
-    from netcompress.formats.checkpoints import damaged_error
+    from netcompress.formats.checkpoints import READER_ERRORS, damaged_error
     from netcompress.formats.checkpoint_paths import resolve_checkpoint
 
     prefix = resolve_checkpoint(path)
@@ -119,7 +119,7 @@ def read_description(path):
         if not reader.has_tensor(KEY):
             return None
         value = reader.get_tensor(KEY)
-    except (tf.errors.OpError, IndexError, ValueError, RuntimeError, OSError) as exc:
+    except READER_ERRORS as exc:
         raise damaged_error(prefix, exc) from None
     if isinstance(value, np.ndarray):
         value = value.item() if value.shape == () else None

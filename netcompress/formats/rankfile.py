@@ -26,8 +26,8 @@ import zlib
 
 import numpy as np
 
-from common.errors import UserError
-from common.files import numpy_file_kind, one_line, replace_atomically
+from common.errors import UserError, one_line
+from common.files import numpy_file_kind, replace_atomically
 from models.architecture import adapnet_pp, resolve_widths
 from netcompress.pruning_math.criteria import CRITERIA
 from netcompress.pruning_math.scores import normalised_scores
@@ -284,6 +284,7 @@ def merge(parts):
 
 def load_ranks(rank_path, model_def, num_classes, architecture=None):
     """The rank file, checked to cover exactly this model's layers and channels."""
+    # None: AdapNet++'s, for tests and bench/ scripts, which build no model.
     architecture = architecture or adapnet_pp()
     ranks = RankSums.load(rank_path)
     widths = resolve_widths(model_def, num_classes, architecture)

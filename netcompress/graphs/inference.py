@@ -104,8 +104,7 @@ class InferenceGraph:
     def restore(self, session, checkpoint, model_def_path):
         # Kept: the rank pass's filter norms come from the values restored.
         self.restored_values = checkpoints.restore_model(
-            session, checkpoint, self.model_variables, model_def_path,
-            widened=self.model.folded_kernels())
+            session, checkpoint, self.model_variables, model_def_path, self.model)
 
 
 class GatedGraph:
@@ -141,7 +140,7 @@ class GatedGraph:
 
     def restore(self, session, checkpoint, model_def_path):
         checkpoints.restore_model(session, checkpoint, self.model_variables, model_def_path,
-                                  widened=self.model.folded_kernels())
+                                  self.model)
 
     def evaluate(self, session, removed, num_classes, bar=None, gate_values=None):
         """(ConfusionMatrix, mean per-example loss) with the channels

@@ -33,18 +33,24 @@ def model_class(name):
     return found
 
 
+def model_architecture(name):
+    """The declaration (models/architecture.py) of the class model ``name``
+    gives: what pruning, ranking and costs read instead of assuming AdapNet++."""
+    return model_class(name).architecture
+
+
 # Most parameters a model_def may have: 1e9 float32 weights are 4 GB, 16 GB
 # with their gradients and Adam's two slots (the default model has 30 M).
 # Checked before building: TensorFlow would allocate for minutes, or die.
 MAX_PARAMETERS = 10 ** 9
 
 
-def check_model_size(model_def, num_classes, source):
+def check_model_size(model_def, num_classes, source, architecture):
     """A UserError when ``model_def`` has more than MAX_PARAMETERS parameters
-    (counted from the declaration, nothing built)."""
+    (counted from ``architecture``, the model's declaration, nothing built)."""
     from netcompress.pruning_math.costs import total_parameters
 
-    count = total_parameters(model_def, num_classes)
+    count = total_parameters(model_def, num_classes, architecture)
     if count > MAX_PARAMETERS:
         raise UserError(f"{source}: {count:,} parameters ({4 * count / 2**30:,.1f} GiB of "
                         f"float32 weights) is more than the {MAX_PARAMETERS:,} a model may "
@@ -63,7 +69,7 @@ def model_from_config(config, **options):
                             "its model)")
         found = files_model(config["model_def"], config.get("mask"), config["num_classes"])
     cls = model_class(config["model"])  # its errors name the model, not the model_def
-    check_model_size(found.model_def, config["num_classes"], found.source)
+    check_model_size(found.model_def, config["num_classes"], found.source, cls.architecture)
     try:
         return cls(found.model_def, config["num_classes"], found.masks,
                    atrous_path=config.get("atrous_path", "auto"), **options)
@@ -83,9 +89,11 @@ def check_model_name(given, described):
 
 
 def with_checkpoint_model(config, checkpoint_key="checkpoint"):
-    """``config`` (a dict of train/evaluate/oracle_rank/predict/export) with
-    its model taken from ``config[checkpoint_key]``: 'num_classes' filled,
-    and 'checkpoint_model' the CheckpointModel that model_from_config
+    """``config`` (a dict of a kind that runs a checkpoint: evaluate,
+    oracle_rank, predict, export, or compress's per-stage evaluation config;
+    train's model is training.training_model's, prune's jobs/prune.py's)
+    with its model taken from ``config[checkpoint_key]``: 'num_classes'
+    filled, and 'checkpoint_model' the CheckpointModel that model_from_config
     builds. Idempotent."""
     if config.get("checkpoint_model") is not None:
         return config

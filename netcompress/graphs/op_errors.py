@@ -11,8 +11,8 @@ import re
 
 import tensorflow as tf
 
-from dataset.records import data_error_from, first_message_line
-from common.errors import UserError
+from dataset.records import data_error_from
+from common.errors import UserError, error_line, error_text
 
 INPUT_PIPELINE_OPS = ("IteratorGetNext", "IteratorGetNextSync", "IteratorGetNextAsOptional")
 
@@ -34,7 +34,7 @@ def failed_op(exc, graph=None):
     """The graph op that raised ``exc`` (None if it cannot be told)."""
     if getattr(exc, "op", None) is not None:
         return exc.op
-    found = _NODE_CONTEXT.search(getattr(exc, "message", None) or str(exc))
+    found = _NODE_CONTEXT.search(error_text(exc))
     if found is None or graph is None:
         return None
     try:
@@ -51,8 +51,7 @@ def session_error_from(exc, data_path, graph=None):
                                                      and op.type in INPUT_PIPELINE_OPS):
         return data_error_from(exc, data_path)
     where = f"op {op.name} ({op.type})" if op is not None else "an op"
-    return OpFailure(f"TensorFlow {where} failed: {type(exc).__name__}: "
-                     f"{first_message_line(exc)}")
+    return OpFailure(f"TensorFlow {where} failed: {error_line(exc)}")
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import time
 
 import tensorflow as tf
 
-from common.errors import UserError
+from common.errors import UserError, error_text, message_lines
 from netcompress.settings.config import listed_gpus, setting_defaults
 
 tf1 = tf.compat.v1
@@ -113,8 +113,6 @@ def wait_for_workers(workers, index, timeout, interval=0.5):
                 time.sleep(interval)
 
 
-# TensorFlow's traceback and graph context around an error's own lines.
-_TF_NOISE = re.compile(r"^(Graph execution error:|Detected at node|Node: |File \"|\[\[)")
 _REMOTE_TASK = re.compile(r"remote target /job:worker/replica:\d+/task:(\d+)")
 
 
@@ -122,15 +120,7 @@ def whole_cause(exc, limit=1500):
     """A TensorFlow error's own lines, on one line: all of them (a dead
     peer's cause is on the second and later ones), without the graph
     context and stack traces TensorFlow adds."""
-    text = getattr(exc, "message", None) or str(exc)
-    kept = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("Original stack trace"):
-            break
-        if line and not _TF_NOISE.match(line):
-            kept.append(line)
-    cause = " ".join(" ".join(kept).split()) or "no message"
+    cause = " ".join(" ".join(message_lines(exc)).split()) or "no message"
     if len(cause) > limit:
         cause = cause[:limit] + " ..."
     return f"{type(exc).__name__}: {cause}"
@@ -189,8 +179,7 @@ class PeerWatch:
         """A UserError naming the worker behind ``exc`` (an op error of a
         collective run) with its whole cause; None when no other worker is
         named by it or found dead."""
-        remote = [int(n) for n in _REMOTE_TASK.findall(getattr(exc, "message", None)
-                                                       or str(exc))]
+        remote = [int(n) for n in _REMOTE_TASK.findall(error_text(exc))]
         remote = [n for n in remote if n != self.index and n < len(self.workers)]
         number = remote[0] if remote else (self.dead_peer() or (None,))[0]
         if number is None:

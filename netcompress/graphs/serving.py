@@ -59,8 +59,7 @@ class ServingGraph:
         """Restore the config's checkpoint; its aux heads (absent here) may be there."""
         prefix = resolve_checkpoint(self.config["checkpoint"])
         checkpoints.restore_model(session, prefix, self.variables,
-                                  self.config.get("model_def"),
-                                  widened=self.model.folded_kernels())
+                                  self.config.get("model_def"), self.model)
         return prefix
 
     def session(self, threads=0):

@@ -41,12 +41,10 @@ def check_fractions(fractions):
     return sorted(set(fractions))
 
 
-def compared_layers(ranks, streams=False):
+def compared_layers(ranks, architecture, streams=False):
     """The rank file's layers a fraction is removed from: residual streams
-    only with ``streams``."""
-    from models.architecture import adapnet_pp
-
-    stream_names = {g.name for g in adapnet_pp().stream_groups()}
+    (of ``architecture``, the model's declaration) only with ``streams``."""
+    stream_names = {g.name for g in architecture.stream_groups()}
     layers = [layer for layer in ranks.layers if streams or layer not in stream_names]
     if streams and not stream_names.intersection(layers):
         raise UserError(f"rank file {ranks.path} has no residual stream scores (written "
@@ -63,7 +61,9 @@ def compare(config, ranks, fractions=DEFAULT_FRACTIONS, oracle_layers=(), progre
     {criterion: rho}}}} over config['val_data']."""
     data_path = config["val_data"]
     fractions = check_fractions(fractions)
-    layers = compared_layers(ranks, streams)
+    from netcompress.graphs.models import model_architecture
+
+    layers = compared_layers(ranks, model_architecture(config["model"]), streams)
     unknown = [layer for layer in oracle_layers if layer not in ranks.layers]
     if unknown:
         raise UserError(f"--oracle {unknown[0]}: not a prunable layer (one of "

@@ -38,6 +38,7 @@ from common.errors import UserError
 from common.files import make_directory, replace_atomically
 from netcompress.formats.checkpoint_paths import checkpoint_exists, input_checkpoint_files
 from netcompress.formats.palette import config_class_names
+from netcompress.graphs.models import model_architecture
 from netcompress.jobs.compress_report import table, write_csv, write_plot
 from netcompress.pruning_math.search import search_groups
 from netcompress.settings.config import AFTER_RETRAINING, setting_defaults
@@ -431,9 +432,10 @@ def _model_costs(config, model_def, masks):
     """(parameters, multiply-adds) of a model_def and masks already read."""
     from netcompress.pruning_math.costs import inference_macs, total_parameters
 
-    return (total_parameters(model_def, config["num_classes"]),
+    architecture = model_architecture(config["model"])
+    return (total_parameters(model_def, config["num_classes"], architecture),
             inference_macs(model_def, config["num_classes"], config["height"],
-                           config["width"], masks))
+                           config["width"], masks, architecture))
 
 
 def _resource_percent(config, rows, model, parameters, macs, log, progress):
@@ -609,7 +611,6 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     """after_retraining: (its row, None), or (None, why) when its smallest
     step fails or nothing is left to remove. Each try lives in
     directory/tryK/."""
-    from models.architecture import adapnet_pp
     from models.model_def import load_masks, load_model_def
     from netcompress.formats.checkpoint_paths import resolve_checkpoint
     from netcompress.formats.rankfile import RankSums
@@ -626,17 +627,20 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     _rank(config, model, rank_path, log, progress)
     _set_step("allocate")
     model_def, masks = load_model_def(model_def_path), load_masks(mask_path)
+    architecture = model_architecture(config["model"])
     normalised = load_normalised_scores(rank_path, model_def, num_classes,
-                                        config["criterion"], config["normalisation"])
+                                        config["criterion"], config["normalisation"],
+                                        architecture)
     # A latency target sizes its steps in MACs (docs/compress.md).
     sized = "macs" if config["target"] == "latency" else config["target"]
-    groups = adapnet_pp().prunable_groups(streams=config.get("streams", False))
+    groups = architecture.prunable_groups(streams=config.get("streams", False))
     layers = [group.name for group in groups]
     _check_stream_scores(rank_path, normalised, layers)
     normalised = {layer: normalised[layer] for layer in layers}
     raw = {layer: values for layer, values in
            RankSums.load(rank_path).scores(config["criterion"]).items() if layer in layers}
-    costs = channel_costs(model_def, masks, num_classes, height, width, sized, layers)
+    costs = channel_costs(model_def, masks, num_classes, height, width, sized, layers,
+                          architecture)
     orders = family_orderings(raw, normalised, costs,
                               [group.name for group in groups if group.stream],
                               config["min_channels"])
@@ -657,7 +661,7 @@ def _stage_after_retraining(config, rows, directory, log, progress):
             (f", not by {' or '.join(excluded)}" if excluded else ""))
         options = {name: removal_for_goal(order, aim, model_def, masks, num_classes, height,
                                           width, sized, config["min_channels"],
-                                          config["round_to"])
+                                          config["round_to"], architecture)
                    for name, (family, order) in orders.items() if family not in excluded}
         if all(after > aim for _, after in options.values()):
             reachable = 100.0 * min(after for _, after in options.values()) / given
@@ -751,10 +755,12 @@ def _search(config, model, model_def, rank_path, log, progress):
     from netcompress.pruning_math.search import max_evaluations, search
 
     _set_step("search")
+    architecture = model_architecture(config["model"])
     scores = load_normalised_scores(rank_path, model_def,
                                     config["num_classes"], config["criterion"],
-                                    config["normalisation"])
-    groups = search_groups(config["search"], streams=config.get("streams", False))
+                                    config["normalisation"], architecture)
+    groups = search_groups(config["search"], architecture,
+                           streams=config.get("streams", False))
     gated = GatedGraph(model, config["val_data"])
     floor = config["miou_floor"] or None
     with tf.compat.v1.Session(graph=gated.graph) as session, \
@@ -817,7 +823,8 @@ def _prune(config, model, model_def, masks, rank_path, groups, scores, found, di
     check_masks(model_def, masks, source=model["mask"] or "mask")
     layers, scaled_scores = plan_scores(scores, groups, found.thresholds)
     plan = plan_pruning(model_def, masks, config["num_classes"], scaled_scores, layers, 1.0,
-                        config["min_channels"], config["round_to"])
+                        config["min_channels"], config["round_to"],
+                        model_architecture(config["model"]))
     planned = {cut.layer: list(cut.removed) for cut in plan.pruned_layers}
     searched = {layer: [int(i) for i in indices] for layer, indices in found.removed.items()}
     for layer, channels in plan.given_back.items():  # a conv3 emptied by its stream
@@ -881,7 +888,8 @@ def _prune_removal(config, model, rank_path, removed, directory, log, model_def,
 
     _set_step("prune")
     plan = plan_removal(model_def, masks, config["num_classes"], removed,
-                        config.get("min_channels", 1), config.get("round_to", 1))
+                        config.get("min_channels", 1), config.get("round_to", 1),
+                        model_architecture(config["model"]))
     layers = [cut.layer for cut in plan.layers]
     settings = prune_settings(config, model, rank_path, directory)
     outputs.check_outputs(*planned_files(settings))
@@ -1043,10 +1051,10 @@ def latency_of(config, models, progress=True):
 
 def layer_widths(config, rows):
     """(layers, original widths, kept widths of the last stage)."""
-    from models.architecture import adapnet_pp, resolve_widths
+    from models.architecture import resolve_widths
     from models.model_def import load_model_def
 
-    architecture = adapnet_pp()
+    architecture = model_architecture(config["model"])
     layers = [g.name for g in architecture.prunable_groups(config.get("streams", False))]
     first = resolve_widths(load_model_def(_stage_model(config, rows[0])[0]),
                            config["num_classes"], architecture)

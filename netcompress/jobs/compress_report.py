@@ -142,6 +142,9 @@ def write_plot(config, rows, widths, path):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    from netcompress.graphs.models import model_architecture
+    from netcompress.pruning_math.search import search_section
+
     stages = [row["stage"] for row in rows]
     reduction = [0.0 - parameter_reduction(rows, row) for row in rows]
     layers, original, kept = widths
@@ -174,7 +177,8 @@ def write_plot(config, rows, widths, path):
     bottom.bar(positions, original, color="lightgray", label="original")
     bottom.bar(positions, kept, color="tab:blue", label=f"stage {stages[-1]}")
     bottom.set_xlim(-1, len(layers))
-    sections = [_section_of(name) for name in layers]
+    architecture = model_architecture(config["model"])
+    sections = [search_section(architecture.group_by_name[name].section) for name in layers]
     starts = [i for i in range(len(layers)) if i == 0 or sections[i] != sections[i - 1]]
     for begin, end in zip(starts, starts[1:] + [len(layers)]):
         if begin:
@@ -224,9 +228,3 @@ def _plot_curve(axes, config, rows):
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
 
-
-def _section_of(layer):
-    from models.architecture import adapnet_pp
-    from netcompress.pruning_math.search import search_section
-
-    return search_section(adapnet_pp().group_by_name[layer].section)

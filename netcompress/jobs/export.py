@@ -18,10 +18,10 @@ import numpy as np
 import tensorflow as tf
 
 from common.digests import checkpoint_line, records_line
-from common.errors import UserError
-from common.files import atomic_directory, make_directory, one_line
+from common.errors import UserError, error_line, one_line
+from common.files import atomic_directory, make_directory
 from common.outputs import real
-from dataset.records import first_message_line, read_examples, require_record_file
+from dataset.records import read_examples, require_record_file
 from netcompress.graphs import serving
 from netcompress.graphs.models import with_checkpoint_model
 from netcompress.graphs.metrics import ConfusionMatrix
@@ -337,8 +337,7 @@ def _export_into(config, directory, images, int8, onnx, log):
             saved_model = write_saved_model(graph, session,
                                             os.path.join(directory, SAVED_MODEL))
         except tf.errors.OpError as exc:  # TensorFlow's file writes: disk full, ...
-            raise OSError(f"SavedModel: {type(exc).__name__}: "
-                          f"{first_message_line(exc)}") from None
+            raise OSError(f"SavedModel: {error_line(exc)}") from None
         frozen = frozen_graph_def(graph, session) if onnx else None
     log(checkpoint_line(prefix))
     log(records_line("test_data", config["test_data"], len(images)) + " (the check images)")

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from tqdm import tqdm
 
 from common.digests import checkpoint_line, records_line
-from common.errors import UserError
+from common.errors import UserError, one_line
 from common.files import make_directory, replace_atomically
 from common.outputs import check_outputs
 from dataset.records import count_records, read_examples
@@ -124,7 +124,7 @@ class Source:
                     yield name, np.asarray(image.convert("RGB")), None
             except (OSError, UnidentifiedImageError, ValueError,
                     Image.DecompressionBombError) as exc:
-                yield name, None, f"{file}: {' '.join(str(exc).split()) or type(exc).__name__}"
+                yield name, None, f"{file}: {one_line(exc)}"
 
     def _records(self):
         names = iter(self.names)

@@ -18,6 +18,7 @@ from netcompress.formats.checkpoint_paths import checkpoint_directory, checkpoin
 from netcompress.settings.config import PRUNE_SETTINGS, REQUIRED
 from netcompress.formats.description import DEFAULT_MODEL, checkpoint_model, describe
 from netcompress.formats.palette import read_class_names
+from netcompress.graphs.models import model_architecture
 from netcompress.pruning_math.plan import model_values, plan_pruning, remove_channels, \
     zero_channels
 from netcompress.jobs.prune_report import cost_report, threshold_summary
@@ -136,12 +137,14 @@ def prepare(settings):
     check_masks(model_def, masks, source=settings.mask_load or "mask")
     class_names = read_class_names(settings.classes, found.num_classes) \
         if settings.classes else (found.description and found.description.class_names())
+    model_name = found.model or DEFAULT_MODEL
+    architecture = model_architecture(model_name)
     layers = select_layers(settings.phase, settings.conv_name, settings.all_convs,
-                           streams=settings.streams)
+                           architecture, streams=settings.streams)
     if settings.criterion not in CRITERIA:
         raise UserError(f"unknown criterion {settings.criterion!r}; valid: "
                         f"{', '.join(CRITERIA)}")
-    ranks = load_ranks(settings.rank_file, model_def, settings.num_classes)
+    ranks = load_ranks(settings.rank_file, model_def, settings.num_classes, architecture)
     if not settings.decide_threshold:  # the checkpoint's content: checked in execute
         ranks.check_masks(masks, settings.mask_load or (
             "the checkpoint's masks" if found.description else "no mask file"))
@@ -152,12 +155,13 @@ def prepare(settings):
                         f"(written before residual streams were ranked): regenerate it "
                         f"with get_oracle_rank.py")
     job = PruneJob(settings, model_def, masks, layers, scores, ranks=ranks,
-                   model_name=found.model or DEFAULT_MODEL, class_names=class_names,
+                   model_name=model_name, class_names=class_names,
                    source=found.label)
     if settings.decide_threshold:
         return job
     job.plan = plan_pruning(model_def, masks, settings.num_classes, scores, layers,
-                            settings.threshold, settings.min_channels, settings.round_to)
+                            settings.threshold, settings.min_channels, settings.round_to,
+                            architecture)
     if job.plan.masks_after and not settings.try_zeros and settings.mask_save is None:
         raise UserError("the pruned model has residual masks but mask_save is None: "
                         "give a path for the mask file")

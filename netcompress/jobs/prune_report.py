@@ -17,9 +17,11 @@ def _percent_change(before, after):
 def cost_report(plan, height, width):
     """Text: channels per pruned layer; params and MACs (at height x width) of
     every conv whose shape changed; totals before/after."""
-    num_classes = plan.num_classes
-    before = conv_costs(plan.model_def_before, num_classes, height, width, plan.masks_before)
-    after = conv_costs(plan.model_def_after, num_classes, height, width, plan.masks_after)
+    num_classes, architecture = plan.num_classes, plan.architecture
+    before = conv_costs(plan.model_def_before, num_classes, height, width, plan.masks_before,
+                        architecture)
+    after = conv_costs(plan.model_def_after, num_classes, height, width, plan.masks_after,
+                       architecture)
     how = "by an explicit removal" if plan.threshold is None \
         else f"at threshold {plan.threshold:g}"
     lines = [f"pruned {len(plan.pruned_layers)} of {len(plan.layers)} selected layer(s) {how}"]
@@ -42,10 +44,12 @@ def cost_report(plan, height, width):
             lines.append(f"  {scope:<{name_width}} {before[scope].params:>14,} "
                          f"{after[scope].params:>12,} {before[scope].macs / 1e6:>14,.3f} "
                          f"{after[scope].macs / 1e6:>12,.3f}")
-    params = [total_parameters(d, num_classes)
+    params = [total_parameters(d, num_classes, architecture)
               for d in (plan.model_def_before, plan.model_def_after)]
-    macs = [inference_macs(plan.model_def_before, num_classes, height, width, plan.masks_before),
-            inference_macs(plan.model_def_after, num_classes, height, width, plan.masks_after)]
+    macs = [inference_macs(plan.model_def_before, num_classes, height, width, plan.masks_before,
+                           architecture),
+            inference_macs(plan.model_def_after, num_classes, height, width, plan.masks_after,
+                           architecture)]
     lines.append(f"parameters: {params[0]:,} -> {params[1]:,} "
                  f"({_percent_change(*params)})")
     lines.append(f"inference GMACs at {height}x{width}: {macs[0] / 1e9:,.3f} -> "

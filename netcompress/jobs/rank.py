@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from dataset.records import count_records
-from models.architecture import adapnet_pp, output_offset
+from models.architecture import output_offset
 from models.model_def import load_masks
 from netcompress.formats import rankfile
 from netcompress.formats.checkpoint_paths import resolve_checkpoint
@@ -42,23 +42,21 @@ from netcompress.formats.sharding import parse_shard, records_in_shard, shard_la
 
 tf1 = tf.compat.v1
 
-def rank_layers(architecture=None):
-    """Prunable layer names in declaration order, residual streams included:
-    the rank file's keys."""
-    architecture = architecture or adapnet_pp()
+def rank_layers(architecture):
+    """Prunable layer names of ``architecture`` (the model's declaration) in
+    its order, residual streams included: the rank file's keys."""
     return [group.name for group in architecture.prunable_groups(streams=True)]
 
 
-def ranked_convs(architecture=None):
+def ranked_convs(architecture):
     """Convs writing at least one prunable layer other than a stream, in
     declaration order (a stream is scored from all its writers and reads)."""
-    architecture = architecture or adapnet_pp()
     prunable = {g.name for g in architecture.prunable_groups()}
     return [conv for conv in architecture.convs if prunable.intersection(conv.outputs)]
 
 
-def per_example_taylor(loss, pre_norm, convs, pre_norm_kept=None, read=None,
-                       stream_reads=None, architecture=None):
+def per_example_taylor(loss, pre_norm, convs, architecture, pre_norm_kept=None, read=None,
+                       stream_reads=None):
     """{conv scope: t [N, C_out]}, the per-example spatial mean of z * dC/dz
     for every conv in ``convs`` (z: its output before batch norm), and, when
     ``read`` (the tensors consumers read) is given, {conv scope: t_out
@@ -71,7 +69,6 @@ def per_example_taylor(loss, pre_norm, convs, pre_norm_kept=None, read=None,
     adds each residual stream, keyed by its name: t = the sum of its writers'
     t (at the stream's width; the derivative by one scale on all of them), and
     t_out = the sum over its reads (the derivative by a gate on the stream)."""
-    architecture = architecture or adapnet_pp()
     pre_norm_kept = pre_norm_kept or {}
     streams = list(stream_reads or {})
     writers = {name: architecture.stream_writers(name) for name in streams}
@@ -121,8 +118,8 @@ class BatchTaylorSums:
         loss = tf.reduce_sum(model.per_example_loss(outputs, labels))
         streams = {g.name: outputs.stream_reads[g.name] for g in architecture.stream_groups()}
         t_by_key, t_out_by_key = per_example_taylor(
-            loss, outputs.pre_norm, ranked_convs(architecture), outputs.pre_norm_kept,
-            outputs.read, streams, architecture)
+            loss, outputs.pre_norm, ranked_convs(architecture), architecture,
+            outputs.pre_norm_kept, outputs.read, streams)
         rows = {"taylor": [], "reference": [], "taylor_out": []}
         for key, t in t_by_key.items():
             rows["taylor"].append(tf.reduce_sum(tf.abs(t), axis=0))

@@ -14,13 +14,12 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from dataset.records import first_message_line
 from common import files, outputs
 from netcompress.formats import checkpoints
 from netcompress.graphs import op_errors
 from netcompress.formats.checkpoint_paths import STATE_FILE, checkpoint_prefix, \
     input_checkpoint_files, latest_of_run
-from common.errors import UserError
+from common.errors import UserError, error_line, one_line
 from netcompress.graphs.training import TrainGraph
 
 tf1 = tf.compat.v1
@@ -226,9 +225,7 @@ def _reason(exc):
     own message without the graph-execution frame around it."""
     if getattr(exc, "strerror", None):
         return exc.strerror
-    if isinstance(exc, tf.errors.OpError):
-        return f"{type(exc).__name__}: {first_message_line(exc)}"
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return error_line(exc) if isinstance(exc, tf.errors.OpError) else one_line(exc)
 
 
 def train(config, log=print, seed=None, progress=True, dropout=True):

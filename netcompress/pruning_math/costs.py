@@ -32,6 +32,7 @@ class ConvCost:
 
 def spatial_sizes(height, width, architecture=None):
     """Conv scope -> (input height, input width, output height, output width)."""
+    # None: AdapNet++'s, for tests and bench/ scripts, which build no model.
     architecture = architecture or adapnet_pp()
     size_of_group = {IMAGE: (height, width)}
     sizes = {}
@@ -58,6 +59,7 @@ def conv_costs(model_def, num_classes, height=1, width=1, masks=None, architectu
     """Conv scope -> ConvCost at input size height x width (parameters do not
     depend on it); ``masks``: the residual units with a mask ({unit name:
     ...}, as load_masks gives)."""
+    # None: AdapNet++'s, for tests and bench/ scripts, which build no model.
     architecture = architecture or adapnet_pp()
     widths = resolve_widths(model_def, num_classes, architecture)
     sizes = spatial_sizes(height, width, architecture)
@@ -78,6 +80,7 @@ def conv_costs(model_def, num_classes, height=1, width=1, masks=None, architectu
 
 def inference_macs(model_def, num_classes, height, width, masks=None, architecture=None):
     """Multiply-adds of one inference (auxiliary heads are not built for it)."""
+    # None: AdapNet++'s, for tests and bench/ scripts, which build no model.
     architecture = architecture or adapnet_pp()
     costs = conv_costs(model_def, num_classes, height, width, masks, architecture)
     return sum(costs[c.scope].macs for c in architecture.convs if not c.aux)
@@ -87,6 +90,7 @@ def total_parameters(model_def, num_classes, architecture=None):
     """Every model variable, aux heads included (what a checkpoint holds):
     the convs and the declared batch norms outside them (the image's, and
     each unit's pre-activation over the residual width)."""
+    # None: AdapNet++'s, for tests and bench/ scripts, which build no model.
     architecture = architecture or adapnet_pp()
     widths = resolve_widths(model_def, num_classes, architecture)
     convs = sum(cost.params for cost in conv_costs(model_def, num_classes,

@@ -66,6 +66,8 @@ class PruningPlan:
     # a stream's, so that a masked conv3 keeps a channel (_give_back_stream,
     # _give_back_conv3)
     given_back: dict = field(default_factory=dict)
+    # The declaration planned on (models/architecture.py); the cost report counts with it.
+    architecture: object = None
 
     @property
     def pruned_layers(self):
@@ -223,6 +225,7 @@ def plan_pruning(model_def, masks, num_classes, normalised_scores, layers, thres
     then plan_removal. ``normalised_scores``: {layer: array or None (no
     signal)}. Layers may include residual streams (docs/design.md, "Residual
     streams")."""
+    # None: AdapNet++'s, for tests and bench/ scripts, which build no model.
     architecture = architecture or adapnet_pp()
     widths = _checked_widths(model_def, masks, num_classes, layers, architecture)
     removed, no_signal = {}, []
@@ -270,6 +273,7 @@ def plan_removal(model_def, masks, num_classes, removed, min_channels=1, round_t
     up to a multiple of ``round_to``, the lowest removed indices given back;
     a removal that takes every channel of a layer is an error. ``no_signal``:
     selected layers left as they are (their scores are all zero)."""
+    # None: AdapNet++'s, for tests and bench/ scripts, which build no model.
     architecture = architecture or adapnet_pp()
     widths = _checked_widths(model_def, masks, num_classes, list(removed) + list(no_signal),
                              architecture)
@@ -311,7 +315,7 @@ def plan_removal(model_def, masks, num_classes, removed, min_channels=1, round_t
     validate_model_def(new_model_def, source="pruned model_def")
     check_masks(new_model_def, new_masks, source="pruned masks")
     return PruningPlan(cuts, slices, model_def, new_model_def, masks, new_masks, num_classes,
-                       None, notes, given_back)
+                       None, notes, given_back, architecture)
 
 
 # ---- applying the plan to checkpoint values --------------------------------

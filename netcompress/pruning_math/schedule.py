@@ -89,11 +89,12 @@ def target_reached(percent, target):
 
 # ---- resources of a removal -----------------------------------------------------
 
-def resource_of(model_def, masks, num_classes, height, width, resource):
-    """Parameters or inference MACs (a latency target counts MACs)."""
+def resource_of(model_def, masks, num_classes, height, width, resource, architecture=None):
+    """Parameters or inference MACs (a latency target counts MACs) of
+    ``architecture``, the model's declaration (costs.py's default)."""
     if resource == "parameters":
-        return total_parameters(model_def, num_classes)
-    return inference_macs(model_def, num_classes, height, width, masks)
+        return total_parameters(model_def, num_classes, architecture)
+    return inference_macs(model_def, num_classes, height, width, masks, architecture)
 
 
 # ---- allocation: which channels make the step -----------------------------------
@@ -148,18 +149,22 @@ def family_orderings(raw, normalised, costs, streams, min_channels=1):
     return result
 
 
-def channel_costs(model_def, masks, num_classes, height, width, resource, layers):
+def channel_costs(model_def, masks, num_classes, height, width, resource, layers,
+                  architecture=None):
     """{layer: resource saved by removing one of its channels}, at the
-    current widths."""
-    widths = resolve_widths(model_def, num_classes, adapnet_pp())
-    base = resource_of(model_def, masks, num_classes, height, width, resource)
+    current widths of ``architecture`` (the model's declaration)."""
+    # None: AdapNet++'s, for tests and bench/ scripts, which build no model.
+    architecture = architecture or adapnet_pp()
+    widths = resolve_widths(model_def, num_classes, architecture)
+    base = resource_of(model_def, masks, num_classes, height, width, resource, architecture)
     costs = {}
     for layer in layers:
         if widths[layer] < 2:
             continue
-        plan = plan_removal(model_def, masks, num_classes, {layer: [0]})
+        plan = plan_removal(model_def, masks, num_classes, {layer: [0]},
+                            architecture=architecture)
         costs[layer] = base - resource_of(plan.model_def_after, plan.masks_after,
-                                          num_classes, height, width, resource)
+                                          num_classes, height, width, resource, architecture)
     return costs
 
 
@@ -171,16 +176,17 @@ def prefix_removal(order, count):
 
 
 def removal_for_goal(order, goal, model_def, masks, num_classes, height, width, resource,
-                     min_channels=1, round_to=1):
+                     min_channels=1, round_to=1, architecture=None):
     """The shortest prefix of ``order`` whose removal brings the resource to
     ``goal`` (absolute) or below, by bisection on the prefix length (the
     whole order when even that does not reach it). Returns (removed,
-    resource after)."""
+    resource after). ``architecture``: the model's declaration (plan.py's
+    default)."""
     def after(count):
         plan = plan_removal(model_def, masks, num_classes, prefix_removal(order, count),
-                            min_channels, round_to)
+                            min_channels, round_to, architecture=architecture)
         return resource_of(plan.model_def_after, plan.masks_after, num_classes, height,
-                           width, resource)
+                           width, resource, architecture)
 
     low, high = 0, len(order)
     if after(high) > goal:

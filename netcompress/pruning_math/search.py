@@ -36,6 +36,7 @@ def search_section(phase):
 def search_groups(mode, architecture=None, streams=False):
     """{group name: [layers]} in network order: sections, or one group 'all';
     ``streams``: each block's residual stream is in its section."""
+    # None: AdapNet++'s, for tests and bench/ scripts, which build no model.
     architecture = architecture or adapnet_pp()
     groups = {}
     for group in architecture.prunable_groups(streams):

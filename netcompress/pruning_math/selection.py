@@ -38,6 +38,7 @@ def select_layers(phase, conv_name=None, all_convs=False, architecture=None, str
     those ``conv_name`` names (unit-relative names such as conv2/A match in
     every unit of a block; conv2 means both halves of a split conv2).
     ``streams``: the phase's residual streams are among them."""
+    # None: AdapNet++'s, for tests and bench/ scripts, which build no model.
     architecture = architecture or adapnet_pp()
     groups = _phase_groups(phase, architecture, streams)
     stream_names = {g.name for g in architecture.stream_groups()}

@@ -35,7 +35,9 @@ from netcompress.pruning_math.scores import NORMALISATIONS
 # names as models.atrous, repeated here because configs load before TensorFlow.
 ATROUS_PATHS = ("auto", "native", "space_to_batch")
 
-# Input sizes are multiples of the network's output stride (16).
+# Input sizes are multiples of the network's output stride (16). AdapNet++'s:
+# each value is checked as the config loads, before TensorFlow, so before the
+# class `model` names can be imported; its build checks its own stride.
 INPUT_SIZE_MULTIPLE = adapnet_pp().output_stride
 SIZE_RULE = f"a multiple of {INPUT_SIZE_MULTIPLE}"
 
