@@ -10,6 +10,7 @@ import io
 import sys
 from unittest import mock
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -41,9 +42,10 @@ class Counts:
     their number varied between runs of the same stage (22 or 21 in the
     budget stage: timing-dependent, not investigated)."""
 
+    # read_checkpoint: the values read from disk (a read_once block shares them).
     READERS = {"load_model_def": (model_def_module, "load_model_def"),
                "load_masks": (model_def_module, "load_masks"),
-               "read_checkpoint": (checkpoints, "read_checkpoint")}
+               "read_checkpoint": (checkpoints, "_read_values")}
 
     def __init__(self):
         self.calls = dict.fromkeys(list(self.READERS) + ["checkpoint_opens", "builds"], 0)
@@ -118,16 +120,16 @@ def test_a_stage_after_retraining_reads_and_builds_once(workspace, tmp_path):
     # Graphs: the rank pass, the gated candidates, the written checkpoint's
     # check, retraining, validation and test in one (before: 7, the source
     # checked again by the pruning; 6, validation and test apart).
-    # Checkpoint values: the source three times (rank pass, gated graph,
-    # pruning), the pruned one by retraining, the retrained one once for
-    # validation and test (before: 7, the rank pass's filter norms read it
-    # again; 6). The source's model_def: the stage, the rank pass and the
-    # gated graph; the new one by retraining and by the evaluation.
+    # Checkpoint values read from disk: each of the three checkpoints once,
+    # the stage's model shared by its rank pass, gated graph and pruning
+    # (before: 7, then 6 with the source read three times). model_def: the
+    # stage's model once for all its readers; the new one by retraining and
+    # by the evaluation (one file, read by both).
     assert calls["builds"] == 5
-    assert calls["read_checkpoint"] == 5
-    assert calls["checkpoint_opens"] == 13  # before: 18, 16
-    assert calls["load_model_def"] == 5  # before: 8, 6
-    assert calls["load_masks"] == 3  # before: 6, 4
+    assert calls["read_checkpoint"] == 3
+    assert calls["checkpoint_opens"] == 10  # before: 18, 16
+    assert calls["load_model_def"] == 3  # before: 8, 6
+    assert calls["load_masks"] == 2  # before: 6, 4
 
 
 @pytest.mark.slow  # staged compression, as in test_compress.py
@@ -135,10 +137,10 @@ def test_a_budget_stage_reads_and_builds_once(workspace, tmp_path):
     calls = _stage_one(workspace, tmp_path, "stage_rule=budget_before_retraining")
     # As a stage after retraining, the search's gated graph for the candidates'.
     assert calls["builds"] == 5  # before: 7, 6
-    assert calls["read_checkpoint"] == 5  # before: 7, 6
-    assert calls["checkpoint_opens"] == 13  # before: 18, 16
-    assert calls["load_model_def"] == 5  # before: 8, 6
-    assert calls["load_masks"] == 1  # before: 2
+    assert calls["read_checkpoint"] == 3  # before: 7, 6
+    assert calls["checkpoint_opens"] == 10  # before: 18, 16
+    assert calls["load_model_def"] == 3  # before: 8, 6
+    assert calls["load_masks"] == 0  # before: 2, 1 (the model has no mask)
 
 
 def test_a_rank_pass_reads_and_builds_once(workspace):
@@ -151,3 +153,18 @@ def test_a_rank_pass_reads_and_builds_once(workspace):
     # checkpoint read twice, opened 4 times).
     assert counts.calls == {"builds": 1, "read_checkpoint": 1, "checkpoint_opens": 3,
                             "load_model_def": 1, "load_masks": 0}
+
+
+def test_read_once_shares_one_read_of_a_checkpoint(workspace):
+    prefix = workspace["checkpoint"]
+    counts = Counts()
+    with counts.active():
+        with checkpoints.read_once(prefix):
+            first = checkpoints.read_checkpoint(prefix)
+            second = checkpoints.read_checkpoint(prefix)
+        after = checkpoints.read_checkpoint(prefix)
+    assert counts.calls["read_checkpoint"] == 2  # once in the block, once after it
+    assert first is not second and first.keys() == second.keys() == after.keys()
+    name = next(key for key, value in first.items() if getattr(value, "ndim", 0))
+    assert first[name] is second[name] and not first[name].flags.writeable
+    assert after[name].flags.writeable and np.array_equal(after[name], first[name])

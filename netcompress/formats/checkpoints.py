@@ -1,5 +1,8 @@
 """Checkpoint reading, name-based restoring and model/checkpoint matching."""
 
+import contextlib
+import os
+
 import numpy as np
 import tensorflow as tf
 
@@ -48,12 +51,44 @@ def _open_reader(path):
     return prefix, reader, shapes
 
 
+_shared_reads = {}  # read_once: {checkpoint prefix: its values, or None until read}
+
+
+@contextlib.contextmanager
+def read_once(prefix):
+    """Within the block, the values of checkpoint ``prefix`` are read from
+    disk once and shared, read-only, by every read_checkpoint of it (a
+    compress stage's rank pass, gated graph and pruning all read its model)."""
+    key = os.path.realpath(prefix)
+    if key in _shared_reads:  # an outer block shares it already
+        yield
+        return
+    _shared_reads[key] = None
+    try:
+        yield
+    finally:
+        del _shared_reads[key]
+
+
 def read_checkpoint(path):
     """{name without ':0': numpy array} of every tensor in a checkpoint.
 
     Refuses a checkpoint with NaN or inf in a variable (optimizer slots
     aside): every reader (evaluation, ranking, pruning, ``intialize``) would
     otherwise carry them on silently."""
+    key = os.path.realpath(path)
+    if key not in _shared_reads:
+        return _read_values(path)
+    if _shared_reads[key] is None:
+        values = _read_values(path)
+        for value in values.values():
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False  # shared: a reader must copy to change it
+        _shared_reads[key] = values
+    return dict(_shared_reads[key])
+
+
+def _read_values(path):
     prefix, reader, shapes = _open_reader(path)
     values = {}
     # The description (netcompress/formats/description.py) is no tensor of the model.

@@ -24,6 +24,7 @@ netcompress/settings/config.py); its table, CSV and plot are
 netcompress/jobs/compress_report.py's. No TensorFlow at import.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -508,20 +509,36 @@ def _relative(config, path):
     return None if path is None else os.path.relpath(path, config["run_dir"])
 
 
+def _reading_source_once(stage):
+    """A stage whose readers of the stage's model (rank pass, gated graph,
+    pruning of every try) share one read of its checkpoint."""
+    @functools.wraps(stage)
+    def reading_once(config, rows, directory, log, progress):
+        from netcompress.formats.checkpoint_paths import resolve_checkpoint
+        from netcompress.formats.checkpoints import read_once
+
+        with read_once(resolve_checkpoint(_stage_model(config, rows[-1])[2])):
+            return stage(config, rows, directory, log, progress)
+    return reading_once
+
+
+@_reading_source_once
 def _stage_budget(config, rows, directory, log, progress):
     """budget_before_retraining: (its row, None), or (None, why) when nothing
     can be removed within the budget."""
-    from models.model_def import load_masks, load_model_def
     from netcompress.formats.checkpoint_paths import resolve_checkpoint
+    from netcompress.graphs.models import with_checkpoint_model
 
     stage = len(rows)
     model_def_path, mask_path, checkpoint = _stage_model(config, rows[-1])
     model = model_config(config, model_def_path, mask_path, resolve_checkpoint(checkpoint))
+    described = with_checkpoint_model(model)  # as in _stage_after_retraining
+    model_def, masks = described["checkpoint_model"].model_def, \
+        described["checkpoint_model"].masks
     make_directory(directory)
     rank_path = os.path.join(directory, "rank.npz")
-    _rank(config, model, rank_path, log, progress)
-    model_def, masks = load_model_def(model_def_path), load_masks(mask_path)
-    found, groups, scores = _search(config, model, model_def, rank_path, log, progress)
+    _rank(config, described, rank_path, log, progress)
+    found, groups, scores = _search(config, described, model_def, rank_path, log, progress)
     _write_json(os.path.join(directory, "search.json"), _search_record(found))
     if not found.removed:
         return None, (f"no channel can go within the budget (validation mIoU "
@@ -607,12 +624,13 @@ class _GatedCandidates:
             self.session.close()
 
 
+@_reading_source_once
 def _stage_after_retraining(config, rows, directory, log, progress):
     """after_retraining: (its row, None), or (None, why) when its smallest
     step fails or nothing is left to remove. Each try lives in
     directory/tryK/."""
-    from models.model_def import load_masks, load_model_def
     from netcompress.formats.checkpoint_paths import resolve_checkpoint
+    from netcompress.graphs.models import with_checkpoint_model
     from netcompress.formats.rankfile import RankSums
     from netcompress.pruning_math.schedule import Attempt, channel_costs, family_orderings, \
         removal_for_goal, run_stage
@@ -622,11 +640,15 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     num_classes, height, width = config["num_classes"], config["height"], config["width"]
     model_def_path, mask_path, checkpoint = _stage_model(config, rows[-1])
     model = model_config(config, model_def_path, mask_path, resolve_checkpoint(checkpoint))
+    # Its model_def and mask read once, for the readers of this model only
+    # (a config derived from `model` for another model must not carry it).
+    described = with_checkpoint_model(model)
+    model_def, masks = described["checkpoint_model"].model_def, \
+        described["checkpoint_model"].masks
     make_directory(directory)
     rank_path = os.path.join(directory, "rank.npz")
-    _rank(config, model, rank_path, log, progress)
+    _rank(config, described, rank_path, log, progress)
     _set_step("allocate")
-    model_def, masks = load_model_def(model_def_path), load_masks(mask_path)
     architecture = model_architecture(config["model"])
     normalised = load_normalised_scores(rank_path, model_def, num_classes,
                                         config["criterion"], config["normalisation"],
@@ -649,7 +671,7 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     reference, reference_checkpoint = _reference(config, rows, directory, stage, log,
                                                  progress)
     floor = reference - config["tolerance"]
-    candidates = _GatedCandidates(config, model)
+    candidates = _GatedCandidates(config, described)
     records = []
 
     def attempt(step, goal, excluded=()):
