@@ -337,7 +337,7 @@ def runs(workspace):
     then a rerun to two stages over a half-written stage 2; and one stage of
     budget_before_retraining, streams prunable too, in another run_dir."""
     run_dir = workspace["root"] / "run"
-    first = _run(workspace)
+    first = _run(workspace, "--final_iterations", "0")  # the rerun's final retraining only
     stage1 = run_dir / "stage1"
     before = {path: os.stat(path).st_mtime_ns for path in _files(stage1)}
     row1 = (stage1 / "row.json").read_text()
@@ -418,11 +418,11 @@ def test_failed_try_is_redone_with_the_other_family_then_half_the_step(runs):
 
 @pytest.mark.slow
 def test_final_model_gets_the_retraining_the_failed_tries_used(runs, workspace):
-    """final_iterations auto: the last kept stage's model is retrained as
-    many more steps as the tries not kept retrained (stage 1's two failed
-    tries, 2 steps each), so that it has had the run's whole retraining; a
-    rerun that ends at another stage redoes it from that stage's model, and
-    a run whose tries were all kept has none."""
+    """final_iterations auto (the rerun): the last kept stage's model is
+    retrained as many more steps as the tries not kept retrained (stage 1's
+    two failed tries, 2 steps each), so that it has had the run's whole
+    retraining; 0 (the first run) and a run whose tries were all kept have
+    none."""
     from netcompress.formats.checkpoint_paths import resolve_checkpoint
 
     run_dir = runs["run_dir"]
@@ -433,14 +433,15 @@ def test_final_model_gets_the_retraining_the_failed_tries_used(runs, workspace):
     assert final["checkpoint"] == os.path.join("final", "retrain", "model.ckpt-4")
     tested = (run_dir / "final" / "eval.txt").read_text().strip().splitlines()[-1]
     assert float(tested[6:]) == round(final["test_miou"], 2)
-    for run, stage in (("first", 1), ("second", 2)):
-        retrained = [event for event in runs[run][2]
-                     if event[0] == "retrain" and event[1] == "final"]
-        source = staged._stage_model({"run_dir": str(run_dir)}, rows[stage])[2]
-        assert [event[2] for event in retrained] == [
-            os.path.realpath(resolve_checkpoint(source))]
-        assert any(line.rstrip().endswith(f"stage {stage} retrained 4 more steps")
-                   and line.split()[0] == "final" for line in runs[run][0])
+    retrained = [event for event in runs["second"][2]
+                 if event[0] == "retrain" and event[1] == "final"]
+    source = staged._stage_model({"run_dir": str(run_dir)}, rows[2])[2]
+    assert [event[2] for event in retrained] == [os.path.realpath(resolve_checkpoint(source))]
+    assert any(line.rstrip().endswith("stage 2 retrained 4 more steps")
+               and line.split()[0] == "final" for line in runs["second"][0])
+    # final_iterations 0 (the first run): none; a run whose tries were all kept: none.
+    assert not [event for event in runs["first"][2] if event[1] == "final"]
+    assert not any(line.split()[:1] == ["final"] for line in runs["first"][0])
     assert not (runs["budget_dir"] / "final").exists()
 
 

@@ -122,25 +122,27 @@ def test_a_stage_after_retraining_reads_and_builds_once(workspace, tmp_path):
     # checked again by the pruning; 6, validation and test apart).
     # Checkpoint values read from disk: each of the three checkpoints once,
     # the stage's model shared by its rank pass, gated graph and pruning
-    # (before: 7, then 6 with the source read three times). model_def: the
-    # stage's model once for all its readers; the new one by retraining and
-    # by the evaluation (one file, read by both).
+    # (before: 7, then 6 with the source read three times). model_def and
+    # mask: the stage's model's once for all its readers; the new model's
+    # are written, not read (retraining and evaluation take them from the
+    # checkpoint's description).
     assert calls["builds"] == 5
     assert calls["read_checkpoint"] == 3
     assert calls["checkpoint_opens"] == 10  # before: 18, 16
-    assert calls["load_model_def"] == 3  # before: 8, 6
-    assert calls["load_masks"] == 2  # before: 6, 4
+    assert calls["load_model_def"] == 1  # before: 8, 6
+    assert calls["load_masks"] == 0  # before: 6, 4 (the given model has no mask)
 
 
 @pytest.mark.slow  # staged compression, as in test_compress.py
+@pytest.mark.long  # the stage-wide sharing is the after_retraining test's too
 def test_a_budget_stage_reads_and_builds_once(workspace, tmp_path):
     calls = _stage_one(workspace, tmp_path, "stage_rule=budget_before_retraining")
     # As a stage after retraining, the search's gated graph for the candidates'.
     assert calls["builds"] == 5  # before: 7, 6
     assert calls["read_checkpoint"] == 3  # before: 7, 6
     assert calls["checkpoint_opens"] == 10  # before: 18, 16
-    assert calls["load_model_def"] == 3  # before: 8, 6
-    assert calls["load_masks"] == 0  # before: 2, 1 (the model has no mask)
+    assert calls["load_model_def"] == 1  # before: 8, 6
+    assert calls["load_masks"] == 0  # before: 2, 1
 
 
 def test_a_rank_pass_reads_and_builds_once(workspace):

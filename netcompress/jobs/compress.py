@@ -509,6 +509,13 @@ def _relative(config, path):
     return None if path is None else os.path.relpath(path, config["run_dir"])
 
 
+def _described(model):
+    """``model`` (a checkpoint this run wrote) with its model taken from the
+    checkpoint's description alone: its model_def and mask files, written
+    with it and checked against it when pruned, are not read again."""
+    return dict(model, model_def=None, mask=None)
+
+
 def _reading_source_once(stage):
     """A stage whose readers of the stage's model (rank pass, gated graph,
     pruning of every try) share one read of its checkpoint."""
@@ -545,8 +552,8 @@ def _stage_budget(config, rows, directory, log, progress):
                       f"{found.start_miou:.2f}, goal >= {found.goal:.2f})")
     pruned, plan = _prune(config, model, model_def, masks, rank_path, groups, scores, found,
                           directory, log)
-    retrained = _retrain(config, pruned, directory, stage, log, progress)
-    final = dict(pruned, checkpoint=retrained)
+    retrained = _retrain(config, _described(pruned), directory, stage, log, progress)
+    final = _described(dict(pruned, checkpoint=retrained))
     val = _validate(config, final, directory, log, progress)
     miou = _evaluate_test(config, final, directory, log, progress)
     parameters, macs = _model_costs(config, plan.model_def_after, plan.masks_after)
@@ -712,8 +719,8 @@ def _stage_after_retraining(config, rows, directory, log, progress):
         pruned, plan = _prune_removal(config, model, rank_path, removed, try_dir, log,
                                       model_def, masks, source_verified=True)
         parameters, macs = _model_costs(config, plan.model_def_after, plan.masks_after)
-        retrained = _retrain(config, pruned, try_dir, stage, log, progress)
-        final = dict(pruned, checkpoint=retrained)
+        retrained = _retrain(config, _described(pruned), try_dir, stage, log, progress)
+        final = _described(dict(pruned, checkpoint=retrained))
         reached = _resource_percent(config, rows, final, parameters, macs, log, progress)
         val = _validate(config, final, try_dir, log, progress)
         record.update(resource_pct=reached, val_miou_retrained=val, parameters=parameters,
@@ -739,7 +746,7 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     chosen = accepted.details
     log(f"stage {stage} kept after {len(tries)} tr{'y' if len(tries) == 1 else 'ies'}: "
         f"validation mIoU {chosen['val_miou_retrained']:.2f} >= {floor:.2f}")
-    final = model_config(config, *_stage_model(config, dict(chosen, stage=stage)))
+    final = _described(model_config(config, *_stage_model(config, dict(chosen, stage=stage))))
     miou = _evaluate_test(config, final, directory, log, progress)
     return {"stage": stage, "model_def": chosen["model_def"], "mask": chosen["mask"],
             "checkpoint": chosen["checkpoint"], "parameters": chosen["parameters"],
