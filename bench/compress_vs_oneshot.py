@@ -4,13 +4,16 @@ streams").
 
     python bench/compress_vs_oneshot.py -c config/compress.config \
         [--thresholds 0.2 0.3 0.5] [--compress_streams false true] \
-        [--oneshot_streams true] [--oneshot_at_target] [--out DIR] [--KEY VALUE ...]
+        [--compress_direct 0 auto] [--oneshot_streams true] [--oneshot_at_target] \
+        [--out DIR] [--KEY VALUE ...]
 
 In one run, on the data of a compress config (its --KEY VALUE overrides,
 e.g. --retrain_iterations or --stages, apply to every arm):
 - compress.py's run with the config's settings, into DIR/compress (or one
   run per value of --compress_streams: DIR/compress for streams false,
-  DIR/compress-streams for true);
+  DIR/compress-streams for true; and per value of --compress_direct, the
+  direct_iterations: DIR/compress[-streams]-direct<value>), in the order
+  given;
 - one shot: every prunable layer of the given model (with --oneshot_streams
   true the residual streams too) cut at each threshold (the config's
   criterion and normalisation, ranks of the given model on the training
@@ -55,6 +58,10 @@ def add_arguments(parser):
     parser.add_argument("--compress_streams", choices=["false", "true"], nargs="+",
                         default=None, help="one compress.py run per value of `streams` "
                         "(default: the config's)")
+    parser.add_argument("--compress_direct", nargs="+", default=None,
+                        help="one compress.py run per value of `direct_iterations` (auto or "
+                        "a count; default: the config's); the other arms are retrained as "
+                        "long as the last run listed")
     parser.add_argument("--oneshot_streams", choices=["false", "true"], default=None,
                         help="one shot cuts the residual streams too (default: the "
                         "config's `streams`)")
@@ -65,8 +72,9 @@ def add_arguments(parser):
                         help="output directory (default: run_dir + '-vs-oneshot')")
 
 
-def _arm_name(streams):
-    return "compress-streams" if streams else "compress"
+def _arm_name(streams, direct=None):
+    return ("compress-streams" if streams else "compress") + \
+        ("" if direct is None else f"-direct{direct}")
 
 
 def _check(config, args):
@@ -78,13 +86,21 @@ def _check(config, args):
     out = args.out or config["run_dir"].rstrip("/") + "-vs-oneshot"
     values = ([config["streams"]] if args.compress_streams is None
               else list(dict.fromkeys(_bool(v) for v in args.compress_streams)))
+    for value in args.compress_direct or ():
+        if value != "auto" and not (value.isdigit()):
+            raise UserError(f"--compress_direct takes auto or counts >= 0, got {value!r}")
+    directs = [None] if args.compress_direct is None else list(dict.fromkeys(
+        "auto" if value == "auto" else int(value) for value in args.compress_direct))
     staged.check_inputs(config)  # also makes `seed` an integer, for every arm
     arms = []
     for streams in values:
-        arm = dict(config, streams=streams,
-                   run_dir=os.path.join(out, _arm_name(streams)))
-        staged.check(arm)
-        arms.append(arm)
+        for direct in directs:
+            name = _arm_name(streams, direct)
+            arm = dict(config, streams=streams, run_dir=os.path.join(out, name), name=name,
+                       direct_iterations=(config["direct_iterations"] if direct is None
+                                          else direct))
+            staged.check(arm)
+            arms.append(arm)
     config["run_dir"] = arms[-1]["run_dir"]
     config["streams"] = (config["streams"] if args.oneshot_streams is None
                          else _bool(args.oneshot_streams))
@@ -134,8 +150,7 @@ def _retraining_steps(arm, rows):
     are not counted)."""
     from netcompress.jobs import compress as staged
 
-    kept = arm["retrain_iterations"] * (len(rows) - 1)
-    return kept + staged.failed_retraining_steps(arm, rows)
+    return staged.retraining_steps(arm, rows)
 
 
 def _retrained(config, model, directory, steps):
@@ -153,14 +168,16 @@ def _compressed(arm):
     from netcompress.jobs import compress as staged
     from netcompress.formats.checkpoint_paths import resolve_checkpoint
 
-    print(f"== compress.py (streams {str(arm['streams']).lower()}) into {arm['run_dir']}")
+    print(f"== compress.py (streams {str(arm['streams']).lower()}, direct_iterations "
+          f"{arm['direct_iterations']}) into {arm['run_dir']}")
     rows = staged.run(arm, progress=False)
     steps = _retraining_steps(arm, rows)
     last = rows[-1]
     model_def, mask, checkpoint = staged._stage_model(arm, last)
     stopped = staged.stop_reason(arm, rows)
     val, test = last["val_miou_retrained"], last["test_miou"]
-    note = f"{len(rows) - 1} stages kept, {steps // arm['retrain_iterations']} tries"
+    tries = sum(row.get("tries", 1) for row in rows[1:])
+    note = f"stages kept {len(rows) - 1}, tries {tries}, retraining steps {steps}"
     final_path = os.path.join(arm["run_dir"], staged.FINAL_DIR, staged.FINAL_FILE)
     if os.path.isfile(final_path):  # the last stage's model after the final retraining
         with open(final_path, encoding="utf-8") as handle:
@@ -169,7 +186,7 @@ def _compressed(arm):
         val, test = final["val_miou"], final["test_miou"]
         note += (f", final +{final['iterations']} steps (stage {last['stage']}: val "
                  f"{last['val_miou_retrained']:.2f}, test {last['test_miou']:.2f})")
-    return {"name": _arm_name(arm["streams"]), "steps": steps,
+    return {"name": arm["name"], "steps": steps,
             "parameters": last["parameters"], "macs": last["macs"],
             "val_miou": val, "test_miou": test,
             "model": {"model_def": model_def, "mask": mask,
@@ -286,19 +303,20 @@ def _summary(rows, results, latencies, config, compressed):
     base_parameters, base_macs = rows[0]["parameters"], rows[0]["macs"]
     base_latency = latencies["given"]
     control = next(r for r in results if r["name"] == "control")
+    width = max(16, *(len(r["name"]) for r in results))
     lines = ["", f"given model: {base_parameters} parameters, {base_macs / 1e9:.4f} GMACs, "
              f"{base_latency:.2f} ms, test mIoU {rows[0]['test_miou']:.2f}; target "
              f"{config['target']} at {config['target_percent']:g} %; every arm but "
              f"compress.py retrained {results[len(compressed)]['steps']} steps "
              f"({config['retrain_iterations']} per compress.py try); latency: batch 1, CPU, "
              f"{config['height']}x{config['width']}, median of {config['latency_runs']}",
-             f"{'run':<16} {'parameters':>10} {'params %':>9} {'GMACs':>8} {'MACs %':>7} "
+             f"{'run':<{width}} {'parameters':>10} {'params %':>9} {'GMACs':>8} {'MACs %':>7} "
              f"{'ms':>6} {'ms %':>6} {'val mIoU':>8} {'test mIoU':>9} {'vs control':>10}  note"]
     for r in results:
         latency = latencies.get(r["name"])
         shown = (f"{latency:>6.2f} {100 * (latency / base_latency - 1):>+6.1f}"
                  if latency is not None else f"{'-':>6} {'-':>6}")
-        lines.append(f"{r['name']:<16} {r['parameters']:>10} "
+        lines.append(f"{r['name']:<{width}} {r['parameters']:>10} "
                      f"{100 * (r['parameters'] / base_parameters - 1):>+9.1f} "
                      f"{r['macs'] / 1e9:>8.4f} {100 * (r['macs'] / base_macs - 1):>+7.1f} "
                      f"{shown} {r['val_miou']:>8.2f} {r['test_miou']:>9.2f} "

@@ -151,6 +151,6 @@ def compress_workspace(root, num_classes, height, width, num_train, train_steps,
         base, checkpoint=checkpoint, train_data=files["train"], val_data=files["val"],
         test_data=files["test"], run_dir=root / "run", stages=1, learning_rate=0.001,
         power=0.9, target_percent=10, step_percent=30, min_step_percent=5, tolerance=1.0,
-        seed=0, streams=True), **settings))
+        seed=0, streams=True, direct_iterations=0), **settings))
     return {"root": root, "files": files, "config": config, "checkpoint": checkpoint,
             "model_def": model_def, "base": base}

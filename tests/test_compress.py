@@ -39,8 +39,8 @@ from netcompress.jobs import evaluate as evaluation, rank as ranking
 from netcompress.settings.config import load_config
 from netcompress.pruning_math.costs import total_parameters
 from netcompress.pruning_math.plan import plan_removal
-from netcompress.pruning_math.schedule import Attempt, channel_costs, family_orderings, \
-    orderings, prefix_removal, removal_for_goal, resource_of, run_stage
+from netcompress.pruning_math.schedule import Attempt, channel_costs, direct_iterations, \
+    family_orderings, orderings, prefix_removal, removal_for_goal, resource_of, run_stage
 from netcompress.pruning_math.search import removed_channels, search, search_groups
 
 HEIGHT, WIDTH = 32, 64
@@ -141,6 +141,66 @@ def test_nothing_left_to_remove_stops():
         return Attempt(step, goal, removed=0)
     kept, tries = run_stage(50.0, 20.0, 10.0, 5.0, 49.0, attempt, log=lambda line: None)
     assert kept is None and len(tries) == 1 and "no channel left" in tries[0].note
+
+
+def test_earlier_tries_are_counted_first():
+    """A stage's direct try, made before the steps, is the first of its tries
+    and numbers the tries after it."""
+    direct = Attempt(60.0, 40.0, reached=40.0, removed=30, val_miou=45.0)
+    attempt, calls = _attempts(lambda step: 49.5)
+    logged = []
+    kept, tries = run_stage(100.0, 40.0, 20.0, 5.0, 49.0, attempt, log=logged.append,
+                            earlier=[direct])
+    assert calls == [(20.0, 80.0)] and tries == [direct, kept] and kept.accepted
+    attempt, calls = _attempts(lambda step: 10.0)
+    kept, tries = run_stage(100.0, 40.0, 20.0, 10.0, 49.0, attempt, log=logged.append,
+                            earlier=[direct])
+    assert kept is None and len(tries) == 3 and logged[-1].startswith("try 3: ")
+
+
+def test_direct_iterations():
+    """auto: the retraining of the stages the step needs to reach the target,
+    each kept at its first try, at most `stages`; none where one step
+    reaches the target anyway."""
+    assert direct_iterations("auto", 100, 8, 100.0, 40.0, 20.0) == 300
+    assert direct_iterations("auto", 100, 8, 100.0, 39.0, 20.0) == 400  # 61 points: 4 steps
+    assert direct_iterations("auto", 100, 2, 100.0, 40.0, 20.0) == 200
+    assert direct_iterations("auto", 100, 8, 100.0, 80.0, 20.0) == 0
+    assert direct_iterations(700, 100, 8, 100.0, 40.0, 20.0) == 700
+    assert direct_iterations(0, 100, 8, 100.0, 40.0, 20.0) == 0
+
+
+def test_direct_try_is_kept_or_hands_over_to_the_steps(tmp_path):
+    """The direct try aims at the target from the stage's model, retrained the
+    direct steps, and is judged against a reference retrained as long (here
+    a stand-in reference of 50, tolerance 2)."""
+    config = {"target_percent": 40.0, "tolerance": 2.0}
+    references = []
+
+    def reference(config, rows, directory, stage, log, progress, iterations=None,
+                  name="reference"):
+        references.append((stage, iterations, name))
+        return 50.0, os.path.join("stage1", name, "retrain", "model.ckpt-300")
+
+    for val, kept in ((48.5, True), (47.5, False)):
+        calls, judged, logged = [], {}, []
+
+        def attempt(step, goal, excluded=(), iterations=None, direct=False):
+            calls.append((step, goal, iterations, direct))
+            return Attempt(step, goal, reached=goal, removed=30, val_miou=val)
+
+        with mock.patch.object(staged, "_reference", reference):
+            accepted, tries = staged._direct_try(config, [{"stage": 0}], str(tmp_path), 100.0,
+                                                 300, attempt, judged, logged.append, False)
+        assert calls == [(60.0, 40.0, 300, True)] and len(tries) == 1
+        assert (accepted is tries[0]) == kept and tries[0].accepted == kept
+        assert judged["direct"] == {"reference": 50.0, "floor": 48.0, "reference_checkpoint":
+                                    os.path.join("stage1", "direct_reference", "retrain",
+                                                 "model.ckpt-300")}
+        assert logged[0].startswith("direct try: the whole way to the target (60 points)")
+        if not kept:
+            assert tries[0].note.startswith("validation mIoU 47.50 < 48.00: step toward")
+    assert references == [(1, 300, "direct_reference")] * 2
 
 
 def _family_attempts(outcomes):
@@ -265,14 +325,18 @@ def _fake_miou(original):
     return evaluate
 
 
-def _fake_validation(original, events):
+FAILING_TRIES = (os.path.join("stage1", "try1"), os.path.join("stage1", "try2"))
+
+
+def _fake_validation(original, events, failing=FAILING_TRIES):
     """compress's _validate that runs the real pass, then reports 40 for
-    stage 1's first two tries, 50 for the given model and the reference,
-    49.5 otherwise; ``events`` records (what, directory) in order."""
+    the tries ``failing`` (stage 1's first two), 50 for the given model and
+    the reference, 49.5 otherwise; ``events`` records (what, directory) in
+    order."""
     def validate(config, model, directory, log, progress, what="after retraining"):
         original(config, model, directory, log, progress, what)
         events.append(("validate", os.path.relpath(directory, config["run_dir"])))
-        if directory.endswith((os.path.join("stage1", "try1"), os.path.join("stage1", "try2"))):
+        if failing and directory.endswith(failing):
             return 40.0
         return 50.0 if directory.endswith(("stage0", "reference")) else 49.5
     return validate
@@ -300,9 +364,10 @@ def workspace(tmp_path_factory):
                               budget=1.0, search_steps=3, latency_runs=2)
 
 
-def _run(workspace, *overrides):
+def _run(workspace, *overrides, failing=FAILING_TRIES):
     """compress.main in this process; returns (log lines, [(step, records read)],
-    [(validate, evaluate or retrain, directory in run_dir[, initial checkpoint])])."""
+    [(validate, evaluate or retrain, directory in run_dir[, initial checkpoint])]).
+    ``failing``: the tries whose validation after retraining is below the floor."""
     reads, events = [], []
 
     def recording(function):
@@ -320,7 +385,8 @@ def _run(workspace, *overrides):
             mock.patch.object(training, "train_dataset", recording(training.train_dataset)), \
             mock.patch.object(inference.GatedGraph, "evaluate",
                               _fake_miou(inference.GatedGraph.evaluate)), \
-            mock.patch.object(staged, "_validate", _fake_validation(staged._validate, events)), \
+            mock.patch.object(staged, "_validate",
+                              _fake_validation(staged._validate, events, failing)), \
             mock.patch.object(staged, "_evaluate_test",
                               _recorded_test(staged._evaluate_test, events)), \
             mock.patch.object(staged, "retrain_config",
@@ -395,7 +461,8 @@ def test_failed_try_is_redone_with_the_other_family_then_half_the_step(runs):
     assert tries[0]["removed_channels"] < tries[1]["removed_channels"]
     assert first["failed_tries"] == [
         {"step_pct": 30.0, "allocation": t["allocation"],
-         "resource_pct": pytest.approx(70.0, abs=1.0), "val_miou_retrained": 40.0}
+         "resource_pct": pytest.approx(70.0, abs=1.0), "val_miou_retrained": 40.0,
+         "iterations": 2, "direct": False}
         for t in tries[:2]]
     assert first["model_def"].startswith(os.path.join("stage1", "try3"))
     assert first["allocation"] == tries[2]["allocation"]
@@ -457,6 +524,12 @@ def test_failed_retraining_steps_counts_every_try_not_kept(tmp_path):
         {"tries": [{"val_miou_retrained": 30.0}, {"val_miou_retrained": 31.0}]}))
     assert staged.failed_retraining_steps(config, rows) == 150
     assert staged.failed_retraining_steps(config, rows[:1]) == 0
+    # A try with its own count (a direct try) counts it; so does a kept one.
+    rows[1]["failed_tries"][0].update(iterations=300, direct=True)
+    assert staged.failed_retraining_steps(config, rows) == 400
+    assert staged.retraining_steps(config, rows) == 400 + 2 * 50
+    rows[2]["iterations"] = 300
+    assert staged.retraining_steps(config, rows) == 400 + 50 + 300
 
 
 def test_reference_is_retrained_alongside(tmp_path):
@@ -685,6 +758,58 @@ def test_rerun_after_an_input_changed_is_refused(workspace, tmp_path):
     assert logged == [f"warning: {run_file} records no input digests (written before they "
                       f"were recorded): not checked that the inputs still hold what its "
                       f"stages read"]
+
+
+@pytest.mark.slow
+def test_direct_try_reaches_a_latency_target_only_the_streams_reach(workspace):
+    """direct_iterations: stage 1's first try removes the whole way to the
+    target in one step, retrained its own 3 steps and, within the
+    tolerance, is the stage. The target, 17 % of the given latency (a
+    stand-in: latency as MACs), is below the 20.7 % of the MACs the convs
+    alone can reach on this model (13.2 % with the streams): the convs'
+    candidates cannot meet the step and do not compete, and the stage
+    narrows the residual streams. The run stops at the target with nothing
+    left for a final retraining."""
+    from models.architecture import adapnet_pp, resolve_widths
+
+    run_dir = workspace["root"] / "direct"
+    logged = []
+
+    def latency_as_macs(config, rows, model, parameters, macs, log, progress):
+        logged.append(macs)
+        return 100.0 * macs / rows[0]["macs"]
+
+    with mock.patch.object(staged, "measure_latency", lambda *args, **kwargs: {}), \
+            mock.patch.object(staged, "_resource_percent", latency_as_macs):
+        log, _, events = _run(workspace, "--run_dir", str(run_dir), "--target", "latency",
+                              "--target_percent", "17", "--direct_iterations", "3",
+                              "--stages", "3", failing=())
+    rows = _rows(run_dir)
+    assert len(rows) == 2
+    row = rows[1]
+    assert row["direct"] and row["iterations"] == 3 and row["tries"] == 1
+    assert row["step_pct"] == 83.0 and row["resource_percent"] <= 17.0
+    assert logged == [row["macs"]] and row["macs"] <= 0.17 * rows[0]["macs"]
+    assert row["allocation"].endswith("+streams") and not row["failed_tries"]
+    assert any(line.startswith("cannot meet the step: global, global_per_cost, per_layer")
+               for line in log)
+    architecture = adapnet_pp()
+    config = load_config(workspace["config"], "compress", [f"run_dir={run_dir}"])
+    before = resolve_widths(load_model_def(config["model_def"]), NUM_CLASSES, architecture)
+    after = resolve_widths(load_model_def(staged._stage_model(config, row)[0]), NUM_CLASSES,
+                           architecture)
+    assert any(after[group.name] < before[group.name]
+               for group in architecture.stream_groups())
+    assert row["checkpoint"] == os.path.join("stage1", "try1", "retrain", "model.ckpt-3")
+    assert row["reference"] == 50.0  # reference: given, as for the steps
+    tries = json.loads((run_dir / "stage1" / "tries.json").read_text())
+    assert tries["direct"]["floor"] == 49.0 and "floor" not in tries  # no step was tried
+    assert [event[1] for event in events if event[0] == "retrain"] == \
+        [os.path.join("stage1", "try1")]
+    assert any(line.startswith("stopped: latency at") for line in log)
+    assert any(line.split()[:1] == ["1"] and "direct step 83 (3 steps)" in line
+               for line in log)
+    assert not (run_dir / "final").exists()
 
 
 def test_latency_target_is_measured_against_the_given_model(workspace):

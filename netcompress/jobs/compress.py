@@ -572,7 +572,8 @@ def _stage_budget(config, rows, directory, log, progress):
             "candidates_per_s": round(found.per_second, 2)}, None
 
 
-def _reference(config, rows, directory, stage, log, progress):
+def _reference(config, rows, directory, stage, log, progress, iterations=None,
+               name="reference"):
     """(reference validation mIoU, its checkpoint relative to run_dir or
     None). ``retrained``: the previous stage's reference model (stage 0: the
     given model) retrained as each try is, so that stage N is judged against
@@ -582,9 +583,10 @@ def _reference(config, rows, directory, stage, log, progress):
     model = _given_model(config)
     if rows[-1].get("reference_checkpoint"):
         model["checkpoint"] = os.path.join(config["run_dir"], rows[-1]["reference_checkpoint"])
-    reference_dir = os.path.join(directory, "reference")
+    reference_dir = os.path.join(directory, name)
     make_directory(reference_dir)
-    checkpoint = _retrain(config, model, reference_dir, stage, log, progress, step="reference")
+    checkpoint = _retrain(config, model, reference_dir, stage, log, progress,
+                          iterations=iterations, step="reference")
     miou = _validate(config, dict(model, checkpoint=checkpoint), reference_dir, log, progress,
                      what="of the reference (the given model, retrained as long)")
     return miou, _relative(config, checkpoint)
@@ -639,8 +641,8 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     from netcompress.formats.checkpoint_paths import resolve_checkpoint
     from netcompress.graphs.models import with_checkpoint_model
     from netcompress.formats.rankfile import RankSums
-    from netcompress.pruning_math.schedule import Attempt, channel_costs, family_orderings, \
-        removal_for_goal, run_stage
+    from netcompress.pruning_math.schedule import Attempt, channel_costs, direct_iterations, \
+        family_orderings, removal_for_goal, run_stage
     from netcompress.formats.rankfile import load_normalised_scores
 
     stage = len(rows)
@@ -675,27 +677,37 @@ def _stage_after_retraining(config, rows, directory, log, progress):
                               config["min_channels"])
     given = rows[0][sized]
     current_sized = 100.0 * rows[-1][sized] / given
-    reference, reference_checkpoint = _reference(config, rows, directory, stage, log,
-                                                 progress)
-    floor = reference - config["tolerance"]
+    current = rows[-1]["resource_percent"] if sized == config["target"] else current_sized
+    step = rows[-1]["step_pct"] or config["step_percent"]
+    direct_steps = 0 if stage > 1 else direct_iterations(
+        config["direct_iterations"], config["retrain_iterations"], config["stages"], current,
+        config["target_percent"], step)
     candidates = _GatedCandidates(config, described)
     records = []
 
-    def attempt(step, goal, excluded=()):
+    def attempt(step, goal, excluded=(), iterations=None, direct=False):
         try_dir = os.path.join(directory, f"try{len(records) + 1}")
         make_directory(try_dir)
         aim = (current_sized - step) * given / 100.0
+        iterations = iterations or config["retrain_iterations"]
         log(f"try {len(records) + 1}: remove {step:g} points of {config['target']} "
             f"(to {goal:.1f} % of the given model)" +
-            (f", not by {' or '.join(excluded)}" if excluded else ""))
+            (f", not by {' or '.join(excluded)}" if excluded else "") +
+            (f", retrained {iterations} steps" if iterations != config["retrain_iterations"]
+             else ""))
         options = {name: removal_for_goal(order, aim, model_def, masks, num_classes, height,
                                           width, sized, config["min_channels"],
                                           config["round_to"], architecture)
                    for name, (family, order) in orders.items() if family not in excluded}
-        if all(after > aim for _, after in options.values()):
+        meeting = {name: option for name, option in options.items() if option[1] <= aim}
+        if not meeting:
             reachable = 100.0 * min(after for _, after in options.values()) / given
             log(f"the goal is out of reach: removing every removable channel leaves "
                 f"{reachable:.1f} % (min_channels per layer); trying that")
+        elif len(meeting) < len(options):
+            # One that falls short removes less and would look better gated.
+            log(f"cannot meet the step: {', '.join(n for n in options if n not in meeting)}")
+            options = meeting
         start = candidates.miou({})
         mious = {name: candidates.miou(removed) for name, (removed, _) in options.items()}
         chosen = max(mious, key=lambda name: mious[name])  # ties: the first
@@ -708,7 +720,8 @@ def _stage_after_retraining(config, rows, directory, log, progress):
         count = sum(len(indices) for indices in removed.values())
         record = {"try": len(records) + 1, "step_pct": step, "goal_pct": goal,
                   "allocations": mious, "allocation": chosen, "family": family,
-                  "val_miou_start": start, "removed_channels": count}
+                  "val_miou_start": start, "removed_channels": count,
+                  "iterations": iterations, "direct": direct}
         records.append(record)
         log("allocation on validation data (gated, before retraining): " +
             ", ".join(f"{name} {value:.2f}" for name, value in mious.items()) +
@@ -719,7 +732,8 @@ def _stage_after_retraining(config, rows, directory, log, progress):
         pruned, plan = _prune_removal(config, model, rank_path, removed, try_dir, log,
                                       model_def, masks, source_verified=True)
         parameters, macs = _model_costs(config, plan.model_def_after, plan.masks_after)
-        retrained = _retrain(config, _described(pruned), try_dir, stage, log, progress)
+        retrained = _retrain(config, _described(pruned), try_dir, stage, log, progress,
+                             iterations=iterations)
         final = _described(dict(pruned, checkpoint=retrained))
         reached = _resource_percent(config, rows, final, parameters, macs, log, progress)
         val = _validate(config, final, try_dir, log, progress)
@@ -730,20 +744,36 @@ def _stage_after_retraining(config, rows, directory, log, progress):
         return Attempt(step, goal, reached=reached, removed=count, val_miou=val,
                        details=record, family=family, others=others)
 
+    judged = {}
     try:
-        accepted, tries = run_stage(rows[-1]["resource_percent"] if sized == config["target"]
-                                    else current_sized, config["target_percent"],
-                                    rows[-1]["step_pct"] or config["step_percent"],
-                                    config["min_step_percent"], floor, attempt, log)
+        accepted, tries = None, []
+        if direct_steps:
+            accepted, tries = _direct_try(config, rows, directory, current, direct_steps,
+                                          attempt, judged, log, progress)
+        if accepted is None and not (tries and tries[-1].removed == 0):
+            reference, reference_checkpoint = _reference(config, rows, directory, stage, log,
+                                                         progress)
+            judged.update(reference=reference, floor=reference - config["tolerance"],
+                          reference_checkpoint=reference_checkpoint)
+            accepted, tries = run_stage(current, config["target_percent"], step,
+                                        config["min_step_percent"], judged["floor"], attempt,
+                                        log, earlier=tries)
     finally:
         candidates.close()
     for record, result in zip(records, tries):
         record.update(accepted=result.accepted, note=result.note)
     _write_json(os.path.join(directory, "tries.json"),
-                {"reference": reference, "floor": floor, "tries": records})
+                dict({key: judged[key] for key in ("reference", "floor") if key in judged},
+                     tries=records, **({"direct": judged["direct"]} if direct_steps else {})))
     if accepted is None:
         return None, f"stage {stage}: {tries[-1].note}"
     chosen = accepted.details
+    if chosen["direct"]:
+        reference, floor, reference_checkpoint = (
+            judged["direct"][key] for key in ("reference", "floor", "reference_checkpoint"))
+    else:
+        reference, floor, reference_checkpoint = (
+            judged[key] for key in ("reference", "floor", "reference_checkpoint"))
     log(f"stage {stage} kept after {len(tries)} tr{'y' if len(tries) == 1 else 'ies'}: "
         f"validation mIoU {chosen['val_miou_retrained']:.2f} >= {floor:.2f}")
     final = _described(model_config(config, *_stage_model(config, dict(chosen, stage=stage))))
@@ -756,14 +786,48 @@ def _stage_after_retraining(config, rows, directory, log, progress):
             "val_miou_retrained": chosen["val_miou_retrained"], "tries": len(tries),
             "reference": reference, "reference_checkpoint": reference_checkpoint,
             "step_pct": accepted.step, "allocation": chosen["allocation"],
+            "iterations": chosen["iterations"], "direct": chosen["direct"],
             "failed_tries": [{"step_pct": r["step_pct"], "allocation": r["allocation"],
                               "resource_pct": r.get("resource_pct"),
-                              "val_miou_retrained": r.get("val_miou_retrained")}
+                              "val_miou_retrained": r.get("val_miou_retrained"),
+                              "iterations": r["iterations"], "direct": r["direct"]}
                              for r in records if not r["accepted"]],
             "thresholds": {}, "removed_channels": chosen["removed_channels"],
             "candidates": candidates.evaluations,
             "candidates_per_s": round(candidates.evaluations / candidates.seconds, 2)
             if candidates.seconds else None}, None
+
+
+def _direct_try(config, rows, directory, current, iterations, attempt, judged, log,
+                progress):
+    """Stage 1's direct try (docs/compress.md, "The direct try"): the whole
+    way to the target in one step, retrained ``iterations`` steps and judged
+    against a reference retrained as long. Returns (the Attempt if kept,
+    else None; [the Attempt]); its reference goes into judged["direct"]."""
+    target = config["target_percent"]
+    step = current - target
+    log(f"direct try: the whole way to the target ({step:g} points) in one step, "
+        f"retrained {iterations} steps; if it falls below the tolerance, the run steps "
+        f"toward the target")
+    reference, reference_checkpoint = _reference(
+        config, rows, directory, len(rows), log, progress, iterations=iterations,
+        name="direct_reference")
+    floor = reference - config["tolerance"]
+    judged["direct"] = {"reference": reference, "floor": floor,
+                        "reference_checkpoint": reference_checkpoint}
+    result = attempt(step, target, iterations=iterations, direct=True)
+    result.step, result.goal = step, target
+    if result.removed == 0:
+        result.note = "no channel left to remove"
+        log(f"try 1: {result.note}")
+        return None, [result]
+    result.accepted = result.val_miou is not None and result.val_miou >= floor
+    if not result.accepted:
+        result.note = (f"validation mIoU {result.val_miou:.2f} < {floor:.2f}: step toward "
+                       f"the target from the stage's model instead")
+        log(f"try 1: {result.note}")
+        return None, [result]
+    return result, [result]
 
 
 def _rank(config, model, rank_path, log, progress):
@@ -944,9 +1008,17 @@ def failed_retraining_steps(config, rows):
     stopped = os.path.join(config["run_dir"], f"stage{len(rows)}", "tries.json")
     if os.path.isfile(stopped):
         failed += _read_json(stopped)["tries"]
-    # retrain_iterations is one of RUN_KEYS: every try of a run used it.
-    return config["retrain_iterations"] * sum(
-        1 for t in failed if t.get("val_miou_retrained") is not None)
+    # retrain_iterations is one of RUN_KEYS: every try without its own count used it.
+    return sum(t.get("iterations") or config["retrain_iterations"]
+               for t in failed if t.get("val_miou_retrained") is not None)
+
+
+def retraining_steps(config, rows):
+    """Every retraining step the stages ran: the kept tries and the tries not
+    kept (the reference's retraining, a control, and the final retraining
+    are not counted)."""
+    kept = sum(row.get("iterations") or config["retrain_iterations"] for row in rows[1:])
+    return kept + failed_retraining_steps(config, rows)
 
 
 def final_tuning(config, rows, log=print, progress=True):
@@ -977,7 +1049,8 @@ def final_tuning(config, rows, log=print, progress=True):
         shutil.rmtree(directory)
     make_directory(directory)
     model_def, mask, checkpoint = _stage_model(config, last)
-    model = model_config(config, model_def, mask, resolve_checkpoint(checkpoint))
+    # Written by this run: its checkpoint describes its model (not read again).
+    model = _described(model_config(config, model_def, mask, resolve_checkpoint(checkpoint)))
     log(f"== final: stage {last['stage']}'s model retrained {iterations} more steps "
         f"(final_iterations {config['final_iterations']})")
     retrained = _retrain(config, model, directory, len(rows), log, progress,

@@ -120,11 +120,18 @@ def _how(full):
     redone = ""
     if failed:
         redone = " (redone: " + ", ".join(
-            f"step {t['step_pct']:g}{_failed_allocation(t, full)} -> val "
+            f"{_step_text(t)}{_failed_allocation(t, full)} -> val "
             f"{t['val_miou_retrained']:.2f}"
-            if t.get("val_miou_retrained") is not None else f"step {t['step_pct']:g}"
+            if t.get("val_miou_retrained") is not None else _step_text(t)
             for t in failed) + ")"
-    return f"step {full['step_pct']:g}, {full['allocation']}{redone}"
+    return f"{_step_text(full)}, {full['allocation']}{redone}"
+
+
+def _step_text(done):
+    # A direct try names its own retraining (docs/compress.md, "The direct try").
+    if done.get("direct"):
+        return f"direct step {done['step_pct']:g} ({done['iterations']} steps)"
+    return f"step {done['step_pct']:g}"
 
 
 def _failed_allocation(failed, row):

@@ -9,6 +9,7 @@ Resources are counted on the model_def (parameters, inference MACs); a
 latency target sizes its steps in MACs and is checked on measured latency.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +39,7 @@ class Attempt:
     others: tuple = ()
 
 
-def run_stage(current, target, step, min_step, floor, attempt, log=print):
+def run_stage(current, target, step, min_step, floor, attempt, log=print, earlier=()):
     """Tries of one stage, from ``current`` (resource % of the given model)
     toward ``target`` (%): a step of ``step`` points (never past the target);
     ``attempt(step, goal, excluded) -> Attempt`` prunes, retrains and
@@ -47,9 +48,11 @@ def run_stage(current, target, step, min_step, floor, attempt, log=print):
     the same step with another family when the try names one
     (``Attempt.others``: with residual streams prunable, the convs alone and
     the convs with the streams), then with half the step, down to
-    ``min_step`` (a last step to the target may be smaller). Returns (the
-    accepted Attempt or None, every Attempt in order)."""
-    tries = []
+    ``min_step`` (a last step to the target may be smaller). ``earlier``:
+    tries of this stage made before (a direct try), counted in the try
+    numbers. Returns (the accepted Attempt or None, every Attempt in order,
+    ``earlier`` first)."""
+    tries = list(earlier)
     step = min(step, current - target)
     excluded = ()
     while True:
@@ -85,6 +88,20 @@ def run_stage(current, target, step, min_step, floor, attempt, log=print):
 
 def target_reached(percent, target):
     return percent <= target + 1e-9
+
+
+def direct_iterations(setting, retrain_iterations, stages, current, target, step):
+    """Retraining steps of a stage's direct try (the whole way from
+    ``current`` to ``target`` in one step; docs/compress.md), or 0 where
+    the first step reaches the target anyway. ``setting``: an integer, or
+    auto: the retraining of the stages ``step`` needs to reach the target
+    (at most ``stages``), each kept at its first try."""
+    distance = current - target
+    if distance <= step + 1e-9:
+        return 0
+    if setting == "auto":
+        return retrain_iterations * min(stages, math.ceil(distance / step - 1e-9))
+    return setting
 
 
 # ---- resources of a removal -----------------------------------------------------

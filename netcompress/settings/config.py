@@ -324,6 +324,12 @@ COMPRESS_SETTINGS = (
             "stage removes; a later stage starts from the last step kept"),
     Setting("min_step_percent", "threshold", 2.5,
             "after_retraining: a stage that fails at a smaller step than this stops the run"),
+    Setting("direct_iterations", "auto_count", "auto",
+            "after_retraining: stage 1 first tries the whole way to the target in one "
+            "step, retrained this many steps, and is kept if it stays within tolerance; "
+            "else the run steps toward the target as usual (auto: retrain_iterations "
+            "times the stages step_percent needs to reach the target, at most `stages`; "
+            "0: no direct try)"),
     Setting("search", "choice", "section",
             "budget_before_retraining: a threshold per section (conv1, block1..block4, "
             "easpp, decoder), or all: one threshold for every layer", choices=SEARCH_MODES),
