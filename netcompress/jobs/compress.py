@@ -744,36 +744,33 @@ def _stage_after_retraining(config, rows, directory, log, progress):
         return Attempt(step, goal, reached=reached, removed=count, val_miou=val,
                        details=record, family=family, others=others)
 
-    judged = {}
+    judged = {}  # "direct" and "steps": what their tries were judged by
     try:
         accepted, tries = None, []
         if direct_steps:
             accepted, tries = _direct_try(config, rows, directory, current, direct_steps,
                                           attempt, judged, log, progress)
         if accepted is None and not (tries and tries[-1].removed == 0):
-            reference, reference_checkpoint = _reference(config, rows, directory, stage, log,
-                                                         progress)
-            judged.update(reference=reference, floor=reference - config["tolerance"],
-                          reference_checkpoint=reference_checkpoint)
+            judged["steps"] = _judgement(config, *_reference(config, rows, directory, stage,
+                                                             log, progress))
             accepted, tries = run_stage(current, config["target_percent"], step,
-                                        config["min_step_percent"], judged["floor"], attempt,
-                                        log, earlier=tries)
+                                        config["min_step_percent"], judged["steps"]["floor"],
+                                        attempt, log, earlier=tries)
     finally:
         candidates.close()
     for record, result in zip(records, tries):
         record.update(accepted=result.accepted, note=result.note)
+    by_steps = {key: judged["steps"][key] for key in ("reference", "floor")} \
+        if "steps" in judged else {}
     _write_json(os.path.join(directory, "tries.json"),
-                dict({key: judged[key] for key in ("reference", "floor") if key in judged},
-                     tries=records, **({"direct": judged["direct"]} if direct_steps else {})))
+                dict(by_steps, tries=records, **{key: judged[key] for key in ("direct",)
+                                              if key in judged}))
     if accepted is None:
         return None, f"stage {stage}: {tries[-1].note}"
     chosen = accepted.details
-    if chosen["direct"]:
-        reference, floor, reference_checkpoint = (
-            judged["direct"][key] for key in ("reference", "floor", "reference_checkpoint"))
-    else:
-        reference, floor, reference_checkpoint = (
-            judged[key] for key in ("reference", "floor", "reference_checkpoint"))
+    reference, floor, reference_checkpoint = (
+        judged["direct" if chosen["direct"] else "steps"][key]
+        for key in ("reference", "floor", "reference_checkpoint"))
     log(f"stage {stage} kept after {len(tries)} tr{'y' if len(tries) == 1 else 'ies'}: "
         f"validation mIoU {chosen['val_miou_retrained']:.2f} >= {floor:.2f}")
     final = _described(model_config(config, *_stage_model(config, dict(chosen, stage=stage))))
@@ -798,6 +795,11 @@ def _stage_after_retraining(config, rows, directory, log, progress):
             if candidates.seconds else None}, None
 
 
+def _judgement(config, reference, reference_checkpoint):
+    return {"reference": reference, "floor": reference - config["tolerance"],
+            "reference_checkpoint": reference_checkpoint}
+
+
 def _direct_try(config, rows, directory, current, iterations, attempt, judged, log,
                 progress):
     """Stage 1's direct try (docs/compress.md, "The direct try"): the whole
@@ -809,12 +811,10 @@ def _direct_try(config, rows, directory, current, iterations, attempt, judged, l
     log(f"direct try: the whole way to the target ({step:g} points) in one step, "
         f"retrained {iterations} steps; if it falls below the tolerance, the run steps "
         f"toward the target")
-    reference, reference_checkpoint = _reference(
+    judged["direct"] = _judgement(config, *_reference(
         config, rows, directory, len(rows), log, progress, iterations=iterations,
-        name="direct_reference")
-    floor = reference - config["tolerance"]
-    judged["direct"] = {"reference": reference, "floor": floor,
-                        "reference_checkpoint": reference_checkpoint}
+        name="direct_reference"))
+    floor = judged["direct"]["floor"]
     result = attempt(step, target, iterations=iterations, direct=True)
     result.step, result.goal = step, target
     if result.removed == 0:
