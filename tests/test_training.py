@@ -38,7 +38,10 @@ def write_workspace(root, model_def, height, width, batch_size, num_train, num_t
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    return write_workspace(root, os.path.join(REPO, "models", "small.json"), 64, 128,
+    # 48x96, not the synthetic default 64x128: the assertions keep their
+    # margins (measured below) at 56 % of the pixels; at 32x64 (2x4 outputs)
+    # a random removal came within 1.5 points of the default criterion (seed 1).
+    return write_workspace(root, os.path.join(REPO, "models", "small.json"), 48, 96,
                            batch_size=8, num_train=400, num_test=48)
 
 
@@ -71,15 +74,19 @@ def chance_mean_iou(label_pixels):
     return float(np.mean(true_positive / (counts + predicted - true_positive)))
 
 
-# Measured on this model (seed 0, oneDNN off): taylor_out 29.0 / 20.3 against
-# random 16.6 / 15.9 validation mIoU at 10 % / 20 % removed (gaps 12.5 and
-# 4.4 points); the test asks for 2 points, under half of the smaller gap.
+# Measured on this model (48x96, oneDNN off): taylor_out 28.6 / 24.1 against
+# random 16.1 / 16.1 validation mIoU at 10 % / 20 % removed with seed 0 (gaps
+# 12.6 and 8.1 points); seeds 1 and 2: gaps 6.4 / 4.8 and 4.2 / 3.1; seed 0
+# with oneDNN on: 11.4 / 6.4. The test asks for 2 points, under the smallest.
 MARGIN = 2.0
 
 
 @pytest.fixture(scope="module")
 def trained(demo):
-    """The small model trained 600 steps on the synthetic shapes (seeded)."""
+    """The small model trained 600 steps on the synthetic shapes (seeded).
+    Measured (48x96): data loss to 0.24-0.29 of its start, test mIoU 3.8-4.3x
+    chance with seeds 0-2 (oneDNN off), 0.24 and 4.5x with oneDNN on (seed 0);
+    the test asks for 0.6 and 3x."""
     _, _, train_config, _ = demo
     return train(load_config(train_config, "train"), progress=False, seed=0)
 
