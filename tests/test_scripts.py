@@ -1,6 +1,8 @@
 """Every script, run as users run it, prints its own output and no
-TensorFlow start-up or deprecation lines, in whichever oneDNN setting the
-suite runs under (make test runs it with TF_ENABLE_ONEDNN_OPTS=0 and =1)."""
+TensorFlow start-up or deprecation lines. make test runs the whole
+procedure with TF_ENABLE_ONEDNN_OPTS=0, and a training and an evaluation
+again with =1 (TensorFlow prints its oneDNN notice at start-up, the same
+start-up for every script)."""
 
 import os
 import re
@@ -49,6 +51,14 @@ def workspace(tmp_path_factory):
 
 
 @pytest.mark.onednn
+@pytest.mark.skipif(os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0",
+                    reason="oneDNN off: the whole procedure below runs these scripts")
+def test_training_and_evaluation_are_quiet_with_onednn_on(workspace, tmp_path):
+    _, _, train_config, test_config, _ = workspace
+    assert "saved" in run("train.py", "-c", train_config, "--checkpoint", tmp_path / "run")
+    assert "mIoU:" in run("evaluate.py", "-c", test_config, "--checkpoint", tmp_path / "run")
+
+
 @pytest.mark.slow
 def test_the_procedure_through_the_scripts_is_quiet(workspace):
     root, model_def, train_config, test_config, rank_config = workspace
