@@ -40,7 +40,8 @@ from netcompress.settings.config import load_config
 from netcompress.pruning_math.costs import total_parameters
 from netcompress.pruning_math.plan import plan_removal
 from netcompress.pruning_math.schedule import Attempt, channel_costs, direct_iterations, \
-    family_orderings, orderings, prefix_removal, removal_for_goal, resource_of, run_stage
+    family_orderings, least_reachable, orderings, prefix_removal, removal_for_goal, \
+    resource_of, run_stage
 from netcompress.pruning_math.search import removed_channels, search, search_groups
 
 HEIGHT, WIDTH = 32, 64
@@ -276,6 +277,12 @@ def test_streams_reach_macs_goals_the_convs_alone_cannot():
         removed, after = removal_for_goal(order, 0.0, model_def, {}, NUM_CLASSES, HEIGHT,
                                           WIDTH, "macs")
         assert any(layer.endswith("/residual") for layer in removed) == streams
+        # What decides whether a stage's direct try can reach its target.
+        half = order[:len(order) // 2]
+        assert least_reachable({"whole": order, "half": half}, model_def, {}, NUM_CLASSES,
+                               HEIGHT, WIDTH, "macs") == after
+        assert least_reachable({"half": half}, model_def, {}, NUM_CLASSES, HEIGHT, WIDTH,
+                               "macs") > after
         reachable[streams] = after / given
     print(f"smallest MACs fraction: convs {reachable[False]:.3f}, "
           f"with streams {reachable[True]:.3f}")

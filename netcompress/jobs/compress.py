@@ -642,7 +642,7 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     from netcompress.graphs.models import with_checkpoint_model
     from netcompress.formats.rankfile import RankSums
     from netcompress.pruning_math.schedule import Attempt, channel_costs, direct_iterations, \
-        family_orderings, removal_for_goal, run_stage
+        family_orderings, least_reachable, removal_for_goal, run_stage
     from netcompress.formats.rankfile import load_normalised_scores
 
     stage = len(rows)
@@ -682,6 +682,14 @@ def _stage_after_retraining(config, rows, directory, log, progress):
     direct_steps = 0 if stage > 1 else direct_iterations(
         config["direct_iterations"], config["retrain_iterations"], config["stages"], current,
         config["target_percent"], step)
+    if direct_steps:
+        least = least_reachable({name: order for name, (_, order) in orders.items()},
+                                model_def, masks, num_classes, height, width, sized,
+                                config["min_channels"], config["round_to"], architecture)
+        if least > config["target_percent"] * given / 100.0:
+            log(f"no direct try: removing every removable channel leaves "
+                f"{100.0 * least / given:.1f} % of the {sized}, short of the target")
+            direct_steps = 0
     candidates = _GatedCandidates(config, described)
     records = []
 

@@ -192,6 +192,23 @@ def prefix_removal(order, count):
     return {layer: sorted(indices) for layer, indices in removed.items()}
 
 
+def _after_prefix(order, count, model_def, masks, num_classes, height, width, resource,
+                  min_channels, round_to, architecture):
+    plan = plan_removal(model_def, masks, num_classes, prefix_removal(order, count),
+                        min_channels, round_to, architecture=architecture)
+    return resource_of(plan.model_def_after, plan.masks_after, num_classes, height, width,
+                       resource, architecture)
+
+
+def least_reachable(orders, model_def, masks, num_classes, height, width, resource,
+                    min_channels=1, round_to=1, architecture=None):
+    """The least of ``resource`` any of ``orders`` ({name: order}) leaves
+    with every channel of it removed: what no step can go below."""
+    return min(_after_prefix(order, len(order), model_def, masks, num_classes, height, width,
+                             resource, min_channels, round_to, architecture)
+               for order in orders.values())
+
+
 def removal_for_goal(order, goal, model_def, masks, num_classes, height, width, resource,
                      min_channels=1, round_to=1, architecture=None):
     """The shortest prefix of ``order`` whose removal brings the resource to
@@ -200,10 +217,8 @@ def removal_for_goal(order, goal, model_def, masks, num_classes, height, width, 
     resource after). ``architecture``: the model's declaration (plan.py's
     default)."""
     def after(count):
-        plan = plan_removal(model_def, masks, num_classes, prefix_removal(order, count),
-                            min_channels, round_to, architecture=architecture)
-        return resource_of(plan.model_def_after, plan.masks_after, num_classes, height,
-                           width, resource, architecture)
+        return _after_prefix(order, count, model_def, masks, num_classes, height, width,
+                             resource, min_channels, round_to, architecture)
 
     low, high = 0, len(order)
     if after(high) > goal:
