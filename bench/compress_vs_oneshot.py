@@ -143,16 +143,6 @@ def _saved(out, name):
     return None
 
 
-def _retraining_steps(arm, rows):
-    """Every retraining step compress.py's stages ran: the kept tries and
-    the tries not kept (the reference's retraining, a control, and the
-    final retraining, which gives the kept lineage what the others used,
-    are not counted)."""
-    from netcompress.jobs import compress as staged
-
-    return staged.retraining_steps(arm, rows)
-
-
 def _retrained(config, model, directory, steps):
     from netcompress.jobs import compress as staged
     from netcompress.jobs.train import train
@@ -171,7 +161,7 @@ def _compressed(arm):
     print(f"== compress.py (streams {str(arm['streams']).lower()}, direct_iterations "
           f"{arm['direct_iterations']}) into {arm['run_dir']}")
     rows = staged.run(arm, progress=False)
-    steps = _retraining_steps(arm, rows)
+    steps = staged.retraining_steps(arm, rows)
     last = rows[-1]
     model_def, mask, checkpoint = staged._stage_model(arm, last)
     stopped = staged.stop_reason(arm, rows)

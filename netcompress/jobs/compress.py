@@ -768,11 +768,12 @@ def _stage_after_retraining(config, rows, directory, log, progress):
         candidates.close()
     for record, result in zip(records, tries):
         record.update(accepted=result.accepted, note=result.note)
-    by_steps = {key: judged["steps"][key] for key in ("reference", "floor")} \
-        if "steps" in judged else {}
-    _write_json(os.path.join(directory, "tries.json"),
-                dict(by_steps, tries=records, **{key: judged[key] for key in ("direct",)
-                                              if key in judged}))
+    summary = {"tries": records}
+    if "steps" in judged:
+        summary.update(reference=judged["steps"]["reference"], floor=judged["steps"]["floor"])
+    if "direct" in judged:
+        summary["direct"] = judged["direct"]
+    _write_json(os.path.join(directory, "tries.json"), summary)
     if accepted is None:
         return None, f"stage {stage}: {tries[-1].note}"
     chosen = accepted.details
@@ -812,30 +813,20 @@ def _direct_try(config, rows, directory, current, iterations, attempt, judged, l
                 progress):
     """Stage 1's direct try (docs/compress.md, "The direct try"): the whole
     way to the target in one step, retrained ``iterations`` steps and judged
-    against a reference retrained as long. Returns (the Attempt if kept,
-    else None; [the Attempt]); its reference goes into judged["direct"]."""
-    target = config["target_percent"]
-    step = current - target
-    log(f"direct try: the whole way to the target ({step:g} points) in one step, "
-        f"retrained {iterations} steps; if it falls below the tolerance, the run steps "
-        f"toward the target")
+    against a reference retrained as long (schedule.direct_try). Returns (the
+    Attempt if kept, else None; [the Attempt]); its reference goes into
+    judged["direct"]."""
+    from netcompress.pruning_math.schedule import direct_try
+
+    log(f"direct try: the whole way to the target ({current - config['target_percent']:g} "
+        f"points) in one step, retrained {iterations} steps; if it falls below the "
+        f"tolerance, the run steps toward the target")
     judged["direct"] = _judgement(config, *_reference(
         config, rows, directory, len(rows), log, progress, iterations=iterations,
         name="direct_reference"))
-    floor = judged["direct"]["floor"]
-    result = attempt(step, target, iterations=iterations, direct=True)
-    result.step, result.goal = step, target
-    if result.removed == 0:
-        result.note = "no channel left to remove"
-        log(f"try 1: {result.note}")
-        return None, [result]
-    result.accepted = result.val_miou is not None and result.val_miou >= floor
-    if not result.accepted:
-        result.note = (f"validation mIoU {result.val_miou:.2f} < {floor:.2f}: step toward "
-                       f"the target from the stage's model instead")
-        log(f"try 1: {result.note}")
-        return None, [result]
-    return result, [result]
+    return direct_try(current, config["target_percent"], judged["direct"]["floor"],
+                      lambda step, goal: attempt(step, goal, iterations=iterations,
+                                                 direct=True), log)
 
 
 def _rank(config, model, rank_path, log, progress):

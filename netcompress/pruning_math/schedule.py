@@ -58,13 +58,10 @@ def run_stage(current, target, step, min_step, floor, attempt, log=print, earlie
     while True:
         goal = current - step
         result = attempt(step, goal, excluded)
-        result.step, result.goal = step, goal
         tries.append(result)
-        if result.removed == 0:
-            result.note = "no channel left to remove"
+        if not _judged(result, step, goal, floor):
             log(f"try {len(tries)}: {result.note}")
             return None, tries
-        result.accepted = result.val_miou is not None and result.val_miou >= floor
         if result.accepted:
             return result, tries
         if result.others:
@@ -84,6 +81,32 @@ def run_stage(current, target, step, min_step, floor, attempt, log=print, earlie
                        f"step of {smaller:g} points")
         log(f"try {len(tries)}: {result.note}")
         step = smaller
+
+
+def direct_try(current, target, floor, attempt, log=print):
+    """A stage's direct try: ``attempt(step, goal)`` the whole way from
+    ``current`` to ``target`` in one step, judged as run_stage judges a
+    step, never redone. Returns (the Attempt if kept, else None; [it])."""
+    step = current - target
+    result = attempt(step, target)
+    if not _judged(result, step, target, floor):
+        log(f"try 1: {result.note}")
+    elif not result.accepted:
+        result.note = (f"validation mIoU {result.val_miou:.2f} < {floor:.2f}: step toward "
+                       f"the target from the stage's model instead")
+        log(f"try 1: {result.note}")
+    return (result if result.accepted else None), [result]
+
+
+def _judged(result, step, goal, floor):
+    """Records a try's step and goal and whether it is kept (its validation
+    mIoU at least ``floor``); False, with a note, when it removed nothing."""
+    result.step, result.goal = step, goal
+    if result.removed == 0:
+        result.note = "no channel left to remove"
+        return False
+    result.accepted = result.val_miou is not None and result.val_miou >= floor
+    return True
 
 
 def target_reached(percent, target):
